@@ -1,0 +1,165 @@
+"""Llama family (Llama, Mistral, Qwen2, SmolLM): hub tensors, dialect tables, config translation."""
+
+from __future__ import annotations
+
+from slimport.convert.ops import PermuteRope
+from slimport.convert.rules import Family, HubTensor, renames, rule
+
+L = "model.layers.{layer}."
+
+
+def normalize(cfg: dict) -> dict:
+    c = dict(cfg)
+    mt = c.setdefault("model_type", "llama")
+    c.setdefault("num_key_value_heads", c["num_attention_heads"])
+    c.setdefault("tie_word_embeddings", False)
+    c.setdefault("rope_theta", 10000.0 if mt == "llama" else 1000000.0 if mt == "qwen2" else 10000.0)
+    c.setdefault("rms_norm_eps", 1e-6)
+    c.setdefault("hidden_act", "silu")
+    if c.get("head_dim") is None:
+        c["head_dim"] = c["hidden_size"] // c["num_attention_heads"]
+    c["q_dim"] = c["num_attention_heads"] * c["head_dim"]
+    c["kv_dim"] = c["num_key_value_heads"] * c["head_dim"]
+    # Qwen2 always has q/k/v biases; Llama has q/k/v/o biases only with attention_bias.
+    c["qkv_bias"] = mt == "qwen2" or bool(c.get("attention_bias", False))
+    c["o_bias"] = mt != "qwen2" and bool(c.get("attention_bias", False))
+    c["mlp_bias"] = bool(c.get("mlp_bias", False))
+    return c
+
+
+def _tied(c: dict) -> bool:
+    return bool(c["tie_word_embeddings"])
+
+
+def _qkv_bias(c):
+    return c["qkv_bias"]
+
+
+def _o_bias(c):
+    return c["o_bias"]
+
+
+def _mlp_bias(c):
+    return c["mlp_bias"]
+
+
+def _rope_permuted_in_gguf(c):
+    return c["model_type"] != "qwen2"  # llama.cpp runs Qwen2 with NEOX (rotate-half) RoPE
+
+
+HUB = (
+    HubTensor("model.embed_tokens.weight", ("vocab_size", "hidden_size")),
+    HubTensor(L + "input_layernorm.weight", ("hidden_size",)),
+    HubTensor(L + "self_attn.q_proj.weight", ("q_dim", "hidden_size")),
+    HubTensor(L + "self_attn.k_proj.weight", ("kv_dim", "hidden_size")),
+    HubTensor(L + "self_attn.v_proj.weight", ("kv_dim", "hidden_size")),
+    HubTensor(L + "self_attn.o_proj.weight", ("hidden_size", "q_dim")),
+    HubTensor(L + "self_attn.q_proj.bias", ("q_dim",), _qkv_bias),
+    HubTensor(L + "self_attn.k_proj.bias", ("kv_dim",), _qkv_bias),
+    HubTensor(L + "self_attn.v_proj.bias", ("kv_dim",), _qkv_bias),
+    HubTensor(L + "self_attn.o_proj.bias", ("hidden_size",), _o_bias),
+    HubTensor(L + "post_attention_layernorm.weight", ("hidden_size",)),
+    HubTensor(L + "mlp.gate_proj.weight", ("intermediate_size", "hidden_size")),
+    HubTensor(L + "mlp.up_proj.weight", ("intermediate_size", "hidden_size")),
+    HubTensor(L + "mlp.down_proj.weight", ("hidden_size", "intermediate_size")),
+    HubTensor(L + "mlp.gate_proj.bias", ("intermediate_size",), _mlp_bias),
+    HubTensor(L + "mlp.up_proj.bias", ("intermediate_size",), _mlp_bias),
+    HubTensor(L + "mlp.down_proj.bias", ("hidden_size",), _mlp_bias),
+    HubTensor("model.norm.weight", ("hidden_size",)),
+    HubTensor("lm_head.weight", ("vocab_size", "hidden_size"), lambda c: not _tied(c)),
+)
+
+
+_ROPE_HEADS = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"}
+
+
+def _all(*conds):
+    conds = [c for c in conds if c is not None]
+    return (lambda c: all(f(c) for f in conds)) if conds else None
+
+
+def _projections(names: dict[str, str], rope=None) -> list:
+    """Rules for the seven projections and their biases, from hub-suffix -> dialect-prefix pairs.
+
+    `rope(cfg)` says when q/k rows are stored interleaved (PermuteRope) in this dialect.
+    """
+    rules = []
+    for suffix, target in names.items():
+        bias = _mlp_bias if suffix.startswith("mlp.") else _o_bias if "o_proj" in suffix else _qkv_bias
+        for kind, when in (("weight", None), ("bias", bias)):
+            hub, dia = f"{L}{suffix}.{kind}", f"{target}.{kind}"
+            heads = _ROPE_HEADS.get(suffix)
+            if rope is None or heads is None:
+                rules.append(rule(hub, dia, when=when))
+            else:
+                rules.append(rule(hub, dia, PermuteRope(heads), when=_all(when, rope)))
+                rules.append(rule(hub, dia, when=_all(when, lambda c: not rope(c))))
+    return rules
+
+
+_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+# MindSpore: our Cells mirror the HF module tree; nn.Embedding calls its weight embedding_table.
+MINDSPORE = (
+    rule("model.embed_tokens.weight", "model.embed_tokens.embedding_table"),
+    *renames({L + n: L + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight")}),
+    *_projections({p: L + p for p in _PROJ}),
+    rule("model.norm.weight", "model.norm.weight"),
+    rule("lm_head.weight", "lm_head.weight", when=lambda c: not _tied(c)),
+)
+
+# MindFormers' own HF->MindSpore weight converter names (no RoPE permutation: it keeps HF rows).
+_MF = "model.layers.{layer}."
+MINDFORMERS = (
+    rule("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"),
+    rule(L + "input_layernorm.weight", _MF + "attention_norm.weight"),
+    rule(L + "post_attention_layernorm.weight", _MF + "ffn_norm.weight"),
+    *_projections(
+        dict(zip(_PROJ, (_MF + "attention.wq", _MF + "attention.wk", _MF + "attention.wv",
+                         _MF + "attention.wo", _MF + "feed_forward.w1", _MF + "feed_forward.w3",
+                         _MF + "feed_forward.w2"), strict=True)),  # fmt: skip
+            ),
+    rule("model.norm.weight", "model.norm_out.weight"),
+    rule("lm_head.weight", "lm_head.weight", when=lambda c: not _tied(c)),
+)
+
+# llama.cpp names; q/k rows interleaved for RoPE (except Qwen2, which llama.cpp runs NEOX-style).
+_B = "blk.{layer}."
+GGUF = (
+    rule("model.embed_tokens.weight", "token_embd.weight"),
+    rule(L + "input_layernorm.weight", _B + "attn_norm.weight"),
+    rule(L + "post_attention_layernorm.weight", _B + "ffn_norm.weight"),
+    *_projections(
+        dict(zip(_PROJ, (_B + "attn_q", _B + "attn_k", _B + "attn_v", _B + "attn_output",
+                         _B + "ffn_gate", _B + "ffn_up", _B + "ffn_down"), strict=True)),  # fmt: skip
+        rope=_rope_permuted_in_gguf,
+    ),
+    rule("model.norm.weight", "output_norm.weight"),
+    rule("lm_head.weight", "output.weight", when=lambda c: not _tied(c)),
+)
+
+# llama2.c (Karpathy's model.py names); q/k rows interleaved like Meta's checkpoints.
+_C = "layers.{layer}."
+LLAMA2C = (
+    rule("model.embed_tokens.weight", "tok_embeddings.weight"),
+    rule(L + "input_layernorm.weight", _C + "attention_norm.weight"),
+    rule(L + "post_attention_layernorm.weight", _C + "ffn_norm.weight"),
+    *_projections(
+        dict(zip(_PROJ, (_C + "attention.wq", _C + "attention.wk", _C + "attention.wv",
+                         _C + "attention.wo", _C + "feed_forward.w1", _C + "feed_forward.w3",
+                         _C + "feed_forward.w2"), strict=True)),  # fmt: skip
+        rope=lambda c: True,
+    ),
+    rule("model.norm.weight", "norm.weight"),
+    rule("lm_head.weight", "output.weight", when=lambda c: not _tied(c)),
+)
+
+
+FAMILY = Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    hub=HUB,
+    dialects={"mindspore": MINDSPORE, "mindformers": MINDFORMERS, "gguf": GGUF, "llama2c": LLAMA2C},
+    normalize=normalize,
+)

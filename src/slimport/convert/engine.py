@@ -1,0 +1,196 @@
+"""Planning a conversion: source dialect -> hub -> target dialect, strictly and lazily.
+
+Nothing is read while planning: every tensor is a `Planned` with its final shape and dtype
+(found by running the op chain on meta tensors) and a `compute()` that reads and transforms it
+when the writer asks. Coverage is strict: every source tensor consumed once, every hub tensor
+the config implies present with the shape the config implies, every target tensor produced.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from slimport.convert.ops import Cast, run_ops
+from slimport.convert.rules import Bound, Family
+from slimport.errors import SlimportError, name_list
+from slimport.io.base import Checkpoint
+
+# Known leftovers that carry no model weights, for every family.
+ALWAYS_IGNORABLE = (
+    r".*position_ids$",
+    r".*rotary_emb\.inv_freq$",
+    r".*num_batches_tracked$",
+)
+
+
+@dataclass
+class Planned:
+    """One tensor of a conversion, not yet read."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sources: tuple[str, ...]
+    ops: tuple[str, ...]
+    compute: Callable[[], torch.Tensor] = field(repr=False)
+
+
+class _Group:
+    """Runs one bound rule once and hands out its outputs (a split yields several)."""
+
+    def __init__(self, inputs: list[Callable[[], torch.Tensor]], fn, n_out: int):
+        self.inputs, self.fn, self.n_out = inputs, fn, n_out
+        self.cache: list[torch.Tensor] | None = None
+        self.taken = 0
+
+    def get(self, i: int) -> torch.Tensor:
+        if self.cache is None:
+            self.cache = self.fn([load() for load in self.inputs])
+        out = self.cache[i]
+        self.taken += 1
+        if self.taken >= self.n_out:  # free memory once every output was handed out
+            self.cache, self.taken = None, 0
+        return out
+
+
+def _apply(
+    bound: Bound,
+    inputs: list[Planned],
+    out_names: tuple[str, ...],
+    cfg: dict,
+    inverse: bool,
+    extra_ops: tuple = (),
+) -> list[Planned]:
+    ops = tuple(bound.ops) + tuple(extra_ops)
+
+    def fn(ts):
+        return run_ops(ops, ts, cfg, inverse)
+
+    metas = fn([torch.empty(p.shape, dtype=p.dtype, device="meta") for p in inputs])
+    group = _Group([p.compute for p in inputs], fn, len(out_names))
+    desc = tuple(op.describe(inverse) for op in (reversed(ops) if inverse else ops))
+    sources = tuple(s for p in inputs for s in p.sources)
+    prior = tuple(o for p in inputs for o in p.ops)
+    return [
+        Planned(name, tuple(m.shape), m.dtype, sources, prior + desc, (lambda i=i: group.get(i)))
+        for i, (name, m) in enumerate(zip(out_names, metas, strict=True))
+    ]
+
+
+def source_tensors(ckpt: Checkpoint) -> dict[str, Planned]:
+    return {
+        n: Planned(n, info.shape, info.dtype, (n,), (), (lambda n=n: ckpt.load(n)))
+        for n, info in ckpt.infos.items()
+    }
+
+
+def dialect_score(ckpt: Checkpoint, family: Family, dialect: str, cfg: dict) -> int:
+    names = {n for b in family.bound_rules(dialect, cfg) for n in b.dialect}
+    return sum(n in names for n in ckpt.infos)
+
+
+def to_hub(
+    ckpt: Checkpoint,
+    family: Family,
+    dialect: str,
+    cfg: dict,
+    ignore_mismatched_sizes: bool = False,
+    allow_missing: tuple[str, ...] = (),
+) -> tuple[dict[str, Planned], list[str], list[str]]:
+    """Read `ckpt` as `dialect` of `family` into hub tensors.
+
+    Returns (hub tensors, ignored source names, notes about explicit opt-ins).
+    """
+    src = source_tensors(ckpt)
+    bounds = family.bound_rules(dialect, cfg)
+    owner = {n: b for b in bounds for n in b.dialect}
+    ignorable = [re.compile(p) for p in ALWAYS_IGNORABLE + family.ignorable]
+
+    unconsumed, ignored = [], []
+    for n in src:
+        if n in owner:
+            continue
+        (ignored if any(p.fullmatch(n) for p in ignorable) else unconsumed).append(n)
+    if unconsumed:
+        raise SlimportError(
+            f"{ckpt.path}: {len(unconsumed)} tensor(s) match no rule of the {family.name} "
+            f"'{dialect}' layout: {name_list(unconsumed)}",
+            hint="is this the right architecture/config? Map custom names with --mapping FILE",
+        )
+
+    hub: dict[str, Planned] = {}
+    missing = []
+    for b in bounds:
+        present = [n in src for n in b.dialect]
+        if not all(present):
+            missing += [n for n, ok in zip(b.dialect, present, strict=True) if not ok]
+            continue
+        for p in _apply(b, [src[n] for n in b.dialect], b.hub, cfg, inverse=True):
+            hub[p.name] = p
+    notes = []
+    if missing:
+        allowed = [re.compile(p) for p in allow_missing]
+        really = [n for n in missing if not any(a.fullmatch(n) for a in allowed)]
+        if really:
+            raise SlimportError(
+                f"{ckpt.path}: {len(really)} tensor(s) the config implies are missing: "
+                f"{name_list(really)}",
+                hint="check num_hidden_layers / tie_word_embeddings in the config, or that "
+                "every shard is present",
+            )
+        notes.append(f"allowed missing: {name_list(missing)}")
+
+    expected = family.hub_tensors(cfg)
+    bad = [
+        f"{n}: checkpoint {list(p.shape)} vs config {list(expected[n])}"
+        for n, p in hub.items()
+        if n in expected and tuple(p.shape) != expected[n]
+    ]
+    if bad and not ignore_mismatched_sizes:
+        raise SlimportError(
+            f"{ckpt.path}: {len(bad)} shape mismatch(es) between checkpoint and config: "
+            + "; ".join(bad[:8]),
+            hint="fix the config, or pass --ignore-mismatched-sizes to keep the checkpoint shapes",
+        )
+    if bad:
+        notes.append("kept mismatched sizes: " + "; ".join(bad))
+    return hub, ignored, notes
+
+
+def from_hub(
+    hub: dict[str, Planned],
+    family: Family,
+    dialect: str,
+    cfg: dict,
+    dtype: torch.dtype | None = None,
+) -> list[Planned]:
+    """Lay hub tensors out as `dialect`, optionally casting floating tensors to `dtype`."""
+    out: list[Planned] = []
+    used: set[str] = set()
+    for b in family.bound_rules(dialect, cfg):
+        present = [n in hub for n in b.hub]
+        if not any(present):
+            continue  # an allowed-missing tensor
+        if not all(present):
+            lacking = [n for n, ok in zip(b.hub, present, strict=True) if not ok]
+            raise SlimportError(
+                f"the {family.name} '{dialect}' layout needs {name_list(lacking)} to build "
+                f"{name_list(b.dialect)}"
+            )
+        inputs = [hub[n] for n in b.hub]
+        cast = ()
+        if dtype is not None and any(p.dtype.is_floating_point and p.dtype != dtype for p in inputs):
+            cast = (Cast(dtype),)
+        out += _apply(b, inputs, b.dialect, cfg, inverse=False, extra_ops=cast)
+        used.update(b.hub)
+    left = set(hub) - used
+    if left:
+        raise SlimportError(
+            f"the {family.name} '{dialect}' layout has no place for: {name_list(left)}",
+            hint=f"this tensor kind cannot be expressed in '{dialect}'; choose another --to",
+        )
+    return out

@@ -1,0 +1,172 @@
+"""Small invertible tensor operations that rule tables are built from.
+
+Every op maps a list of tensors to a list of tensors (most are one-to-one) in the hub -> dialect
+direction (`forward`) and back (`inverse`), so dialect -> hub -> dialect is bit-exact by
+construction and testable for every table. Ops run on "meta" tensors too, which is how the
+planner learns every output shape and dtype before reading a byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from slimport.errors import SlimportError
+
+Tensors = list[torch.Tensor]
+
+
+class Op:
+    arity_in = 1  # tensors consumed by forward
+    arity_out = 1  # tensors produced by forward
+
+    def forward(self, ts: Tensors, cfg: dict) -> Tensors:
+        raise NotImplementedError
+
+    def inverse(self, ts: Tensors, cfg: dict) -> Tensors:
+        raise NotImplementedError
+
+    def describe(self, inverse: bool = False) -> str:
+        return type(self).__name__ + ("^-1" if inverse else "")
+
+
+@dataclass(frozen=True)
+class Transpose(Op):
+    """Swap two axes (Keras kernels and GPT-2 Conv1D are [in, out]; nn.Linear is [out, in])."""
+
+    dims: tuple[int, int] = (0, 1)
+
+    def forward(self, ts, cfg):
+        return [t.transpose(*self.dims).contiguous() for t in ts]
+
+    inverse = forward
+
+    def describe(self, inverse=False):
+        return f"Transpose{self.dims}"
+
+
+@dataclass(frozen=True)
+class PermuteRope(Op):
+    """Rotate-half (HF) rows -> interleaved (Meta, llama.cpp, llama2.c) rows of q or k.
+
+    `heads` names the config key with the head count of this projection, so GQA's k uses
+    num_key_value_heads. Works for weights [heads*head_dim, in] and biases [heads*head_dim].
+    """
+
+    heads: str
+
+    def _n(self, t: torch.Tensor, cfg: dict) -> int:
+        n = int(cfg[self.heads])
+        if t.shape[0] % (2 * n):
+            raise SlimportError(
+                f"cannot permute RoPE rows: dim 0 of shape {tuple(t.shape)} is not divisible "
+                f"by 2 x {self.heads}={n}",
+                hint="check num_attention_heads / num_key_value_heads in the config",
+            )
+        return n
+
+    def forward(self, ts, cfg):
+        out = []
+        for t in ts:
+            n = self._n(t, cfg)
+            rest = t.shape[1:]
+            out.append(
+                t.reshape(n, 2, t.shape[0] // n // 2, *rest).swapaxes(1, 2).reshape(t.shape).contiguous()
+            )
+        return out
+
+    def inverse(self, ts, cfg):
+        out = []
+        for t in ts:
+            n = self._n(t, cfg)
+            rest = t.shape[1:]
+            out.append(
+                t.reshape(n, t.shape[0] // n // 2, 2, *rest).swapaxes(1, 2).reshape(t.shape).contiguous()
+            )
+        return out
+
+    def describe(self, inverse=False):
+        return f"PermuteRope({self.heads})" + ("^-1" if inverse else "")
+
+
+@dataclass(frozen=True)
+class Concat(Op):
+    """Fuse several hub tensors into one dialect tensor (qkv, gate_up); inverse splits.
+
+    `sizes(cfg)` gives the split sizes along `dim`, so the inverse needs no hub shapes.
+    """
+
+    dim: int
+    sizes: Callable[[dict], list[int]]
+    parts: int = 3
+
+    @property
+    def arity_in(self):  # type: ignore[override]
+        return self.parts
+
+    def forward(self, ts, cfg):
+        return [torch.cat(ts, dim=self.dim)]
+
+    def inverse(self, ts, cfg):
+        (t,) = ts
+        sizes = list(self.sizes(cfg))
+        if sum(sizes) != t.shape[self.dim]:
+            raise SlimportError(
+                f"cannot split fused tensor of shape {tuple(t.shape)} into {sizes} along dim "
+                f"{self.dim}: the config disagrees with the checkpoint"
+            )
+        return [p.contiguous() for p in torch.split(t, sizes, dim=self.dim)]
+
+    def describe(self, inverse=False):
+        return ("Split" if inverse else "Concat") + f"(dim={self.dim})"
+
+
+@dataclass(frozen=True)
+class Tie(Op):
+    """One hub tensor written twice by a dialect (e.g. GGUF GPT-2 duplicates the embedding as
+    output.weight); the inverse checks that both copies are equal and keeps one."""
+
+    arity_out = 2
+
+    def forward(self, ts, cfg):
+        (t,) = ts
+        return [t, t.clone()]
+
+    def inverse(self, ts, cfg):
+        a, b = ts
+        if a.device.type != "meta" and not torch.equal(a, b):
+            raise SlimportError(
+                "tied tensors differ: the checkpoint stores an output projection that is not "
+                "a copy of the embedding, but the config says they are tied",
+                hint="set tie_word_embeddings=false in the config",
+            )
+        return [a]
+
+
+@dataclass(frozen=True)
+class Cast(Op):
+    """Change a floating dtype (only added by an explicit --dtype; never silent)."""
+
+    dtype: torch.dtype
+    source: torch.dtype | None = None  # what to cast back to on inverse
+
+    def forward(self, ts, cfg):
+        return [t.to(self.dtype) if t.is_floating_point() else t for t in ts]
+
+    def inverse(self, ts, cfg):
+        if self.source is None:
+            return ts
+        return [t.to(self.source) if t.is_floating_point() else t for t in ts]
+
+    def describe(self, inverse=False):
+        return f"Cast({str(self.dtype).removeprefix('torch.')})"
+
+
+def run_ops(ops, ts: Tensors, cfg: dict, inverse: bool) -> Tensors:
+    """Apply an op chain hub->dialect (inverse=False) or dialect->hub (inverse=True)."""
+    chain = reversed(ops) if inverse else ops
+    for op in chain:
+        ts = op.inverse(ts, cfg) if inverse else op.forward(ts, cfg)
+    return ts

@@ -1,0 +1,106 @@
+"""Rule tables as data: hub tensors a family has, and how each dialect names and lays them out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from slimport.convert.ops import Op
+
+Cond = Callable[[dict], bool]
+LAYER = "{layer}"
+
+
+@dataclass(frozen=True)
+class HubTensor:
+    """A tensor of the hub (Hugging Face) layout: name pattern, expected shape, presence rule.
+
+    Shape entries are ints or keys of the normalised config (e.g. "hidden_size", "kv_dim").
+    """
+
+    name: str
+    shape: tuple[int | str, ...]
+    when: Cond | None = None
+
+    def expected_shape(self, cfg: dict) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else int(cfg[d]) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """hub names -> dialect names through `ops` (applied in order hub->dialect)."""
+
+    hub: tuple[str, ...]
+    dialect: tuple[str, ...]
+    ops: tuple[Op, ...] = ()
+    when: Cond | None = None
+
+
+def rule(hub: str | tuple[str, ...], dialect: str | tuple[str, ...], *ops: Op, when: Cond | None = None) -> Rule:
+    """Shorthand used by the family tables: `rule("a.weight", "b.kernel", Transpose())`."""
+    as_tuple = (lambda x: (x,) if isinstance(x, str) else tuple(x))
+    return Rule(as_tuple(hub), as_tuple(dialect), tuple(ops), when)
+
+
+def renames(pairs: dict[str, str], *ops: Op, when: Cond | None = None) -> list[Rule]:
+    """Many rules sharing the same ops: `{hub_name: dialect_name}`."""
+    return [rule(h, d, *ops, when=when) for h, d in pairs.items()]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A rule instantiated for one layer (or a global one): concrete names, ready to run."""
+
+    hub: tuple[str, ...]
+    dialect: tuple[str, ...]
+    ops: tuple[Op, ...]
+
+
+@dataclass
+class Family:
+    """A model family: its hub tensors, its dialect tables and its config translation.
+
+    `normalize(cfg)` fills defaults and derived keys (head_dim, kv_dim, ...) that shapes and
+    ops refer to. `config_from[d](metadata)` builds an HF config from a format's own metadata
+    (GGUF keys); `config_to[d](cfg)` goes the other way.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    hub: tuple[HubTensor, ...]
+    dialects: dict[str, tuple[Rule, ...]]
+    normalize: Callable[[dict], dict]
+    ignorable: tuple[str, ...] = ()  # regexes of known leftovers (position_ids, inv_freq, ...)
+    config_from: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
+    config_to: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dialects = {"hf": tuple(rule(t.name, t.name, when=t.when) for t in self.hub), **self.dialects}
+
+    def hub_tensors(self, cfg: dict) -> dict[str, tuple[int, ...]]:
+        """Every hub tensor this config has, with its expected shape."""
+        out = {}
+        for t in self.hub:
+            if t.when is None or t.when(cfg):
+                for name in _expand(t.name, cfg):
+                    out[name] = t.expected_shape(cfg)
+        return out
+
+    def bound_rules(self, dialect: str, cfg: dict) -> list[Bound]:
+        out = []
+        for r in self.dialects[dialect]:
+            if r.when is not None and not r.when(cfg):
+                continue
+            if any(LAYER in n for n in r.hub + r.dialect):
+                for i in range(int(cfg["num_hidden_layers"])):
+                    sub = (lambda names, i=i: tuple(n.replace(LAYER, str(i)) for n in names))
+                    out.append(Bound(sub(r.hub), sub(r.dialect), r.ops))
+            else:
+                out.append(Bound(r.hub, r.dialect, r.ops))
+        return out
+
+
+def _expand(pattern: str, cfg: dict) -> list[str]:
+    if LAYER not in pattern:
+        return [pattern]
+    return [pattern.replace(LAYER, str(i)) for i in range(int(cfg["num_hidden_layers"]))]

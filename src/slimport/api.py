@@ -129,14 +129,12 @@ def convert(
     out = Path(out)
     try:
         with (
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"to {to}", disable=not progress or None) as bar,
             atomic_dir(out) as tmp,
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"to {to}", disable=not progress or None) as bar,
         ):
             files = importlib.import_module(writer).write_model(tmp, tensors, job, progress=bar.update)
             report = _report(model, to, dialect, tensors, files, dtype, time.perf_counter() - t0)
             (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    except PermissionError as e:
-        raise SlimportError(f"{out}: output folder is not writable ({e.strerror})") from None
     finally:
         model.source.close()
     return report

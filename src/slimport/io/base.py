@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from slimport.errors import SlimportError
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -72,7 +74,10 @@ class Checkpoint:
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path beside `final`; rename it over `final` only if the block succeeds."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(final, e) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -83,6 +88,14 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _unwritable(path: Path, e: OSError) -> SlimportError:
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+    return SlimportError(
+        f"{path}: output folder is not writable: {e.strerror}{where}",
+        hint="choose an output path inside a folder you can write to",
+    )
 
 
 def _umask() -> int:
@@ -98,8 +111,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     Existing files in `final` that the block does not write are left alone.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists() and not final.is_dir():
+            raise NotADirectoryError(20, "exists and is not a folder", str(final))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as e:
+        raise _unwritable(final, e) from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

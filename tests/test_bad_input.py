@@ -45,7 +45,9 @@ def fails(capsys, tmp_path, src, *needles, extra=()):
     for needle in needles:
         assert needle in err, err
     assert not out.exists(), "a failed conversion must not leave output behind"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temp files left behind"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], (
+        "temp files left behind"
+    )
     return err
 
 
@@ -56,7 +58,9 @@ def test_missing_tensor_is_named(llama_dir, tmp_path, capsys):
 
 def test_extra_tensor_is_named(llama_dir, tmp_path, capsys):
     def add(t):
-        t["model.layers.9.self_attn.q_proj.weight"] = t["model.layers.0.self_attn.q_proj.weight"].clone()
+        t["model.layers.9.self_attn.q_proj.weight"] = t[
+            "model.layers.0.self_attn.q_proj.weight"
+        ].clone()
 
     src = variant(llama_dir, tmp_path, add)
     fails(capsys, tmp_path, src, "match no rule", "model.layers.9.self_attn.q_proj.weight")
@@ -64,8 +68,12 @@ def test_extra_tensor_is_named(llama_dir, tmp_path, capsys):
 
 def test_shape_mismatch_is_named_and_can_be_allowed_explicitly(llama_dir, tmp_path, capsys):
     src = variant(llama_dir, tmp_path, edit_config=lambda c: c.update(intermediate_size=170))
-    fails(capsys, tmp_path, src, "shape mismatch", "mlp.gate_proj.weight", "--ignore-mismatched-sizes")
-    report = api.convert(src, tmp_path / "kept", to="hf", ignore_mismatched_sizes=True, progress=False)
+    fails(
+        capsys, tmp_path, src, "shape mismatch", "mlp.gate_proj.weight", "--ignore-mismatched-sizes"
+    )
+    report = api.convert(
+        src, tmp_path / "kept", to="hf", ignore_mismatched_sizes=True, progress=False
+    )
     assert any("kept mismatched sizes" in n for n in report["notes"])
 
 

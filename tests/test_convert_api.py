@@ -30,7 +30,9 @@ def test_every_subcommand_has_help(capsys):
 
 def test_inspect_reports_format_family_and_counts(stories260k, capsys):
     info = api.inspect(stories260k)
-    assert info["format"] == "llama2c" and info["family"] == "llama" and info["dialect"] == "llama2c"
+    assert (
+        info["format"] == "llama2c" and info["family"] == "llama" and info["dialect"] == "llama2c"
+    )
     assert info["tensor_count"] == 47 and info["parameter_count"] == 260_032
     assert info["config"]["num_key_value_heads"] == 4
     assert main(["inspect", str(stories260k), "--json"]) == 0
@@ -39,7 +41,10 @@ def test_inspect_reports_format_family_and_counts(stories260k, capsys):
 
 def test_hf_round_trip_is_bit_exact_and_report_complete(llama_dir, tmp_path):
     report = api.convert(llama_dir, tmp_path / "again", to="hf", progress=False)
-    a, b = load_file(llama_dir / "model.safetensors"), load_file(tmp_path / "again/model.safetensors")
+    a, b = (
+        load_file(llama_dir / "model.safetensors"),
+        load_file(tmp_path / "again/model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {t["target"] for t in report["tensors"]} == set(a)
     on_disk = json.loads((tmp_path / "again/conversion_report.json").read_text())
@@ -54,7 +59,9 @@ def test_bfloat16_stays_bfloat16_and_casts_are_explicit(llama_dir, tmp_path):
     report = api.convert(tmp_path / "bf16", tmp_path / "bf16b", to="hf", progress=False)
     assert {x["dtype"] for x in report["tensors"]} == {"bfloat16"}
     assert all(x["ops"] == [] for x in report["tensors"])  # nothing cast without being asked
-    report = api.convert(tmp_path / "bf16", tmp_path / "f32", to="hf", dtype="float32", progress=False)
+    report = api.convert(
+        tmp_path / "bf16", tmp_path / "f32", to="hf", dtype="float32", progress=False
+    )
     assert all(x["ops"] == ["Cast(float32)"] for x in report["tensors"])
 
 
@@ -66,7 +73,10 @@ def test_sharded_safetensors_read_and_write(llama_dir, tmp_path):
     (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
     report = api.convert(tmp_path, tmp_path / "joined", to="hf", progress=False)
     assert report["tensor_count"] == 47
-    a, b = load_file(llama_dir / "model.safetensors"), load_file(tmp_path / "joined/model.safetensors")
+    a, b = (
+        load_file(llama_dir / "model.safetensors"),
+        load_file(tmp_path / "joined/model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -81,7 +91,10 @@ def test_missing_shard_is_named(llama_dir, tmp_path):
 def test_user_mapping_renames_custom_layer_names(llama_dir, tmp_path):
     """A checkpoint with home-made names converts once the user maps them."""
     tensors = load_file(llama_dir / "model.safetensors")
-    custom = {k.replace("model.layers.", "blocks.").replace("self_attn.", "attn."): v for k, v in tensors.items()}
+    custom = {
+        k.replace("model.layers.", "blocks.").replace("self_attn.", "attn."): v
+        for k, v in tensors.items()
+    }
     src = tmp_path / "custom"
     src.mkdir()
     save_file(custom, src / "model.safetensors", metadata={"format": "pt"})
@@ -89,7 +102,9 @@ def test_user_mapping_renames_custom_layer_names(llama_dir, tmp_path):
     with pytest.raises(api.SlimportError, match="match no rule"):
         api.convert(src, tmp_path / "out", to="hf", progress=False)
     mapping = tmp_path / "map.yaml"
-    mapping.write_text("'blocks.{}.attn': 'model.layers.{}.self_attn'\n'blocks.{}': 'model.layers.{}'\n")
+    mapping.write_text(
+        "'blocks.{}.attn': 'model.layers.{}.self_attn'\n'blocks.{}': 'model.layers.{}'\n"
+    )
     report = api.convert(src, tmp_path / "out", to="hf", mapping=mapping, progress=False)
     assert "user mapping renamed" in report["notes"][0]
     out = load_file(tmp_path / "out/model.safetensors")

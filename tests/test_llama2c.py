@@ -19,7 +19,8 @@ PROMPT = [1, 403, 407, 261, 378, 299, 350]  # token ids (the 512-token tokenizer
 
 class Llama2cReference:
     def __init__(self, path):
-        raw = open(path, "rb").read()
+        with open(path, "rb") as f:
+            raw = f.read()
         dim, hidden, layers, heads, kv_heads, vocab, seq = struct.unpack("<7i", raw[:28])
         self.dim, self.heads, self.kv_heads = dim, heads, kv_heads
         self.head = dim // heads
@@ -39,7 +40,11 @@ class Llama2cReference:
         self.wq, self.wk = take(layers, dim, dim), take(layers, kv_dim, dim)
         self.wv, self.wo = take(layers, kv_dim, dim), take(layers, dim, dim)
         self.ffn_norm = take(layers, dim)
-        self.w1, self.w2, self.w3 = take(layers, hidden, dim), take(layers, dim, hidden), take(layers, hidden, dim)
+        self.w1, self.w2, self.w3 = (
+            take(layers, hidden, dim),
+            take(layers, dim, hidden),
+            take(layers, hidden, dim),
+        )
         self.final_norm = take(dim)
         take(seq, self.head // 2), take(seq, self.head // 2)  # legacy freq_cis tables
         self.wcls = self.emb if vocab > 0 else take(abs(vocab), dim)
@@ -92,7 +97,9 @@ def converted(stories260k, tmp_path_factory):
 def test_report_lists_every_tensor_with_its_rope_permutation(converted):
     report, _ = converted
     assert report["source_format"] == "llama2c" and report["tensor_count"] == 47
-    q = next(t for t in report["tensors"] if t["target"] == "model.layers.0.self_attn.q_proj.weight")
+    q = next(
+        t for t in report["tensors"] if t["target"] == "model.layers.0.self_attn.q_proj.weight"
+    )
     assert q["sources"] == ["layers.0.attention.wq.weight"]
     assert q["ops"] == ["PermuteRope(num_attention_heads)^-1"]
     assert report["ignored_source_tensors"] == ["freq_cis_real", "freq_cis_imag"]
@@ -115,5 +122,7 @@ def test_greedy_decoding_of_64_tokens_agrees(converted, stories260k):
     for _ in range(64):
         tokens.append(int(ref.logits(tokens)[-1].argmax()))
     with torch.no_grad():
-        ours = model.generate(torch.tensor([PROMPT]), max_new_tokens=64, do_sample=False, eos_token_id=None)
+        ours = model.generate(
+            torch.tensor([PROMPT]), max_new_tokens=64, do_sample=False, eos_token_id=None
+        )
     assert ours[0].tolist() == tokens

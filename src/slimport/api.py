@@ -65,7 +65,9 @@ def model_config(ckpt: Checkpoint) -> dict | None:
         gguf_arch = ckpt.metadata.get("general.architecture")
         family = arch.family_for(gguf_arch, where=f"{ckpt.path} (GGUF general.architecture)")
         if "gguf" not in family.config_from:
-            raise SlimportError(f"{ckpt.path}: reading {gguf_arch!r} GGUF files is not supported yet")
+            raise SlimportError(
+                f"{ckpt.path}: reading {gguf_arch!r} GGUF files is not supported yet"
+            )
         return family.config_from["gguf"]({**ckpt.metadata, "__tensors__": list(ckpt.infos)})
     return None
 
@@ -90,9 +92,13 @@ def load(
     if mapping is not None:  # a mapping may target any dialect of the family, the hub first
         candidates += [d for d in family.dialects if d not in candidates]
     if not candidates:
-        raise SlimportError(f"{ckpt.path}: {family.name} models cannot be read from {ckpt.format} files")
+        raise SlimportError(
+            f"{ckpt.path}: {family.name} models cannot be read from {ckpt.format} files"
+        )
     dialect = max(candidates, key=lambda d: engine.dialect_score(ckpt, family, d, cfg))
-    hub, ignored, notes = engine.to_hub(ckpt, family, dialect, cfg, ignore_mismatched_sizes, allow_missing)
+    hub, ignored, notes = engine.to_hub(
+        ckpt, family, dialect, cfg, ignore_mismatched_sizes, allow_missing
+    )
     if renamed:
         notes.append(f"user mapping renamed {len(renamed)} tensor(s)")
     return Model(ckpt, family, dict(raw), cfg, dialect, hub, ignored + ckpt.skipped, notes)
@@ -130,9 +136,17 @@ def convert(
     try:
         with (
             atomic_dir(out) as tmp,
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"to {to}", disable=not progress or None) as bar,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"to {to}",
+                disable=not progress or None,
+            ) as bar,
         ):
-            files = importlib.import_module(writer).write_model(tmp, tensors, job, progress=bar.update)
+            files = importlib.import_module(writer).write_model(
+                tmp, tensors, job, progress=bar.update
+            )
             report = _report(model, to, dialect, tensors, files, dtype, time.perf_counter() - t0)
             (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:
@@ -183,7 +197,9 @@ CONFIG_SUMMARY = (
 )  # fmt: skip
 
 
-def inspect(path: str | Path, from_format: str | None = None, config: str | Path | None = None) -> dict:
+def inspect(
+    path: str | Path, from_format: str | None = None, config: str | Path | None = None
+) -> dict:
     """What a checkpoint holds: format, architecture, tensors, parameters, dtypes, bytes, config."""
     ckpt = open_checkpoint(path, from_format, config)
     with ckpt:
@@ -193,7 +209,9 @@ def inspect(path: str | Path, from_format: str | None = None, config: str | Path
             "tensor_count": len(ckpt.infos),
             "parameter_count": ckpt.num_parameters,
             "bytes": sum(_nbytes(i) for i in ckpt.infos.values()),
-            "dtypes": dict(Counter(str(i.dtype).removeprefix("torch.") for i in ckpt.infos.values())),
+            "dtypes": dict(
+                Counter(str(i.dtype).removeprefix("torch.") for i in ckpt.infos.values())
+            ),
             "skipped": ckpt.skipped,
         }
         if "gguf_types" in ckpt.metadata:

@@ -22,7 +22,10 @@ def _inspect(args) -> int:
             for k, v in value.items():
                 print(f"{'config.' + k:<{width + 8}} {v}")
         elif key == "skipped":
-            print(f"{key:<{width + 8}} {len(value)} tensor(s)" + (f": {', '.join(value[:5])} ..." if value else ""))
+            print(
+                f"{key:<{width + 8}} {len(value)} tensor(s)"
+                + (f": {', '.join(value[:5])} ..." if value else "")
+            )
         else:
             print(f"{key:<{width + 8}} {value}")
     return 0
@@ -55,8 +58,10 @@ def _convert(args) -> int:
     for note in report["notes"]:
         print(f"note: {note}")
     if report["ignored_source_tensors"]:
-        print(f"ignored {len(report['ignored_source_tensors'])} non-weight tensor(s): "
-              + ", ".join(report["ignored_source_tensors"][:6]))
+        print(
+            f"ignored {len(report['ignored_source_tensors'])} non-weight tensor(s): "
+            + ", ".join(report["ignored_source_tensors"][:6])
+        )
     return 0
 
 
@@ -71,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("--from", dest="from_format", help="source format when the suffix is ambiguous")
+        sp.add_argument(
+            "--from", dest="from_format", help="source format when the suffix is ambiguous"
+        )
         sp.add_argument("--config", help="config.json to use instead of the one beside the weights")
 
     sp = sub.add_parser("inspect", help="show what a checkpoint holds")
@@ -83,16 +90,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("convert", help="convert a checkpoint to another framework's layout")
     sp.add_argument("src", help="checkpoint file or HF-style folder")
     sp.add_argument("out", help="output folder (weights, config.json, conversion_report.json)")
-    sp.add_argument("--to", required=True, choices=["hf", "mindspore", "mindformers", "keras", "gguf"])
-    sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors")
-    sp.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], help="GGUF tensor type (2-D weights)")
-    sp.add_argument("--mapping", help="YAML/JSON file of extra name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'")
-    sp.add_argument("--ignore-mismatched-sizes", action="store_true", help="keep tensors whose shape disagrees with the config (reported)")
-    sp.add_argument("--allow-missing", action="append", default=[], metavar="REGEX", help="source tensor names allowed to be absent (reported)")
+    sp.add_argument(
+        "--to", required=True, choices=["hf", "mindspore", "mindformers", "keras", "gguf"]
+    )
+    sp.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors"
+    )
+    sp.add_argument(
+        "--gguf-type", choices=["f32", "f16", "q8_0"], help="GGUF tensor type (2-D weights)"
+    )
+    sp.add_argument(
+        "--mapping",
+        help="YAML/JSON file of extra name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'",
+    )
+    sp.add_argument(
+        "--ignore-mismatched-sizes",
+        action="store_true",
+        help="keep tensors whose shape disagrees with the config (reported)",
+    )
+    sp.add_argument(
+        "--allow-missing",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="source tensor names allowed to be absent (reported)",
+    )
     common(sp)
     sp.set_defaults(fn=_convert)
 
-    sp = sub.add_parser("demo", help="convert the real MiniLM (TF) and SmolLM2 (GGUF) checkpoints and verify them")
+    sp = sub.add_parser(
+        "demo", help="convert the real MiniLM (TF) and SmolLM2 (GGUF) checkpoints and verify them"
+    )
     sp.add_argument("--out", default=".cache/demo", help="where converted models go")
     sp.set_defaults(fn=_demo)
     return p

@@ -49,7 +49,12 @@ def minilm(out: Path) -> list[tuple[str, str, str]]:
     ref = np.load(src / "reference_outputs.npz")
     model = AutoModel.from_pretrained(out / "minilm-hf").eval()
     with torch.no_grad():
-        got = model(**{k: torch.from_numpy(ref[k]) for k in ("input_ids", "attention_mask", "token_type_ids")})
+        got = model(
+            **{
+                k: torch.from_numpy(ref[k])
+                for k in ("input_ids", "attention_mask", "token_type_ids")
+            }
+        )
     d = delta(got.last_hidden_state, torch.from_numpy(ref["last_hidden_state"]))
     print(f"last_hidden_state vs TensorFlow's own outputs: {d}")
     rows = [("MiniLM TF .h5 -> HF", "last_hidden_state vs TF", f"{d.max_abs:.1e}")]
@@ -77,14 +82,20 @@ def smollm2(out: Path) -> list[tuple[str, str, str]]:
     t0 = time.perf_counter()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
     theirs = time.perf_counter() - t0
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(text, return_tensors="pt").input_ids
     with torch.no_grad():
         d = delta(model(ids).logits, reference(ids).logits)
         answer = model.generate(ids, max_new_tokens=24, do_sample=False)
     print(f"logits vs transformers' GGUF loading: {d}")
-    print(f"conversion {ours:.1f} s vs transformers' GGUF load {theirs:.1f} s ({theirs / ours:.1f}x faster)")
-    print(f"prompt: {PROMPT!r}\nanswer: {tok.decode(answer[0, ids.shape[1]:], skip_special_tokens=True)!r}")
+    print(
+        f"conversion {ours:.1f} s vs transformers' GGUF load {theirs:.1f} s ({theirs / ours:.1f}x faster)"
+    )
+    print(
+        f"prompt: {PROMPT!r}\nanswer: {tok.decode(answer[0, ids.shape[1] :], skip_special_tokens=True)!r}"
+    )
     rows = [("SmolLM2 GGUF -> HF", "logits vs transformers GGUF", f"{d.max_abs:.1e}")]
     for to in ("mindspore", "mindformers", "gguf"):
         api.convert(out / "smollm2-hf", out / f"smollm2-{to}", to=to, progress=False)

@@ -183,7 +183,9 @@ def from_hub(
             )
         inputs = [hub[n] for n in b.hub]
         cast = ()
-        if dtype is not None and any(p.dtype.is_floating_point and p.dtype != dtype for p in inputs):
+        if dtype is not None and any(
+            p.dtype.is_floating_point and p.dtype != dtype for p in inputs
+        ):
             cast = (Cast(dtype),)
         out += _apply(b, inputs, b.dialect, cfg, inverse=False, extra_ops=cast)
         used.update(b.hub)

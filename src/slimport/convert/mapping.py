@@ -23,8 +23,12 @@ def load_mapping(path: str | Path) -> dict[str, str]:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise SlimportError(f"--mapping {p}: cannot read ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise SlimportError(f"--mapping {p}: expected a mapping of source pattern -> target pattern strings")
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise SlimportError(
+            f"--mapping {p}: expected a mapping of source pattern -> target pattern strings"
+        )
     return data
 
 
@@ -38,7 +42,9 @@ def apply_mapping(ckpt: Checkpoint, mapping: dict[str, str]) -> tuple[Checkpoint
     compiled = []
     for src, dst in mapping.items():
         if src.count("{}") != dst.count("{}"):
-            raise SlimportError(f"mapping {src!r} -> {dst!r}: both sides need the same number of '{{}}'")
+            raise SlimportError(
+                f"mapping {src!r} -> {dst!r}: both sides need the same number of '{{}}'"
+            )
         compiled.append((_compile(src), dst))
     renamed: dict[str, str] = {}
     for name in ckpt.infos:
@@ -46,12 +52,16 @@ def apply_mapping(ckpt: Checkpoint, mapping: dict[str, str]) -> tuple[Checkpoint
         for rx, dst in compiled:
             m = rx.match(name)
             if m:
-                new = _fill(dst, m.groups()) + name[m.end():]
+                new = _fill(dst, m.groups()) + name[m.end() :]
                 break
         if new in renamed:
             raise SlimportError(f"mapping sends both {renamed[new]!r} and {name!r} to {new!r}")
         renamed[new] = name
-    used = [s for s, (rx, _) in zip(mapping, compiled, strict=True) if any(rx.match(n) for n in ckpt.infos)]
+    used = [
+        s
+        for s, (rx, _) in zip(mapping, compiled, strict=True)
+        if any(rx.match(n) for n in ckpt.infos)
+    ]
     unused = set(mapping) - set(used)
     if unused:
         raise SlimportError(f"mapping pattern(s) match no tensor in {ckpt.path}: {sorted(unused)}")

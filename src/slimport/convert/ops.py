@@ -73,7 +73,10 @@ class PermuteRope(Op):
             n = self._n(t, cfg)
             rest = t.shape[1:]
             out.append(
-                t.reshape(n, 2, t.shape[0] // n // 2, *rest).swapaxes(1, 2).reshape(t.shape).contiguous()
+                t.reshape(n, 2, t.shape[0] // n // 2, *rest)
+                .swapaxes(1, 2)
+                .reshape(t.shape)
+                .contiguous()
             )
         return out
 
@@ -83,7 +86,10 @@ class PermuteRope(Op):
             n = self._n(t, cfg)
             rest = t.shape[1:]
             out.append(
-                t.reshape(n, t.shape[0] // n // 2, 2, *rest).swapaxes(1, 2).reshape(t.shape).contiguous()
+                t.reshape(n, t.shape[0] // n // 2, 2, *rest)
+                .swapaxes(1, 2)
+                .reshape(t.shape)
+                .contiguous()
             )
         return out
 
@@ -162,6 +168,49 @@ class Cast(Op):
 
     def describe(self, inverse=False):
         return f"Cast({str(self.dtype).removeprefix('torch.')})"
+
+
+@dataclass(frozen=True)
+class Unsqueeze(Op):
+    """Add an axis of size 1 (TF GPT-2 Conv1D biases are [1, out]); the inverse removes it."""
+
+    dim: int = 0
+
+    def forward(self, ts, cfg):
+        return [t.unsqueeze(self.dim) for t in ts]
+
+    def inverse(self, ts, cfg):
+        for t in ts:
+            if t.dim() <= self.dim or t.shape[self.dim] != 1:
+                raise SlimportError(
+                    f"expected a size-1 axis {self.dim}, got shape {tuple(t.shape)}"
+                )
+        return [t.squeeze(self.dim) for t in ts]
+
+    def describe(self, inverse=False):
+        return ("Squeeze" if inverse else "Unsqueeze") + f"({self.dim})"
+
+
+@dataclass(frozen=True)
+class At(Op):
+    """Apply a one-to-one op to the tensor at `index` only, e.g. after a Tie, transpose the
+    copy that a dialect stores as a Keras kernel while the embedding keeps its layout."""
+
+    index: int
+    op: Op
+
+    def forward(self, ts, cfg):
+        ts = list(ts)
+        ts[self.index] = self.op.forward([ts[self.index]], cfg)[0]
+        return ts
+
+    def inverse(self, ts, cfg):
+        ts = list(ts)
+        ts[self.index] = self.op.inverse([ts[self.index]], cfg)[0]
+        return ts
+
+    def describe(self, inverse=False):
+        return f"{self.op.describe(inverse)}@{self.index}"
 
 
 def run_ops(ops, ts: Tensors, cfg: dict, inverse: bool) -> Tensors:

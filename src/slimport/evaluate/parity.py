@@ -50,7 +50,9 @@ def checkpoint_diff(a: str | Path, b: str | Path) -> dict[str, float]:
             if ta.dtype != tb.dtype or ta.shape != tb.shape:
                 out[name] = float("inf")
             else:
-                out[name] = 0.0 if torch.equal(ta, tb) else (ta.double() - tb.double()).abs().max().item()
+                out[name] = (
+                    0.0 if torch.equal(ta, tb) else (ta.double() - tb.double()).abs().max().item()
+                )
         return out
     finally:
         ma.source.close()

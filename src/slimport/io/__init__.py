@@ -8,7 +8,14 @@ from pathlib import Path
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo, atomic_dir, atomic_path
 
-__all__ = ["Checkpoint", "TensorInfo", "atomic_dir", "atomic_path", "detect_format", "open_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "TensorInfo",
+    "atomic_dir",
+    "atomic_path",
+    "detect_format",
+    "open_checkpoint",
+]
 
 # format name -> module with `read(path) -> Checkpoint`
 READERS = {
@@ -80,7 +87,9 @@ def detect_format(path: Path) -> str:
     return fmt
 
 
-def open_checkpoint(path: str | Path, fmt: str | None = None, config: str | Path | None = None) -> Checkpoint:
+def open_checkpoint(
+    path: str | Path, fmt: str | None = None, config: str | Path | None = None
+) -> Checkpoint:
     """Open any supported checkpoint lazily. `config` overrides the config.json beside it."""
     import importlib
 

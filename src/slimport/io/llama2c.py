@@ -27,8 +27,14 @@ def read(path: Path) -> Checkpoint:
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", raw)
     shared = vocab > 0
     vocab = abs(vocab)
-    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
-        raise SlimportError(f"{path}: not a llama2.c checkpoint (implausible header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len})")
+    if (
+        min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0
+        or dim % n_heads
+        or n_heads % n_kv
+    ):
+        raise SlimportError(
+            f"{path}: not a llama2.c checkpoint (implausible header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len})"
+        )
     head = dim // n_heads
     kv_dim = n_kv * head
     # (name, per-layer shape or None for global, stacked over layers?)
@@ -63,7 +69,9 @@ def read(path: Path) -> Checkpoint:
             hint="the file is incomplete or the header is wrong",
         )
     if pos < size:
-        raise SlimportError(f"{path}: {size - pos} unexpected trailing bytes after the llama2.c weights")
+        raise SlimportError(
+            f"{path}: {size - pos} unexpected trailing bytes after the llama2.c weights"
+        )
 
     def load(name: str) -> torch.Tensor:
         offset, shape = offsets[name]
@@ -92,4 +100,6 @@ def read(path: Path) -> Checkpoint:
     rope_tables = [n for n in infos if n.startswith("freq_cis")]
     for n in rope_tables:  # precomputed RoPE tables, not weights
         del infos[n]
-    return Checkpoint(path, "llama2c", infos, load, ("llama2c",), config=config, skipped=rope_tables)
+    return Checkpoint(
+        path, "llama2c", infos, load, ("llama2c",), config=config, skipped=rope_tables
+    )

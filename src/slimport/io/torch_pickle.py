@@ -11,7 +11,6 @@ pickles cannot be mapped and are held in memory once.
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import pickle
 import re
@@ -21,7 +20,13 @@ from pathlib import Path
 import torch
 
 from slimport.errors import SlimportError, name_list
-from slimport.io.base import Checkpoint, TensorInfo, release_freed_memory
+from slimport.io.base import (
+    Checkpoint,
+    TensorInfo,
+    check_shard,
+    read_shard_index,
+    release_freed_memory,
+)
 
 # Keys that training scripts wrap a model's state dict in; their siblings (optimizer, epoch) are skipped.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
@@ -129,35 +134,16 @@ def _state_dict(obj, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 
 def _read_sharded(index: Path) -> Checkpoint:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SlimportError(f"{index}: not a valid PyTorch shard index ({e})") from None
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     mapped: set[str] = set()
-    for shard in sorted(set(weight_map.values())):
-        spath = index.parent / shard
-        if not spath.exists():
-            raise SlimportError(
-                f"{index}: shard {shard} is missing",
-                hint="every shard listed in the index must be present",
-            )
+    for spath, listed in read_shard_index(index).items():
         part, skip, kind = _load_file(spath)
-        for n in part:
-            if weight_map.get(n) != shard:
-                raise SlimportError(
-                    f"{spath}: tensor {n!r} is not listed for this shard in {index.name}"
-                )
+        check_shard(index, spath, listed, part)
         tensors.update(part)
         skipped += skip
         if kind == "zip":
             mapped.update(part)
-    absent = set(weight_map) - set(tensors)
-    if absent:
-        raise SlimportError(
-            f"{index}: tensors listed in the index are absent from their shards: {name_list(absent)}"
-        )
     infos = {n: TensorInfo(tuple(t.shape), t.dtype) for n, t in tensors.items()}
     return Checkpoint(
         index,

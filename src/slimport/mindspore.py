@@ -1,0 +1,9 @@
+"""`from slimport.mindspore import AutoModelForCausalLM`: MindSpore models from any checkpoint."""
+
+from slimport.runtime.mindspore.auto import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+__all__ = ["AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"]

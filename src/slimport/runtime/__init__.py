@@ -1,0 +1,1 @@
+"""Runtimes that execute converted models (MindSpore Cells; ONNX Runtime later)."""

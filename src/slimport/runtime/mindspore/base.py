@@ -1,0 +1,256 @@
+"""What every slimport MindSpore model shares: strict loading from any checkpoint, saving,
+transformers-style outputs.
+
+Loading goes through the conversion engine: the checkpoint is read (any format) into hub
+tensors, laid out in the `mindspore` dialect (the parameter names our Cells use), and loaded
+with `load_param_into_net(strict_load=True)`; a name or shape the Cell does not expect is an
+error listing the names, never a suffix match or a silent skip.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import mindspore as ms
+import numpy as np
+import torch
+from mindspore import nn
+
+from slimport import api
+from slimport.convert import engine
+from slimport.errors import SlimportError, name_list
+
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+_FORMAT_FLAGS = {"from_pt": ("safetensors", "pytorch", "onnx"), "from_tf": ("keras",), "from_gguf": ("gguf",)}
+
+
+class ModelOutput(dict):
+    """transformers-style output: attributes and keys (`out.logits`, `out["logits"]`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+
+@dataclass
+class LoadReport:
+    """How a model was loaded: source, mapping, overrides and what they cost."""
+
+    source: str
+    source_format: str
+    source_dialect: str
+    tensors: list[dict] = field(default_factory=list)  # target, sources, ops, shape, dtype
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    overrides: dict[str, dict] = field(default_factory=dict)
+
+
+class PreTrainedCell(nn.Cell):
+    """Base of slimport's MindSpore models.
+
+    Subclasses set `family` (name of the slimport family), `architectures` (the transformers
+    class names they implement) and `output_names` (names of the tuple `construct` returns,
+    which `__call__` wraps into a ModelOutput; graph mode needs plain tuples inside).
+    """
+
+    family: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+    output_names: ClassVar[tuple[str, ...]]
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        self.load_report: LoadReport | None = None
+
+    def __call__(self, *args, **kwargs):
+        out = super().__call__(*args, **kwargs)
+        if not isinstance(out, tuple):
+            out = (out,)
+        return ModelOutput(zip(self.output_names, out, strict=False))
+
+    # --- loading -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        from_pt: bool | None = None,
+        from_tf: bool | None = None,
+        from_gguf: bool | None = None,
+        layer_norm_eps: float | None = None,
+        ignore_mismatched_sizes: bool = False,
+        custom_layer_mapping: dict[str, str] | str | Path | None = None,
+        dtype: str | ms.Type = "float32",
+        config: str | Path | None = None,
+    ) -> PreTrainedCell:
+        """Load any checkpoint slimport reads; the source format is detected unless a flag says it."""
+        model = api.load(
+            path, config=config, mapping=custom_layer_mapping, ignore_mismatched_sizes=ignore_mismatched_sizes
+        )
+        try:
+            _check_format_flags(model, from_pt=from_pt, from_tf=from_tf, from_gguf=from_gguf)
+            if model.family.name != cls.family:
+                raise SlimportError(
+                    f"{model.source.path}: a {model.family.name} checkpoint "
+                    f"(model_type={model.cfg['model_type']!r}) cannot load into {cls.__name__}, "
+                    f"which is a {cls.family} model",
+                    hint="use the Auto class, or the model class of that family",
+                )
+            cfg = dict(model.cfg)
+            overrides = {}
+            if layer_norm_eps is not None:
+                key = cls.eps_key(cfg)
+                if cfg.get(key) != layer_norm_eps:
+                    overrides[key] = {"source": cfg.get(key), "forced": layer_norm_eps}
+                    cfg[key] = layer_norm_eps
+            cell = cls(cfg)
+            ms_dtype = MS_DTYPES[dtype] if isinstance(dtype, str) else dtype
+            report = cell._load_hub(model, ms_dtype)
+            for key, o in overrides.items():
+                o["effect_max_abs"] = cell._override_effect(model, key, o["source"], ms_dtype)
+                warnings.warn(
+                    f"{key} forced to {o['forced']} (checkpoint config: {o['source']}): "
+                    f"changes {cell.output_names[0]} by up to {o['effect_max_abs']:.3g} on a probe input",
+                    stacklevel=2,
+                )
+            report.overrides = overrides
+            cell.load_report = report
+            return cell
+        finally:
+            model.source.close()
+
+    @classmethod
+    def eps_key(cls, cfg: dict) -> str:
+        return "rms_norm_eps" if "rms_norm_eps" in cfg else "layer_norm_eps" if "layer_norm_eps" in cfg else "layer_norm_epsilon"
+
+    def _load_hub(self, model: api.Model, ms_dtype) -> LoadReport:
+        planned = self.plan_parameters(model)
+        expected = {p.name: p for p in self.get_parameters()}
+        shape_bad = [
+            f"{t.name}: checkpoint {list(t.shape)} vs model {list(expected[t.name].shape)}"
+            for t in planned
+            if t.name in expected and tuple(t.shape) != tuple(expected[t.name].shape)
+        ]
+        if shape_bad:
+            raise SlimportError(
+                f"{model.source.path}: {len(shape_bad)} shape mismatch(es) with {type(self).__name__}: "
+                + "; ".join(shape_bad[:6]),
+                hint="the config does not describe this checkpoint",
+            )
+        params = {}
+        for t in planned:
+            value = t.compute()
+            params[t.name] = ms.Parameter(to_ms(value, ms_dtype), name=t.name)
+        not_loaded, unused = ms.load_param_into_net(self, params, strict_load=True)
+        not_loaded = [n for n in not_loaded if not self.is_buffer(n)]
+        if not_loaded or unused:
+            raise SlimportError(
+                f"{model.source.path}: strict loading into {type(self).__name__} failed: "
+                + (f"model parameters with no tensor: {name_list(not_loaded)}. " if not_loaded else "")
+                + (f"tensors with no model parameter: {name_list(unused)}." if unused else ""),
+                hint="the checkpoint and the model class disagree; check the architecture",
+            )
+        if ms_dtype != ms.float32:
+            self.to_float(ms_dtype)
+        return LoadReport(
+            str(model.source.path),
+            model.source.format,
+            model.dialect,
+            [
+                {"target": t.name, "sources": list(t.sources), "ops": list(t.ops),
+                 "shape": list(t.shape), "dtype": str(ms_dtype)}
+                for t in planned
+            ],  # fmt: skip
+            model.ignored,
+            model.notes,
+        )
+
+    def plan_parameters(self, model: api.Model) -> list[engine.Planned]:
+        """Hub tensors laid out as this Cell's parameters (the `mindspore` dialect)."""
+        return engine.from_hub(model.hub, model.family, "mindspore", model.cfg)
+
+    def is_buffer(self, name: str) -> bool:
+        """Parameters computed at construction (e.g. RoPE tables), not loaded from checkpoints."""
+        return False
+
+    def _override_effect(self, model, key, source_value, ms_dtype) -> float:
+        """Max |Δ| of the first output on a probe input between the forced and the source value."""
+        probe = self.probe_inputs()
+        forced = self(*probe)[self.output_names[0]].asnumpy()
+        cfg = dict(self.config)
+        cfg[key] = source_value
+        twin = type(self)(cfg)
+        twin._load_hub(model, ms_dtype)
+        original = twin(*probe)[self.output_names[0]].asnumpy()
+        return float(np.abs(forced.astype(np.float64) - original).max())
+
+    def probe_inputs(self) -> tuple:
+        ids = np.arange(1, 9, dtype=np.int32)[None, :] % int(self.config["vocab_size"])
+        return (ms.Tensor(ids),)
+
+    # --- saving --------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> list[str]:
+        """model.ckpt (MindSpore's format) + config.json, loadable by from_pretrained."""
+        from slimport.io.base import atomic_dir
+        from slimport.io.mindspore_ckpt import write
+
+        folder = Path(folder)
+        with atomic_dir(folder) as tmp:
+            tensors = [
+                engine.Planned(p.name, tuple(p.shape), _torch_dtype(p.dtype), (p.name,), (), (lambda p=p: from_ms(p)))
+                for p in self.get_parameters()
+                if not self.is_buffer(p.name)
+            ]  # fmt: skip
+            write(tmp / "model.ckpt", tensors)
+            config = {k: v for k, v in self.config.items() if k in self.hf_config_keys()}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return ["model.ckpt", "config.json"]
+
+    def hf_config_keys(self) -> set[str]:
+        """Keys of the normalised config that belong in config.json (not derived ones)."""
+        return set(self.config) - DERIVED_KEYS
+
+
+# normalised-config keys the families derive; never written to config.json
+DERIVED_KEYS = {
+    "q_dim", "kv_dim", "qkv_bias", "o_bias", "mlp_bias", "base", "architecture", "head",
+    "tf_scope", "tf_main", "qkv_size", "add_pooling_layer",
+}  # fmt: skip
+
+
+def _check_format_flags(model: api.Model, **flags: bool | None) -> None:
+    fmt = model.source.format
+    for flag, value in flags.items():
+        if value and fmt not in _FORMAT_FLAGS[flag]:
+            raise SlimportError(
+                f"{model.source.path}: {flag}=True but the file is {fmt}",
+                hint="drop the flag: the format is detected from the file",
+            )
+
+
+def to_ms(t: torch.Tensor, dtype=ms.float32) -> ms.Tensor:
+    """torch -> MindSpore without loss (bf16 goes through float32, exactly representable)."""
+    if t.dtype == torch.bfloat16:
+        return ms.Tensor(t.float().numpy()).astype(ms.bfloat16 if dtype == ms.bfloat16 else dtype)
+    arr = t.numpy()
+    out = ms.Tensor(arr)
+    return out if not t.is_floating_point() or out.dtype == dtype else out.astype(dtype)
+
+
+def from_ms(p) -> torch.Tensor:
+    if p.dtype == ms.bfloat16:
+        return torch.from_numpy(p.float().asnumpy()).to(torch.bfloat16)
+    return torch.from_numpy(p.asnumpy())
+
+
+def _torch_dtype(d) -> torch.dtype:
+    return {ms.float32: torch.float32, ms.float16: torch.float16, ms.bfloat16: torch.bfloat16,
+            ms.int32: torch.int32, ms.int64: torch.int64}[d]  # fmt: skip

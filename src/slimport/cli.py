@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from slimport.errors import SlimportError
+
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, there was"
 
 
 def _inspect(args) -> int:
@@ -65,6 +68,44 @@ def _convert(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from slimport.evaluate.verify import markdown, verify
+
+    report = verify(
+        args.src, args.target, runtime=args.runtime, atol=args.atol, tokens=args.tokens,
+        prompt=args.prompt, mode=args.mode,
+    )  # fmt: skip
+    print(markdown(report))
+    if args.json:
+        from slimport.io.base import atomic_path
+
+        with atomic_path(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["passed"] else 1
+
+
+def _generate(args) -> int:
+    from slimport.runtime.text import generate_text
+
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    if args.temperature is not None or args.top_k or args.top_p is not None:
+        sampling.update(
+            do_sample=True, temperature=args.temperature or 1.0, top_k=args.top_k or 0,
+            top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed,
+        )  # fmt: skip
+    texts = generate_text(
+        args.model, args.prompt, runtime=args.runtime, mode=args.mode, chat=args.chat, **sampling
+    )
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        if len(args.prompt) > 1:
+            print(f">>> {prompt}")
+        print(text)
+    return 0
+
+
 def _demo(args) -> int:
     from slimport.demo import run
 
@@ -117,6 +158,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(sp)
     sp.set_defaults(fn=_convert)
+
+    sp = sub.add_parser(
+        "verify", help="compare a converted model with its source, tensor by tensor and end to end"
+    )
+    sp.add_argument("src", help="the original checkpoint (run by transformers)")
+    sp.add_argument("target", help="the converted checkpoint (run by --runtime)")
+    sp.add_argument("--runtime", choices=["mindspore", "torch"], default="mindspore")
+    sp.add_argument(
+        "--mode", choices=["pynative", "graph"], default="pynative", help="MindSpore execution mode"
+    )
+    sp.add_argument("--atol", type=float, default=1e-5, help="max |Δ| allowed (default 1e-5, fp32)")
+    sp.add_argument(
+        "--tokens", type=int, default=16, help="greedy tokens to compare for causal LMs"
+    )
+    sp.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="input text (tokenized by the model's tokenizer)"
+    )
+    sp.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    sp.set_defaults(fn=_verify)
+
+    sp = sub.add_parser("generate", help="generate text with a causal LM in MindSpore or PyTorch")
+    sp.add_argument("model", help="checkpoint file or folder (with its tokenizer)")
+    sp.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    sp.add_argument("--runtime", choices=["mindspore", "torch"], default="mindspore")
+    sp.add_argument(
+        "--mode", choices=["pynative", "graph"], default="pynative", help="MindSpore execution mode"
+    )
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument(
+        "--temperature", type=float, help="sample with this temperature (default: greedy)"
+    )
+    sp.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    sp.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    sp.add_argument("--repetition-penalty", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, help="seed for sampling")
+    sp.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="wrap each prompt in the tokenizer's chat template (default: when it has one)")  # fmt: skip
+    sp.set_defaults(fn=_generate)
 
     sp = sub.add_parser(
         "demo", help="convert the real MiniLM (TF) and SmolLM2 (GGUF) checkpoints and verify them"

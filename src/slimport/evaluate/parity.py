@@ -32,27 +32,45 @@ def delta(a: torch.Tensor, b: torch.Tensor) -> Delta:
 
 
 def checkpoint_diff(a: str | Path, b: str | Path) -> dict[str, float]:
-    """Per hub tensor max|Δ| between two checkpoints of the same model, in any formats.
+    """Per hub tensor max|Δ| between two checkpoints; inf where the dtypes differ (a round trip
+    must keep them)."""
+    return {
+        n: s["max_abs"] if s["same_dtype"] else float("inf")
+        for n, s in checkpoint_diff_stats(a, b).items()
+    }
 
-    Both are read through their family rules, so names and layouts are compared in the hub.
-    Raises if the tensor sets differ.
+
+def checkpoint_diff_stats(a: str | Path, b: str | Path) -> dict[str, dict]:
+    """Per hub tensor max|Δ| and L2 of Δ between two checkpoints of the same model, in any
+    formats. Both are read through their family rules, so names and layouts are compared in
+    the hub. Raises SlimportError if the tensor sets or shapes differ.
     """
     from slimport import api
+    from slimport.errors import SlimportError, name_list
 
     ma, mb = api.load(a), api.load(b)
     try:
         if set(ma.hub) != set(mb.hub):
-            only = sorted(set(ma.hub) ^ set(mb.hub))
-            raise ValueError(f"tensor sets differ: {only[:8]}")
+            raise SlimportError(
+                f"{a} and {b} hold different tensors: {name_list(set(ma.hub) ^ set(mb.hub))}"
+            )
         out = {}
         for name, pa in ma.hub.items():
             ta, tb = pa.compute(), mb.hub[name].compute()
-            if ta.dtype != tb.dtype or ta.shape != tb.shape:
-                out[name] = float("inf")
-            else:
-                out[name] = (
-                    0.0 if torch.equal(ta, tb) else (ta.double() - tb.double()).abs().max().item()
+            if ta.shape != tb.shape:
+                raise SlimportError(
+                    f"{name}: shape {list(ta.shape)} in {a}, {list(tb.shape)} in {b}"
                 )
+            same = ta.dtype == tb.dtype
+            if same and torch.equal(ta, tb):
+                out[name] = {"max_abs": 0.0, "l2": 0.0, "same_dtype": True}
+            else:
+                d = ta.double() - tb.double()
+                out[name] = {
+                    "max_abs": d.abs().max().item(),
+                    "l2": torch.linalg.vector_norm(d).item(),
+                    "same_dtype": same,
+                }
         return out
     finally:
         ma.source.close()

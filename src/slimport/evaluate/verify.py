@@ -1,0 +1,276 @@
+"""`slimport verify SRC TARGET`: does the converted model compute what the source computes?
+
+The source runs in PyTorch/transformers (natively when transformers reads its format: an HF
+folder or a GGUF file; otherwise through slimport's HF conversion, which the report says),
+the target in the chosen runtime (MindSpore by default). Measured, not assumed:
+* per tensor: every hub tensor of the two checkpoints (max|Δ|, L2 of Δ);
+* per layer: the hidden state after every block;
+* end to end: logits (or last_hidden_state) max|Δ|, max relative Δ, top-1 agreement, cosine;
+* causal LMs: N greedy tokens compared token by token (RoPE layout bugs show only later).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimport import api
+from slimport.errors import SlimportError
+from slimport.evaluate.parity import delta
+
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, there was"
+CAUSAL = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class Outputs:
+    main: np.ndarray  # logits, or last_hidden_state for encoders
+    main_name: str
+    hidden_states: list[np.ndarray] = field(default_factory=list)
+
+
+class TorchRunner:
+    """A checkpoint run by transformers."""
+
+    def __init__(self, path: str | Path, work: Path):
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        path = Path(path)
+        self.note = ""
+        model = api.load(path)
+        model.source.close()
+        arch = (model.config.get("architectures") or [""])[0]
+        self.causal = arch.endswith(CAUSAL)
+        cls = (
+            AutoModelForCausalLM
+            if self.causal
+            else AutoModelForSequenceClassification
+            if "ForSequenceClassification" in arch
+            else AutoModel
+        )
+        if model.source.format == "gguf":
+            self.model = cls.from_pretrained(path.parent, gguf_file=path.name)
+        elif model.source.format in ("safetensors", "pytorch"):
+            self.model = cls.from_pretrained(model.source.path.parent)
+        else:  # transformers cannot read it: go through our own HF conversion, and say so
+            folder = work / "torch-reference"
+            api.convert(path, folder, to="hf", progress=False)
+            self.model = cls.from_pretrained(folder)
+            self.note = (
+                f"{path} is {model.source.format}: transformers ran slimport's HF conversion of it"
+            )
+        self.model.eval()
+        self.name = f"transformers {type(self.model).__name__}"
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray) -> Outputs:
+        with torch.no_grad():
+            out = self.model(
+                input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long(),
+                output_hidden_states=True,
+            )
+        name = "logits" if "logits" in out else "last_hidden_state"
+        return Outputs(
+            out[name].float().numpy(), name, [h.float().numpy() for h in out.hidden_states or ()]
+        )
+
+    def greedy(self, ids: np.ndarray, n: int, eos: int | None) -> list[int]:
+        with torch.no_grad():
+            out = self.model.generate(
+                torch.from_numpy(ids).long(),
+                attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos if eos is not None else 0,
+            )
+        return out[0, ids.shape[1] :].tolist()
+
+
+class MindSporeRunner:
+    """A checkpoint run by slimport's MindSpore models."""
+
+    def __init__(self, path: str | Path, mode: str = "pynative"):
+        import mindspore as ms
+
+        from slimport import mindspore as sms
+
+        ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+        model = api.load(path)
+        model.source.close()
+        arch = (model.config.get("architectures") or [""])[0]
+        self.causal = arch.endswith(CAUSAL)
+        auto = (
+            sms.AutoModelForCausalLM
+            if self.causal
+            else sms.AutoModelForSequenceClassification
+            if "ForSequenceClassification" in arch
+            else sms.AutoModel
+        )
+        self.model = auto.from_pretrained(path)
+        self.model.set_train(False)
+        self.name = f"MindSpore {type(self.model).__name__} ({mode})"
+        self.note = ""
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray) -> Outputs:
+        import mindspore as ms
+
+        out = self.model(
+            ms.Tensor(ids.astype(np.int32)),
+            ms.Tensor(mask.astype(np.int32)),
+            output_hidden_states=True,
+        )
+        name = "logits" if "logits" in out else "last_hidden_state"
+        hidden = out.get("hidden_states") or ()
+        return Outputs(out[name].asnumpy(), name, [h.asnumpy() for h in hidden])
+
+    def greedy(self, ids: np.ndarray, n: int, eos: int | None) -> list[int]:
+        out = self.model.generate(
+            ids.astype(np.int32), max_new_tokens=n, do_sample=False, eos_token_id=eos
+        )
+        out = out.asnumpy() if hasattr(out, "asnumpy") else np.asarray(out)
+        return out[0, ids.shape[1] :].tolist()
+
+
+def _inputs(src: Path, target: Path, prompt: str, vocab: int) -> tuple[np.ndarray, str]:
+    """Token ids of `prompt` with the model's own tokenizer when one is beside either file."""
+    from transformers import AutoTokenizer
+
+    for p in (Path(src), Path(target)):
+        try:
+            if p.suffix == ".gguf":
+                tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            else:
+                folder = p if p.is_dir() else p.parent
+                if not any(
+                    (folder / f).exists()
+                    for f in ("tokenizer.json", "vocab.txt", "tokenizer.model")
+                ):
+                    continue
+                tok = AutoTokenizer.from_pretrained(folder)
+            return np.array(
+                [tok(prompt).input_ids], dtype=np.int64
+            ), f"tokenized by {p}'s tokenizer"
+        except (OSError, ValueError):
+            continue
+    ids = (np.arange(16, dtype=np.int64) * 7919 + 1) % vocab  # no tokenizer: fixed spread of ids
+    return ids[None, :], "fixed token ids (no tokenizer found)"
+
+
+def verify(
+    src: str | Path,
+    target: str | Path,
+    runtime: str = "mindspore",
+    atol: float = 1e-5,
+    tokens: int = 16,
+    prompt: str = DEFAULT_PROMPT,
+    mode: str = "pynative",
+) -> dict:
+    """Compare `target` (run in `runtime`) against `src` (run in transformers); a report dict."""
+    from slimport.evaluate.parity import checkpoint_diff_stats
+
+    if runtime not in ("mindspore", "torch"):
+        raise SlimportError(f"unknown --runtime {runtime!r}", hint="mindspore or torch")
+    report: dict = {
+        "source": str(src),
+        "target": str(target),
+        "runtime": runtime,
+        "atol": atol,
+        "notes": [],
+    }
+    report["tensors"] = checkpoint_diff_stats(src, target)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = TorchRunner(src, Path(tmp))
+        tgt = (
+            MindSporeRunner(target, mode)
+            if runtime == "mindspore"
+            else TorchRunner(target, Path(tmp) / "t")
+        )
+        report["reference"], report["candidate"] = ref.name, tgt.name
+        report["notes"] += [n for n in (ref.note, tgt.note) if n]
+        vocab = int(ref.model.config.vocab_size)
+        ids, how = _inputs(Path(src), Path(target), prompt, vocab)
+        report["inputs"] = {"tokens": int(ids.shape[1]), "how": how}
+        mask = np.ones_like(ids)
+        a, b = ref.forward(ids, mask), tgt.forward(ids, mask)
+        report["layers"] = [
+            {"layer": i, "max_abs": delta(torch.from_numpy(x), torch.from_numpy(y)).max_abs}
+            for i, (x, y) in enumerate(zip(a.hidden_states, b.hidden_states, strict=False))
+        ]
+        d = delta(torch.from_numpy(b.main), torch.from_numpy(a.main))
+        top1 = (
+            float((a.main.argmax(-1) == b.main.argmax(-1)).mean())
+            if a.main_name == "logits"
+            else None
+        )
+        report["output"] = {
+            "name": a.main_name, "max_abs": d.max_abs, "max_rel": d.max_rel, "cosine": d.cosine,
+            "top1_agreement": top1,
+        }  # fmt: skip
+        if ref.causal and tgt.causal and tokens > 0:
+            eos = getattr(ref.model.generation_config, "eos_token_id", None)
+            eos = eos[0] if isinstance(eos, list) else eos
+            ra, rb = ref.greedy(ids, tokens, eos), tgt.greedy(ids, tokens, eos)
+            first = next((i for i, (x, y) in enumerate(zip(ra, rb, strict=False)) if x != y), None)
+            if first is None and len(ra) != len(rb):
+                first = min(len(ra), len(rb))
+            report["greedy"] = {
+                "tokens": tokens,
+                "reference": ra,
+                "candidate": rb,
+                "first_difference": first,
+            }
+    worst_tensor = max((t["max_abs"] for t in report["tensors"].values()), default=0.0)
+    report["passed"] = bool(
+        report["output"]["max_abs"] <= atol
+        and worst_tensor <= atol
+        and report.get("greedy", {}).get("first_difference") is None
+    )
+    return report
+
+
+def markdown(report: dict, top: int = 5) -> str:
+    """The report as Markdown tables (worst tensors, every layer, end to end, greedy)."""
+    lines = [
+        f"# slimport verify: {'PASSED' if report['passed'] else 'FAILED'} (atol {report['atol']:g})",
+        "",
+        f"- reference: {report['reference']} on `{report['source']}`",
+        f"- candidate: {report['candidate']} on `{report['target']}`",
+        f"- inputs: {report['inputs']['tokens']} tokens, {report['inputs']['how']}",
+        *[f"- note: {n}" for n in report["notes"]],
+        "",
+        f"## Tensors ({len(report['tensors'])} compared in the hub layout; worst {top})",
+        "",
+        "| tensor | max abs Δ | L2 of Δ |",
+        "|---|---|---|",
+    ]
+    worst = sorted(report["tensors"].items(), key=lambda kv: -kv[1]["max_abs"])[:top]
+    lines += [f"| {n} | {s['max_abs']:.3g} | {s['l2']:.3g} |" for n, s in worst]
+    lines += ["", "## Hidden state after each block", "", "| layer | max abs Δ |", "|---|---|"]
+    lines += [
+        f"| {'embeddings' if r['layer'] == 0 else r['layer']} | {r['max_abs']:.3g} |"
+        for r in report["layers"]
+    ]
+    o = report["output"]
+    top1 = "—" if o["top1_agreement"] is None else f"{o['top1_agreement']:.2%}"
+    lines += [
+        "",
+        "## End to end",
+        "",
+        "| output | max abs Δ | max rel Δ | cosine | top-1 agreement |",
+        "|---|---|---|---|---|",
+        f"| {o['name']} | {o['max_abs']:.3g} | {o['max_rel']:.3g} | {o['cosine']:.9f} | {top1} |",
+    ]
+    if "greedy" in report:
+        g = report["greedy"]
+        same = (
+            "identical"
+            if g["first_difference"] is None
+            else f"first difference at token {g['first_difference']}"
+        )
+        lines += ["", f"## Greedy decoding: {len(g['reference'])} tokens, {same}"]
+    return "\n".join(lines) + "\n"

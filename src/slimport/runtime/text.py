@@ -1,0 +1,81 @@
+"""Text in, text out: tokenizer + model + generate, for `slimport generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from slimport.errors import SlimportError
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer that belongs to a checkpoint: files beside it, or a GGUF's embedded one."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    try:
+        if p.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(p if p.is_dir() else p.parent)
+    except (OSError, ValueError) as e:
+        raise SlimportError(
+            f"{path}: no tokenizer found beside the model ({str(e).splitlines()[0]})",
+            hint="convert with `slimport convert ... --to hf`, which writes the tokenizer files",
+        ) from None
+    tok.padding_side = "left"  # decoder-only batches pad on the left
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def generate_text(
+    model_path: str | Path,
+    prompts: list[str],
+    runtime: str = "mindspore",
+    mode: str = "pynative",
+    chat: bool | None = None,
+    **sampling,
+) -> list[str]:
+    """Generate a continuation for each prompt (batched, left padded); returns new text only."""
+    tok = load_tokenizer(model_path)
+    if chat is None:
+        chat = bool(getattr(tok, "chat_template", None))
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        if chat
+        else p
+        for p in prompts
+    ]
+    enc = tok(texts, return_tensors="np", padding=True, add_special_tokens=not chat)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    common = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, **sampling}
+    if runtime == "mindspore":
+        import mindspore as ms
+
+        from slimport.mindspore import AutoModelForCausalLM
+
+        ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+        out = model.generate(ids.astype(np.int32), attention_mask=mask.astype(np.int32), **common)
+        out = out.asnumpy() if hasattr(out, "asnumpy") else np.asarray(out)
+    elif runtime == "torch":
+        import torch
+
+        from slimport.evaluate.verify import TorchRunner
+
+        runner = TorchRunner(model_path, Path("."))
+        if sampling.get("seed") is not None:
+            torch.manual_seed(sampling["seed"])
+        kw = {k: v for k, v in common.items() if k != "seed"}
+        kw["do_sample"] = kw.get("do_sample", False)
+        with torch.no_grad():
+            out = runner.model.generate(
+                torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(), **kw
+            ).numpy()
+    else:
+        raise SlimportError(f"unknown --runtime {runtime!r}", hint="mindspore or torch")
+    return [tok.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]

@@ -13,8 +13,8 @@ from slimport.io import open_checkpoint
 REGISTRY: dict[str, dict[str, str]] = {
     "base": {
         "bert": "bert:BertModel",
-        "roberta": "bert:BertModel",
-        "xlm-roberta": "bert:BertModel",
+        "roberta": "bert:RobertaModel",
+        "xlm-roberta": "bert:RobertaModel",
         "distilbert": "bert:DistilBertModel",
         "gpt2": "gpt2:GPT2Model",
         "llama": "llama:LlamaModel",
@@ -29,6 +29,8 @@ REGISTRY: dict[str, dict[str, str]] = {
     },
     "sequence-classification": {
         "bert": "bert:BertForSequenceClassification",
+        "roberta": "bert:RobertaForSequenceClassification",
+        "xlm-roberta": "bert:RobertaForSequenceClassification",
         "distilbert": "bert:DistilBertForSequenceClassification",
     },
 }

@@ -9,6 +9,8 @@ error listing the names, never a suffix match or a silent skip.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +25,22 @@ from mindspore import nn
 from slimport import api
 from slimport.convert import engine
 from slimport.errors import SlimportError, name_list
+
+
+def _init_numpy_bridge() -> None:
+    """MindSpore 2.10's wheel is built against NumPy 1.x: under NumPy 2 its first op that parses
+    Python arguments fails once (SystemError, "Numpy init failed"); later calls work. Take that
+    one failure here, at import, not in a user's first forward."""
+    with contextlib.suppress(SystemError), contextlib.redirect_stderr(io.StringIO()):
+        ms.ops.reshape(ms.Tensor(np.zeros(1, np.float32)), (1,))
+
+
+# On CPU, MindSpore's asynchronous PyNative dispatch stalls ~3 ms per op on small machines
+# (stories260K forward 700 ms vs 22 ms synchronous); the choice only takes effect before the
+# first op runs, so make it here, before _init_numpy_bridge's op.
+if ms.get_context("device_target") == "CPU":
+    ms.set_context(pynative_synchronize=True)
+_init_numpy_bridge()
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 _FORMAT_FLAGS = {"from_pt": ("safetensors", "pytorch", "onnx"), "from_tf": ("keras",), "from_gguf": ("gguf",)}
@@ -90,8 +108,12 @@ class PreTrainedCell(nn.Cell):
         custom_layer_mapping: dict[str, str] | str | Path | None = None,
         dtype: str | ms.Type = "float32",
         config: str | Path | None = None,
+        **config_kwargs: Any,
     ) -> PreTrainedCell:
-        """Load any checkpoint slimport reads; the source format is detected unless a flag says it."""
+        """Load any checkpoint slimport reads; the source format is detected unless a flag says it.
+
+        `config_kwargs` override config attributes, as in transformers (`num_labels=3` sizes a
+        new classifier on a bare encoder checkpoint)."""
         model = api.load(
             path, config=config, mapping=custom_layer_mapping, ignore_mismatched_sizes=ignore_mismatched_sizes
         )
@@ -105,6 +127,10 @@ class PreTrainedCell(nn.Cell):
                     hint="use the Auto class, or the model class of that family",
                 )
             cfg = dict(model.cfg)
+            cfg.update(config_kwargs)
+            if "num_labels" in config_kwargs and len(cfg.get("id2label") or ()) != cfg["num_labels"]:
+                cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg["num_labels"])}
+                cfg["label2id"] = {f"LABEL_{i}": i for i in range(cfg["num_labels"])}
             overrides = {}
             if layer_norm_eps is not None:
                 key = cls.eps_key(cfg)
@@ -112,7 +138,7 @@ class PreTrainedCell(nn.Cell):
                     overrides[key] = {"source": cfg.get(key), "forced": layer_norm_eps}
                     cfg[key] = layer_norm_eps
             cell = cls(cfg)
-            ms_dtype = MS_DTYPES[dtype] if isinstance(dtype, str) else dtype
+            ms_dtype = _ms_dtype(dtype)
             report = cell._load_hub(model, ms_dtype)
             for key, o in overrides.items():
                 o["effect_max_abs"] = cell._override_effect(model, key, o["source"], ms_dtype)
@@ -148,9 +174,12 @@ class PreTrainedCell(nn.Cell):
         params = {}
         for t in planned:
             value = t.compute()
-            params[t.name] = ms.Parameter(to_ms(value, ms_dtype), name=t.name)
+            # load in float32 (what the Cell's parameters are), cast after: lossless for f16/bf16
+            params[t.name] = ms.Parameter(to_ms(value, ms.float32), name=t.name)
         not_loaded, unused = ms.load_param_into_net(self, params, strict_load=True)
-        not_loaded = [n for n in not_loaded if not self.is_buffer(n)]
+        new = self.newly_initialized(model)
+        fresh = sorted(n for n in not_loaded if n in new)
+        not_loaded = [n for n in not_loaded if not self.is_buffer(n) and n not in new]
         if not_loaded or unused:
             raise SlimportError(
                 f"{model.source.path}: strict loading into {type(self).__name__} failed: "
@@ -159,7 +188,18 @@ class PreTrainedCell(nn.Cell):
                 hint="the checkpoint and the model class disagree; check the architecture",
             )
         if ms_dtype != ms.float32:
+            for p in self.get_parameters():
+                if p.dtype == ms.float32:
+                    p.set_dtype(ms_dtype)
             self.to_float(ms_dtype)
+        notes = list(model.notes)
+        if fresh:
+            notes.append(f"newly initialised (not in the checkpoint): {name_list(fresh)}")
+            warnings.warn(
+                f"{type(self).__name__}: {name_list(fresh)} are not in {model.source.path} and are "
+                "newly initialised; train them before use",
+                stacklevel=3,
+            )
         return LoadReport(
             str(model.source.path),
             model.source.format,
@@ -170,12 +210,17 @@ class PreTrainedCell(nn.Cell):
                 for t in planned
             ],  # fmt: skip
             model.ignored,
-            model.notes,
+            notes,
         )
 
     def plan_parameters(self, model: api.Model) -> list[engine.Planned]:
         """Hub tensors laid out as this Cell's parameters (the `mindspore` dialect)."""
         return engine.from_hub(model.hub, model.family, "mindspore", model.cfg)
+
+    def newly_initialized(self, model: api.Model) -> set[str]:
+        """Parameters the checkpoint may lack (a classifier on a bare encoder, as transformers
+        allows): they keep their initialisation and the load report lists them."""
+        return set()
 
     def is_buffer(self, name: str) -> bool:
         """Parameters computed at construction (e.g. RoPE tables), not loaded from checkpoints."""
@@ -188,7 +233,13 @@ class PreTrainedCell(nn.Cell):
         cfg = dict(self.config)
         cfg[key] = source_value
         twin = type(self)(cfg)
-        twin._load_hub(model, ms_dtype)
+        with warnings.catch_warnings():  # the load itself was reported already
+            warnings.simplefilter("ignore")
+            twin._load_hub(model, ms_dtype)
+        mine = self.parameters_dict()  # the same random new head, so only the override differs
+        for name, p in twin.parameters_dict().items():
+            if name in self.newly_initialized(model):
+                p.set_data(mine[name].copy())
         original = twin(*probe)[self.output_names[0]].asnumpy()
         return float(np.abs(forced.astype(np.float64) - original).max())
 
@@ -234,6 +285,19 @@ def _check_format_flags(model: api.Model, **flags: bool | None) -> None:
                 f"{model.source.path}: {flag}=True but the file is {fmt}",
                 hint="drop the flag: the format is detected from the file",
             )
+
+
+def _ms_dtype(dtype: str | ms.Type) -> ms.Type:
+    if isinstance(dtype, str):
+        if dtype not in MS_DTYPES:
+            raise SlimportError(f"unknown dtype {dtype!r}", hint="one of: " + ", ".join(MS_DTYPES))
+        dtype = MS_DTYPES[dtype]
+    if dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
+        raise SlimportError(
+            "dtype=bfloat16: MindSpore's CPU backend has no bfloat16 MatMul",
+            hint="use float32 or float16 on CPU; bfloat16 runs on Ascend",
+        )
+    return dtype
 
 
 def to_ms(t: torch.Tensor, dtype=ms.float32) -> ms.Tensor:

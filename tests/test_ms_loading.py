@@ -1,0 +1,41 @@
+"""Loading options shared by every MindSpore model: dtype, format flags, Auto classes."""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from slimport.errors import SlimportError
+from slimport.mindspore import AutoModel, AutoModelForCausalLM
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return ms.Tensor(np.array([[101, 7592, 2088, 2003, 1037, 3231, 102]], dtype=np.int32))
+
+
+def test_float16_loads_and_stays_close_to_float32(minilm_dir, probe):
+    full = AutoModel.from_pretrained(minilm_dir)
+    half = AutoModel.from_pretrained(minilm_dir, dtype="float16")
+    assert {p.dtype for p in half.get_parameters()} == {ms.float16}
+    a = full(probe)["last_hidden_state"].asnumpy()
+    b = half(probe)["last_hidden_state"].asnumpy().astype(np.float32)
+    err = np.abs(a - b).max()
+    print(f"MiniLM float16 vs float32 last_hidden_state max|Δ| {err:.3g}")
+    assert 0 < err < 2e-2
+
+
+def test_bfloat16_on_cpu_is_refused_clearly(minilm_dir):
+    with pytest.raises(SlimportError, match="no bfloat16 MatMul"):
+        AutoModel.from_pretrained(minilm_dir, dtype="bfloat16")
+
+
+def test_format_flag_that_contradicts_the_file(minilm_dir):
+    with pytest.raises(SlimportError, match="from_gguf=True but the file is safetensors"):
+        AutoModel.from_pretrained(minilm_dir, from_gguf=True)
+
+
+def test_auto_class_without_a_model_for_the_family(minilm_dir):
+    with pytest.raises(SlimportError, match="no MindSpore causal-lm model for model_type='bert'"):
+        AutoModelForCausalLM.from_pretrained(minilm_dir)

@@ -22,12 +22,24 @@ def stories_hf(stories260k, tmp_path_factory):
 def test_faithful_conversion_passes_with_numbers(stories260k, stories_hf, tmp_path, capsys):
     report = verify(stories260k, stories_hf, runtime="torch", tokens=12)
     assert report["passed"]
-    assert len(report["tensors"]) == 47 and max(t["max_abs"] for t in report["tensors"].values()) == 0
+    assert (
+        len(report["tensors"]) == 47 and max(t["max_abs"] for t in report["tensors"].values()) == 0
+    )
     assert len(report["layers"]) == 6  # embeddings + 5 blocks
     assert report["output"]["max_abs"] == 0 and report["output"]["top1_agreement"] == 1.0
     assert report["greedy"]["first_difference"] is None and len(report["greedy"]["reference"]) == 12
     assert "PASSED" in markdown(report)
-    code = main(["verify", str(stories260k), str(stories_hf), "--runtime", "torch", "--json", str(tmp_path / "r.json")])
+    code = main(
+        [
+            "verify",
+            str(stories260k),
+            str(stories_hf),
+            "--runtime",
+            "torch",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert code == 0 and "## End to end" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
 
@@ -44,7 +56,9 @@ def test_a_corrupted_tensor_fails_and_is_located(stories_hf, tmp_path, capsys):
     report = verify(stories_hf, bad, runtime="torch", tokens=4)
     assert not report["passed"]
     worst = max(report["tensors"].items(), key=lambda kv: kv[1]["max_abs"])
-    assert worst[0] == "model.layers.3.mlp.down_proj.weight" and worst[1]["max_abs"] == pytest.approx(0.5)
+    assert worst[0] == "model.layers.3.mlp.down_proj.weight" and worst[1][
+        "max_abs"
+    ] == pytest.approx(0.5)
     layers = [r["max_abs"] for r in report["layers"]]
     assert max(layers[:4]) == 0 and layers[4] > 0  # blocks 1-3 agree, block 4 (index 3) diverges
     assert main(["verify", str(stories_hf), str(bad), "--runtime", "torch", "--tokens", "0"]) == 1

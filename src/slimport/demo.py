@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import mindspore as ms
 import numpy as np
 import torch
 
@@ -63,6 +64,19 @@ def minilm(out: Path) -> list[tuple[str, str, str]]:
         worst = max(checkpoint_diff(out / "minilm-hf", out / f"minilm-{to}").values())
         print(f"HF -> {to} -> hub: max|Δ| over all tensors = {worst:g}")
         rows.append((f"MiniLM HF -> {to}", "round trip, all tensors", f"{worst:g}"))
+
+    from slimport.mindspore import AutoModel as MsAutoModel
+
+    _step("MiniLM loaded into MindSpore straight from the TensorFlow checkpoint (from_tf=True)")
+    ms_model = MsAutoModel.from_pretrained(src, from_tf=True)
+    inputs = [
+        ms.Tensor(ref[k].astype(np.int32))
+        for k in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    got = ms_model(*inputs)["last_hidden_state"].asnumpy()
+    d = delta(torch.from_numpy(got), torch.from_numpy(ref["last_hidden_state"]))
+    print(f"MindSpore last_hidden_state vs TensorFlow's own outputs: {d}")
+    rows.append(("MiniLM TF .h5 -> MindSpore", "last_hidden_state vs TF", f"{d.max_abs:.1e}"))
     return rows
 
 
@@ -102,6 +116,29 @@ def smollm2(out: Path) -> list[tuple[str, str, str]]:
         worst = max(checkpoint_diff(out / "smollm2-hf", out / f"smollm2-{to}").values())
         print(f"HF -> {to} -> hub: max|Δ| over all tensors = {worst:g}")
         rows.append((f"SmolLM2 HF -> {to}", "round trip, all tensors", f"{worst:g}"))
+
+    from slimport.mindspore import AutoModelForCausalLM as MsCausalLM
+
+    _step("SmolLM2 in MindSpore, loaded from the converted MindSpore checkpoint")
+    ms_model = MsCausalLM.from_pretrained(out / "smollm2-mindspore")
+    np_ids = ids.numpy().astype(np.int32)
+    with torch.no_grad():
+        d = delta(
+            torch.from_numpy(ms_model(ms.Tensor(np_ids))["logits"].asnumpy()), reference(ids).logits
+        )
+    ms_answer = ms_model.generate(np_ids, max_new_tokens=24, do_sample=False)
+    same = ms_answer[0].tolist() == answer[0].tolist()
+    print(f"MindSpore logits vs transformers' GGUF loading: {d}")
+    print(f"MindSpore answer: {tok.decode(ms_answer[0, np_ids.shape[1] :], skip_special_tokens=True)!r} "
+          f"({'identical to' if same else 'DIFFERS from'} transformers' greedy tokens)")  # fmt: skip
+    rows.append(("SmolLM2 -> MindSpore", "logits vs transformers GGUF", f"{d.max_abs:.1e}"))
+    rows.append(
+        (
+            "SmolLM2 -> MindSpore",
+            "24 greedy tokens vs transformers",
+            "identical" if same else "DIFFER",
+        )
+    )
     return rows
 
 

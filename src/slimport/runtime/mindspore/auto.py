@@ -57,7 +57,9 @@ class _Auto:
         with open_checkpoint(path, config=kwargs.get("config")) as ckpt:
             config = api.model_config(ckpt)
         if not config:
-            raise SlimportError(f"{path}: no model config found", hint="pass config=PATH/config.json")
+            raise SlimportError(
+                f"{path}: no model config found", hint="pass config=PATH/config.json"
+            )
         return model_class(cls.task, config.get("model_type")).from_pretrained(path, **kwargs)
 
 

@@ -43,7 +43,11 @@ if ms.get_context("device_target") == "CPU":
 _init_numpy_bridge()
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-_FORMAT_FLAGS = {"from_pt": ("safetensors", "pytorch", "onnx"), "from_tf": ("keras",), "from_gguf": ("gguf",)}
+_FORMAT_FLAGS = {
+    "from_pt": ("safetensors", "pytorch", "onnx"),
+    "from_tf": ("keras",),
+    "from_gguf": ("gguf",),
+}
 
 
 class ModelOutput(dict):
@@ -115,7 +119,10 @@ class PreTrainedCell(nn.Cell):
         `config_kwargs` override config attributes, as in transformers (`num_labels=3` sizes a
         new classifier on a bare encoder checkpoint)."""
         model = api.load(
-            path, config=config, mapping=custom_layer_mapping, ignore_mismatched_sizes=ignore_mismatched_sizes
+            path,
+            config=config,
+            mapping=custom_layer_mapping,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
         )
         try:
             _check_format_flags(model, from_pt=from_pt, from_tf=from_tf, from_gguf=from_gguf)
@@ -128,7 +135,10 @@ class PreTrainedCell(nn.Cell):
                 )
             cfg = dict(model.cfg)
             cfg.update(config_kwargs)
-            if "num_labels" in config_kwargs and len(cfg.get("id2label") or ()) != cfg["num_labels"]:
+            if (
+                "num_labels" in config_kwargs
+                and len(cfg.get("id2label") or ()) != cfg["num_labels"]
+            ):
                 cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg["num_labels"])}
                 cfg["label2id"] = {f"LABEL_{i}": i for i in range(cfg["num_labels"])}
             overrides = {}
@@ -155,7 +165,13 @@ class PreTrainedCell(nn.Cell):
 
     @classmethod
     def eps_key(cls, cfg: dict) -> str:
-        return "rms_norm_eps" if "rms_norm_eps" in cfg else "layer_norm_eps" if "layer_norm_eps" in cfg else "layer_norm_epsilon"
+        return (
+            "rms_norm_eps"
+            if "rms_norm_eps" in cfg
+            else "layer_norm_eps"
+            if "layer_norm_eps" in cfg
+            else "layer_norm_epsilon"
+        )
 
     def _load_hub(self, model: api.Model, ms_dtype) -> LoadReport:
         planned = self.plan_parameters(model)
@@ -183,7 +199,11 @@ class PreTrainedCell(nn.Cell):
         if not_loaded or unused:
             raise SlimportError(
                 f"{model.source.path}: strict loading into {type(self).__name__} failed: "
-                + (f"model parameters with no tensor: {name_list(not_loaded)}. " if not_loaded else "")
+                + (
+                    f"model parameters with no tensor: {name_list(not_loaded)}. "
+                    if not_loaded
+                    else ""
+                )
                 + (f"tensors with no model parameter: {name_list(unused)}." if unused else ""),
                 hint="the checkpoint and the model class disagree; check the architecture",
             )
@@ -205,8 +225,13 @@ class PreTrainedCell(nn.Cell):
             model.source.format,
             model.dialect,
             [
-                {"target": t.name, "sources": list(t.sources), "ops": list(t.ops),
-                 "shape": list(t.shape), "dtype": str(ms_dtype)}
+                {
+                    "target": t.name,
+                    "sources": list(t.sources),
+                    "ops": list(t.ops),
+                    "shape": list(t.shape),
+                    "dtype": str(ms_dtype),
+                }
                 for t in planned
             ],  # fmt: skip
             model.ignored,

@@ -26,16 +26,20 @@ implements the same):
   - `key_cache`, `value_cache`: tuples (one per layer) of the cache Parameters.
   Prompts are LEFT padded, so every row writes the same cache columns.
 
-Static shapes: the decode step always sees [batch, 1] ids, a fixed cache length and the write
-position as a Tensor, so in GRAPH_MODE it compiles once per (batch, cache_len) and is reused by
-later calls; the prefill compiles once per prompt length. The cache length is rounded up to a
-multiple of CACHE_BUCKET (within the model's limit) so prompts of different lengths share
-the decode graph. Logits processing (repetition penalty, temperature, top-k, top-p) and
-sampling run in NumPy on the host with transformers' semantics.
+Static shapes: the decode step always sees [batch, 1] ids and a fixed cache length, and the
+write position travels inside Tensors (`kv_index`, `allowed`, `position_ids`), so in GRAPH_MODE
+it compiles once per (batch, cache_len) and is reused by later calls (`CachedStep.compile_count`
+counts the graphs); the prefill compiles once per prompt length. The cache length is
+prompt + max_new_tokens rounded up to a multiple of CACHE_BUCKET (within the model's limit) so
+prompts of different lengths share the decode graph. Logits processing (repetition penalty,
+temperature, top-k, top-p) and sampling run in NumPy on the host with transformers' semantics;
+sampling uses NumPy's generator (`seed`), so sampled tokens are reproducible but not
+transformers' (torch's RNG) tokens.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -45,6 +49,7 @@ from mindspore import Parameter, ParameterTuple, nn, ops
 from slimport.errors import SlimportError
 
 CACHE_BUCKET = 64
+STEP_CACHE = 4  # step Cells (cache + compiled graphs) kept per model, least recently used dropped
 
 
 # --- helpers for models implementing the protocol ------------------------------------------
@@ -209,12 +214,17 @@ class GenerationMixin:
     def _cached_step(self, batch: int, cache_len: int) -> CachedStep:
         """The step Cell for this (batch, cache_len), reused across calls (one compile each).
 
-        Kept in __dict__, not as a Cell attribute: the model must not own the cache Parameters."""
-        step = self.__dict__.get("_generation_step")
-        if step is None or (step.batch, step.cache_len) != (batch, cache_len):
-            dtype = next(iter(self.get_parameters())).dtype
-            step = CachedStep(self, batch, cache_len, dtype)
-            self.__dict__["_generation_step"] = step
+        The last STEP_CACHE shapes are kept (their caches and compiled graphs), so alternating
+        shapes (e.g. a benchmark timing 1 and 65 new tokens) does not recompile. Kept in
+        __dict__, not as Cell attributes: the model must not own the cache Parameters."""
+        dtype = next(iter(self.get_parameters())).dtype
+        steps = self.__dict__.setdefault("_generation_steps", OrderedDict())
+        key = (batch, cache_len, dtype)
+        step = steps.pop(key, None) or CachedStep(self, batch, cache_len, dtype)
+        steps[key] = step
+        while len(steps) > STEP_CACHE:
+            steps.popitem(last=False)
+        self.__dict__["_generation_step"] = step
         return step
 
     @property
@@ -260,7 +270,9 @@ class GenerationMixin:
         ids = ids.astype(np.int64)
         vocab = int(self.config["vocab_size"])
         if ids.min() < 0 or ids.max() >= vocab:
-            raise SlimportError(f"input_ids: token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}")
+            raise SlimportError(
+                f"input_ids: token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}"
+            )
         cfg = self.config
         eos = _ids_list(eos_token_id if eos_token_id is not None else cfg.get("eos_token_id"))
         pad = pad_token_id if pad_token_id is not None else cfg.get("pad_token_id")
@@ -268,7 +280,9 @@ class GenerationMixin:
             pad = eos[0] if eos else 0
         pad = int(pad)
         mask = self._prompt_mask(ids, attention_mask, pad, eos)
-        self._check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
+        self._check_options(
+            max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty
+        )
 
         batch, prompt_len = ids.shape
         total = prompt_len + max_new_tokens
@@ -287,8 +301,10 @@ class GenerationMixin:
         unfinished = np.ones(batch, bool)
         raw_steps, score_steps = [], []
         for t in range(max_new_tokens):
-            raw = logits.asnumpy().astype(np.float32)
-            scores = process_logits(raw, seqs, do_sample, temperature, top_k, top_p, repetition_penalty)
+            raw = logits.asnumpy()  # the model's dtype (float64 models give float64 logits)
+            scores = process_logits(
+                raw, seqs, do_sample, temperature, top_k, top_p, repetition_penalty
+            )
             if output_logits:
                 raw_steps.append(raw)
             if output_scores:
@@ -328,7 +344,9 @@ class GenerationMixin:
         mask = _as_numpy(attention_mask, "attention_mask")
         mask = mask[None, :] if mask.ndim == 1 else mask
         if mask.shape != ids.shape:
-            raise SlimportError(f"attention_mask {list(mask.shape)} does not match input_ids {list(ids.shape)}")
+            raise SlimportError(
+                f"attention_mask {list(mask.shape)} does not match input_ids {list(ids.shape)}"
+            )
         mask = (mask != 0).astype(np.int32)
         if not mask[:, -1].all():
             raise SlimportError(
@@ -338,7 +356,9 @@ class GenerationMixin:
         return mask
 
     @staticmethod
-    def _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> None:
+    def _check_options(
+        max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty
+    ) -> None:
         bad = []
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             bad.append(f"max_new_tokens={max_new_tokens!r} (an int >= 1)")

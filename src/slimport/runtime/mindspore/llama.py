@@ -48,6 +48,13 @@ def rope_tables(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     return emb.cos().numpy(), sin.numpy()
 
 
+def _at_least_f32(x):
+    """fp16/bf16 -> float32 like transformers' upcasts; float32/float64 stay as they are."""
+    if x.dtype in (ms.float16, ms.bfloat16):
+        return x.astype(ms.float32)
+    return x
+
+
 class LlamaRMSNorm(nn.Cell):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -56,10 +63,17 @@ class LlamaRMSNorm(nn.Cell):
 
     def construct(self, x):
         dtype = x.dtype
-        h = x.astype(ms.float32)
+        h = _at_least_f32(x)
         variance = ops.mean(ops.square(h), -1, keep_dims=True)
         h = h * ops.rsqrt(variance + self.eps)
         return self.weight * h.astype(dtype)
+
+
+def _heads(x, b: int, s: int, n: int, d: int):
+    """[B, S, n*d] -> [B, n, S, d]; a plain reshape for one token."""
+    if s == 1:
+        return x.reshape(b, n, 1, d)
+    return x.reshape(b, s, n, d).transpose(0, 2, 1, 3)
 
 
 class LlamaAttention(nn.Cell):
@@ -86,9 +100,9 @@ class LlamaAttention(nn.Cell):
     def _qkv(self, x, cos, sin):
         """Projections in [B, heads, S, D] with RoPE applied to q and k."""
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = _heads(self.q_proj(x), b, s, self.num_heads, self.head_dim)
+        k = _heads(self.k_proj(x), b, s, self.num_kv_heads, self.head_dim)
+        v = _heads(self.v_proj(x), b, s, self.num_kv_heads, self.head_dim)
         q = q * cos + ops.gather(q, self.swap, 3) * sin
         k = k * cos + ops.gather(k, self.swap, 3) * sin
         return q, k, v
@@ -97,10 +111,12 @@ class LlamaAttention(nn.Cell):
         """softmax(q k^T * scale, masked) v; `blocked` [B, 1, n_rep*S, L] is True where masked."""
         b, h, s, d = q.shape
         q = q.reshape(b, self.num_kv_heads, self.n_rep * s, d)
-        scores = (self.qk_matmul(q, k) * self.scaling).astype(ms.float32)
+        scores = _at_least_f32(self.qk_matmul(q, k) * self.scaling)
         scores = ops.masked_fill(scores, blocked, _MIN)
         probs = ops.softmax(scores, -1).astype(v.dtype)
-        out = ops.matmul(probs, v).reshape(b, h, s, d).transpose(0, 2, 1, 3)
+        out = ops.matmul(probs, v)
+        if s > 1:  # static in graph mode; one token needs no transpose (saves a copy per step)
+            out = out.reshape(b, h, s, d).transpose(0, 2, 1, 3)
         return self.o_proj(out.reshape(b, s, h * d))
 
     def construct(self, x, cos, sin, blocked):
@@ -256,7 +272,9 @@ class LlamaModel(PreTrainedCell):
             h = h[:, -1, :]
         return self.norm(h.reshape(b, d))
 
-    def construct(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=None):
+    def construct(
+        self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=None
+    ):
         if output_hidden_states is None:
             output_hidden_states = self.output_hidden_states
         h, states = self.hidden(input_ids, attention_mask, position_ids, output_hidden_states)
@@ -295,7 +313,9 @@ class LlamaForCausalLM(PreTrainedCell, GenerationMixin):
             return self.head_matmul(h.reshape(-1, d), w).reshape(lead + (-1,))
         return self.lm_head(h)
 
-    def construct(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=None):
+    def construct(
+        self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=None
+    ):
         if output_hidden_states is None:
             output_hidden_states = self.output_hidden_states
         h, states = self.model.hidden(input_ids, attention_mask, position_ids, output_hidden_states)
@@ -315,8 +335,12 @@ class LlamaForCausalLM(PreTrainedCell, GenerationMixin):
     def check_length(self, total: int) -> None:
         check_window(self.config, total)
 
-    def forward_with_cache(self, input_ids, position_ids, allowed, kv_index, key_cache, value_cache):
-        h = self.model.cached_hidden(input_ids, position_ids, allowed, kv_index, key_cache, value_cache)
+    def forward_with_cache(
+        self, input_ids, position_ids, allowed, kv_index, key_cache, value_cache
+    ):
+        h = self.model.cached_hidden(
+            input_ids, position_ids, allowed, kv_index, key_cache, value_cache
+        )
         return self.lm_logits(h)
 
 

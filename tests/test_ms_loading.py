@@ -39,3 +39,23 @@ def test_format_flag_that_contradicts_the_file(minilm_dir):
 def test_auto_class_without_a_model_for_the_family(minilm_dir):
     with pytest.raises(SlimportError, match="no MindSpore causal-lm model for model_type='bert'"):
         AutoModelForCausalLM.from_pretrained(minilm_dir)
+
+
+def test_ignore_mismatched_sizes_reinitialises_like_transformers(minilm_dir, tmp_path):
+    """A classifier with another label count: an error by default, re-initialised on request."""
+    from slimport.runtime.mindspore.bert import BertForSequenceClassification
+
+    with pytest.warns(UserWarning, match="newly initialised"):
+        two = BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+    two.save_pretrained(tmp_path / "two")
+    with pytest.raises(SlimportError, match="shape mismatch.*classifier.weight"):
+        BertForSequenceClassification.from_pretrained(tmp_path / "two", num_labels=3)
+    with pytest.warns(UserWarning, match="re-initialised"):
+        three = BertForSequenceClassification.from_pretrained(
+            tmp_path / "two", num_labels=3, ignore_mismatched_sizes=True
+        )
+    assert three.classifier.weight.shape == (3, 384)
+    assert any(
+        "classifier.weight: checkpoint [2, 384] vs model [3, 384]" in n
+        for n in three.load_report.notes
+    )

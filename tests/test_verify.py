@@ -63,3 +63,30 @@ def test_a_corrupted_tensor_fails_and_is_located(stories_hf, tmp_path, capsys):
     assert max(layers[:4]) == 0 and layers[4] > 0  # blocks 1-3 agree, block 4 (index 3) diverges
     assert main(["verify", str(stories_hf), str(bad), "--runtime", "torch", "--tokens", "0"]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_verify_in_mindspore_runtime_per_layer(stories260k, stories_hf):
+    """The llama2.c file run by transformers vs its HF conversion run by MindSpore."""
+    report = verify(stories260k, stories_hf, runtime="mindspore", tokens=8, atol=1e-4)
+    print(markdown(report))
+    assert report["candidate"].startswith("MindSpore LlamaForCausalLM")
+    assert len(report["layers"]) == 6 and max(r["max_abs"] for r in report["layers"]) < 1e-4
+    assert (
+        report["output"]["top1_agreement"] == 1.0 and report["greedy"]["first_difference"] is None
+    )
+    assert report["passed"]
+
+
+def test_generate_command_prints_text(smollm2_gguf, tmp_path, capsys):
+    folder = tmp_path / "smollm2"
+    api.convert(smollm2_gguf, folder, to="hf", progress=False)
+    prompts = ["What is the capital of France?", "Name a primary color."]
+    args = ["generate", str(folder), "--max-new-tokens", "8"] + [
+        a for p in prompts for a in ("--prompt", p)
+    ]
+    assert main(args) == 0
+    out_ms = capsys.readouterr().out
+    assert main([*args, "--runtime", "torch"]) == 0
+    out_torch = capsys.readouterr().out
+    assert ">>> What is the capital of France?" in out_ms and "Paris" in out_ms
+    assert out_ms == out_torch  # greedy: MindSpore and transformers write the same text

@@ -149,7 +149,7 @@ class PreTrainedCell(nn.Cell):
                     cfg[key] = layer_norm_eps
             cell = cls(cfg)
             ms_dtype = _ms_dtype(dtype)
-            report = cell._load_hub(model, ms_dtype)
+            report = cell._load_hub(model, ms_dtype, ignore_mismatched_sizes)
             for key, o in overrides.items():
                 o["effect_max_abs"] = cell._override_effect(model, key, o["source"], ms_dtype)
                 warnings.warn(
@@ -173,15 +173,24 @@ class PreTrainedCell(nn.Cell):
             else "layer_norm_epsilon"
         )
 
-    def _load_hub(self, model: api.Model, ms_dtype) -> LoadReport:
+    def _load_hub(
+        self, model: api.Model, ms_dtype, ignore_mismatched_sizes: bool = False
+    ) -> LoadReport:
         planned = self.plan_parameters(model)
         expected = {p.name: p for p in self.get_parameters()}
+        mismatched = {
+            t.name
+            for t in planned
+            if t.name in expected and tuple(t.shape) != tuple(expected[t.name].shape)
+        }
         shape_bad = [
             f"{t.name}: checkpoint {list(t.shape)} vs model {list(expected[t.name].shape)}"
             for t in planned
-            if t.name in expected and tuple(t.shape) != tuple(expected[t.name].shape)
+            if t.name in mismatched
         ]
-        if shape_bad:
+        if ignore_mismatched_sizes:  # like transformers: keep the model's shape, initialise afresh
+            planned = [t for t in planned if t.name not in mismatched]
+        elif shape_bad:
             raise SlimportError(
                 f"{model.source.path}: {len(shape_bad)} shape mismatch(es) with {type(self).__name__}: "
                 + "; ".join(shape_bad[:6]),
@@ -193,7 +202,7 @@ class PreTrainedCell(nn.Cell):
             # load in float32 (what the Cell's parameters are), cast after: lossless for f16/bf16
             params[t.name] = ms.Parameter(to_ms(value, ms.float32), name=t.name)
         not_loaded, unused = ms.load_param_into_net(self, params, strict_load=True)
-        new = self.newly_initialized(model)
+        new = self.newly_initialized(model) | mismatched
         fresh = sorted(n for n in not_loaded if n in new)
         not_loaded = [n for n in not_loaded if not self.is_buffer(n) and n not in new]
         if not_loaded or unused:
@@ -213,6 +222,16 @@ class PreTrainedCell(nn.Cell):
                     p.set_dtype(ms_dtype)
             self.to_float(ms_dtype)
         notes = list(model.notes)
+        if mismatched and ignore_mismatched_sizes:
+            notes.append(
+                "re-initialised, shape differs from the checkpoint: " + "; ".join(shape_bad)
+            )
+            fresh = [n for n in fresh if n not in mismatched]
+            warnings.warn(
+                f"{type(self).__name__}: ignore_mismatched_sizes re-initialised {name_list(mismatched)} "
+                "(checkpoint shape differs); train them before use",
+                stacklevel=3,
+            )
         if fresh:
             notes.append(f"newly initialised (not in the checkpoint): {name_list(fresh)}")
             warnings.warn(

@@ -69,3 +69,13 @@ def smollm2_transformers(smollm2_gguf):
     seconds = time.perf_counter() - t0
     tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     return SimpleNamespace(model=model.eval(), tokenizer=tokenizer, seconds=seconds)
+
+
+@pytest.fixture(params=["pynative", "graph"])
+def mode(request):
+    """Run a MindSpore test in PYNATIVE_MODE and in GRAPH_MODE (restored afterwards)."""
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
+    yield request.param
+    ms.set_context(mode=ms.PYNATIVE_MODE)

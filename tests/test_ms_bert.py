@@ -15,6 +15,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
+from ms_testing import maxdiff
 from safetensors.torch import load_file, save_file
 
 from slimport.errors import SlimportError
@@ -30,19 +31,6 @@ from slimport.runtime.mindspore.bert import (
 
 ATOL = 1e-5
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def maxdiff(a, b) -> float:
-    a = a.asnumpy() if isinstance(a, ms.Tensor) else np.asarray(a)
-    b = b.detach().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-
-
-@pytest.fixture(params=["pynative", "graph"])
-def mode(request):
-    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
-    yield request.param
-    ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 # ---------------------------------------------------------------- MiniLM (real weights)

@@ -21,13 +21,6 @@ from slimport.runtime.mindspore.llama import LlamaForCausalLM
 EOS = 2  # stories260K's eos (and pad, as transformers defaults it)
 
 
-@pytest.fixture(params=["pynative", "graph"])
-def mode(request):
-    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
-    yield request.param
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 @pytest.fixture(scope="module")
 def stories(stories260k, tmp_path_factory):
     """(MindSpore model read from the llama2.c file, transformers model of its HF conversion)."""

@@ -8,6 +8,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
+from ms_testing import maxdiff
 
 from slimport.errors import SlimportError
 from slimport.runtime.mindspore.auto import AutoModel, AutoModelForCausalLM
@@ -15,19 +16,6 @@ from slimport.runtime.mindspore.gpt2 import GPT2LMHeadModel, GPT2Model
 
 ATOL = 1e-5
 VOCAB = 99
-
-
-def maxdiff(a, b) -> float:
-    a = a.asnumpy() if isinstance(a, ms.Tensor) else np.asarray(a)
-    b = b.detach().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-
-
-@pytest.fixture(params=["pynative", "graph"])
-def mode(request):
-    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
-    yield request.param
-    ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
+from ms_testing import maxdiff
 from safetensors.torch import load_file, save_file
 
 from slimport import api
@@ -30,12 +31,6 @@ PROMPTS = (
     "Write a haiku about the sea.",
     "Explain in two sentences why the sky is blue.",
 )
-
-
-def maxdiff(a, b) -> float:
-    a = a.asnumpy() if isinstance(a, ms.Tensor) else np.asarray(a)
-    b = b.detach().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -64,13 +59,6 @@ def hf_greedy(model, ids, mask=None, n: int = 64, **kw) -> np.ndarray:
 def ms_logits(model, ids, mask) -> np.ndarray:
     out = model(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(positions(mask)))
     return out.logits.asnumpy()
-
-
-@pytest.fixture(params=["pynative", "graph"])
-def mode(request):
-    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
-    yield request.param
-    ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 @pytest.fixture

@@ -99,10 +99,10 @@ def smol(smollm2_gguf, tmp_path_factory):
 
 def test_smollm2_logits(smol, mode):
     """Left-padded chat prompts, real positions only. SmolLM2's residual stream reaches ~2e4, so
-    fp32 rounding alone moves transformers' own logits by 0.8-1.2e-4 from its fp64 logits
-    (printed): no fp32 implementation with other kernels can promise 1e-4 against it. Bounds:
-    2e-4 against transformers fp32, and at most twice transformers' own distance to fp64
-    (measured: 1.5x), with the same top-1 token everywhere."""
+    fp32 rounding alone moves transformers' own logits by ~8e-5 from its fp64 logits (printed).
+    Measured: 1.13e-4 vs transformers fp32, 1.14e-4 vs fp64 (the issue asks 1e-4; see
+    BENCHMARKS.md). Bounds: 1.5e-4 against transformers fp32, and at most twice transformers'
+    own distance to fp64, with the same top-1 token everywhere."""
     real = smol.mask.astype(bool)
     ours = ms_logits(smol.ms, smol.ids, smol.mask)[real]
     d32 = maxdiff(ours, smol.ref32[real])
@@ -112,7 +112,7 @@ def test_smollm2_logits(smol, mode):
         f"\nSmolLM2 logits [{mode}] {list(smol.ids.shape)}: max|Δ| vs transformers fp32 {d32:.2e}; "
         f"vs fp64 {d64:.2e} (transformers fp32 vs fp64: {noise:.2e})"
     )
-    assert d32 <= 2e-4
+    assert d32 <= 1.5e-4
     assert d64 <= 2 * noise + 1e-5
     assert (ours.argmax(-1) == smol.ref32[real].argmax(-1)).all()
 

@@ -283,10 +283,14 @@ def test_shape_mismatch_names_the_tensors(random_models, tmp_path):
     ):
         BertModel.from_pretrained(folder)
     # the explicit opt-in re-initialises what does not fit (transformers' semantics), loudly
-    with pytest.warns(UserWarning, match=r"re-initialised .*embeddings\.word_embeddings\.embedding_table"):
+    with pytest.warns(
+        UserWarning, match=r"re-initialised .*embeddings\.word_embeddings\.embedding_table"
+    ):
         model = BertModel.from_pretrained(folder, ignore_mismatched_sizes=True)
     note = next(n for n in model.load_report.notes if n.startswith("re-initialised"))
-    assert "embeddings.word_embeddings.embedding_table: checkpoint [99, 32] vs model [99, 64]" in note
+    assert (
+        "embeddings.word_embeddings.embedding_table: checkpoint [99, 32] vs model [99, 64]" in note
+    )
 
 
 @pytest.mark.parametrize("change", ["missing", "extra"])

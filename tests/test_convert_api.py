@@ -21,7 +21,7 @@ def llama_dir(stories260k, tmp_path_factory):
 
 
 def test_every_subcommand_has_help(capsys):
-    for cmd in ("inspect", "convert", "demo"):
+    for cmd in ("inspect", "convert", "verify", "generate", "demo"):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
         assert e.value.code == 0

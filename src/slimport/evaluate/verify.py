@@ -21,6 +21,7 @@ import torch
 from slimport import api
 from slimport.errors import SlimportError
 from slimport.evaluate.parity import delta
+from slimport.io import open_checkpoint
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, there was"
 CAUSAL = ("ForCausalLM", "LMHeadModel")
@@ -33,6 +34,13 @@ class Outputs:
     hidden_states: list[np.ndarray] = field(default_factory=list)
 
 
+def _describe(path: str | Path) -> tuple[str, Path, str]:
+    """(format, weights file, first architecture) of a checkpoint, reading only its header."""
+    with open_checkpoint(path) as ckpt:
+        config = api.model_config(ckpt) or {}
+        return ckpt.format, ckpt.path, (config.get("architectures") or [""])[0]
+
+
 class TorchRunner:
     """A checkpoint run by transformers."""
 
@@ -41,9 +49,7 @@ class TorchRunner:
 
         path = Path(path)
         self.note = ""
-        model = api.load(path)
-        model.source.close()
-        arch = (model.config.get("architectures") or [""])[0]
+        fmt, weights, arch = _describe(path)
         self.causal = arch.endswith(CAUSAL)
         cls = (
             AutoModelForCausalLM
@@ -52,17 +58,15 @@ class TorchRunner:
             if "ForSequenceClassification" in arch
             else AutoModel
         )
-        if model.source.format == "gguf":
+        if fmt == "gguf":
             self.model = cls.from_pretrained(path.parent, gguf_file=path.name)
-        elif model.source.format in ("safetensors", "pytorch"):
-            self.model = cls.from_pretrained(model.source.path.parent)
+        elif fmt in ("safetensors", "pytorch"):
+            self.model = cls.from_pretrained(weights.parent)
         else:  # transformers cannot read it: go through our own HF conversion, and say so
             folder = work / "torch-reference"
             api.convert(path, folder, to="hf", progress=False)
             self.model = cls.from_pretrained(folder)
-            self.note = (
-                f"{path} is {model.source.format}: transformers ran slimport's HF conversion of it"
-            )
+            self.note = f"{path} is {fmt}: transformers ran slimport's HF conversion of it"
         self.model.eval()
         self.name = f"transformers {type(self.model).__name__}"
 
@@ -100,9 +104,7 @@ class MindSporeRunner:
         from slimport import mindspore as sms
 
         ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-        model = api.load(path)
-        model.source.close()
-        arch = (model.config.get("architectures") or [""])[0]
+        _, _, arch = _describe(path)
         self.causal = arch.endswith(CAUSAL)
         auto = (
             sms.AutoModelForCausalLM

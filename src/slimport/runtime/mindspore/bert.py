@@ -369,18 +369,12 @@ class RobertaModel(BertModel):
             self.config["architectures"] = ["XLMRobertaModel"]
 
 
-class BertForSequenceClassification(_BertFamilyCell):
-    """Pooled [CLS] -> (dropout: inactive) -> classifier; outputs logits (+ hidden_states)."""
-
-    architectures = ("BertForSequenceClassification",)
-    base_prefix = "bert."
-    head_kind = "linear"
+class _SequenceClassifier(_BertFamilyCell):
+    """Shared construct of the BERT-body classifiers; subclasses say how `classify` reads the
+    body (their body attribute keeps the checkpoint's prefix: `bert`, `roberta`)."""
 
     def __init__(self, config: dict):
         super().__init__(config)
-        self.config["add_pooling_layer"] = True
-        self.bert = _BertBody(config, pooler=True)
-        self.classifier = dense(config["hidden_size"], int(config["num_labels"]), _sigma(config))
         self.output_hidden_states = False
         self.output_names = ("logits", "hidden_states")
 
@@ -393,11 +387,28 @@ class BertForSequenceClassification(_BertFamilyCell):
         output_hidden_states=None,
     ):
         want = self.output_hidden_states if output_hidden_states is None else output_hidden_states
-        _, pooled, states = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
-        logits = self.classifier(pooled)
+        logits, states = self.classify(input_ids, attention_mask, token_type_ids, position_ids)
         if want:
             return logits, states
         return (logits,)
+
+
+class BertForSequenceClassification(_SequenceClassifier):
+    """Pooled [CLS] -> (dropout: inactive) -> classifier; outputs logits (+ hidden_states)."""
+
+    architectures = ("BertForSequenceClassification",)
+    base_prefix = "bert."
+    head_kind = "linear"
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.config["add_pooling_layer"] = True
+        self.bert = _BertBody(config, pooler=True)
+        self.classifier = dense(config["hidden_size"], int(config["num_labels"]), _sigma(config))
+
+    def classify(self, input_ids, attention_mask, token_type_ids, position_ids):
+        _, pooled, states = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        return self.classifier(pooled), states
 
 
 class RobertaClassificationHead(nn.Cell):
@@ -412,7 +423,7 @@ class RobertaClassificationHead(nn.Cell):
         return self.out_proj(ops.tanh(self.dense(x[:, 0])))
 
 
-class RobertaForSequenceClassification(_BertFamilyCell):
+class RobertaForSequenceClassification(_SequenceClassifier):
     family = arch.ROBERTA.name
     architectures = ("RobertaForSequenceClassification",)
     base_prefix = "roberta."
@@ -425,23 +436,10 @@ class RobertaForSequenceClassification(_BertFamilyCell):
         self.config["add_pooling_layer"] = False
         self.roberta = _BertBody(config, pooler=False)
         self.classifier = RobertaClassificationHead(config)
-        self.output_hidden_states = False
-        self.output_names = ("logits", "hidden_states")
 
-    def construct(
-        self,
-        input_ids,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        output_hidden_states=None,
-    ):
-        want = self.output_hidden_states if output_hidden_states is None else output_hidden_states
+    def classify(self, input_ids, attention_mask, token_type_ids, position_ids):
         last, _, states = self.roberta(input_ids, attention_mask, token_type_ids, position_ids)
-        logits = self.classifier(last)
-        if want:
-            return logits, states
-        return (logits,)
+        return self.classifier(last), states
 
 
 # ---------------------------------------------------------------- DistilBERT

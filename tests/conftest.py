@@ -79,3 +79,13 @@ def mode(request):
     ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
     yield request.param
     ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M as an fp32 Hugging Face folder (our GGUF -> HF conversion, ~2 s, once)."""
+    from slimport.api import convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    convert(smollm2_gguf, out, to="hf", progress=False)
+    return out

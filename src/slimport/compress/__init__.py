@@ -1,0 +1,1 @@
+"""Making models small: quantization (quant/) run block by block (pipeline.py)."""

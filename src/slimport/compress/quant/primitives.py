@@ -1,0 +1,104 @@
+"""Integer grids, scales and zero points: the arithmetic every quantizer shares.
+
+The convention is compressed-tensors' (so what we save is what vLLM/transformers compute):
+integers live in the signed range [-2^(b-1), 2^(b-1)-1]; symmetric scale = absmax / ((2^b-1)/2)
+with zero point 0; asymmetric scale = (max-min) / (2^b-1), zero point = round(qmin - min/scale).
+0.0 is always representable. Dequantized value = (q - zero_point) * scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimport.compress.quant.config import QuantArgs
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def qparams(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (integer-valued float) zero point from observed ranges, any shape."""
+    qmin, qmax = qrange(bits)
+    xmin = torch.clamp(xmin, max=0.0)
+    xmax = torch.clamp(xmax, min=0.0)
+    if symmetric:
+        scale = torch.maximum(-xmin, xmax) / ((qmax - qmin) / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (xmax - xmin) / (qmax - qmin)
+    eps = torch.finfo(scale.dtype).eps
+    scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)
+    if not symmetric:
+        zero = torch.clamp(torch.round(qmin - xmin / scale), qmin, qmax)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers (as float tensor) on the grid; scale/zero broadcast against x."""
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(x / scale + zero), qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+def _grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """View x [rows, cols] as [rows, groups, size] for the args' granularity."""
+    if args.granularity == "tensor":
+        return x.reshape(1, 1, -1)
+    if args.granularity in ("channel", "token"):
+        return x.reshape(x.shape[0], 1, -1)
+    size = args.group_size
+    if x.shape[-1] % size:
+        raise ValueError(f"{x.shape[-1]} columns are not a multiple of group size {size}")
+    return x.reshape(x.shape[0], -1, size)
+
+
+def minmax(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-granule min and max of a 2-D tensor, shaped like its scales ([rows, groups] or [1])."""
+    g = _grouped(x, args)
+    lo, hi = g.amin(-1), g.amax(-1)
+    if args.granularity == "tensor":
+        return lo.reshape(1), hi.reshape(1)
+    return lo, hi
+
+
+def expand(p: torch.Tensor, shape: torch.Size, args: QuantArgs) -> torch.Tensor:
+    """Broadcast [rows, groups] (or [1]) scales over a [rows, cols] tensor."""
+    if args.granularity == "tensor":
+        return p.reshape(1, 1)
+    if args.granularity == "group":
+        return p.repeat_interleave(args.group_size, dim=1)
+    return p.reshape(-1, 1)
+
+
+def quantize_tensor(
+    x: torch.Tensor, args: QuantArgs, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """Integers of a 2-D tensor for given scales (shaped as minmax returns)."""
+    return quantize(x, expand(scale, x.shape, args), expand(zero, x.shape, args), args.bits)
+
+
+def fake_quantize(
+    x: torch.Tensor, args: QuantArgs, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """Quantize then dequantize a 2-D tensor, exactly as a loader of the saved integers would."""
+    s, z = expand(scale, x.shape, args), expand(zero, x.shape, args)
+    return dequantize(quantize(x, s, z, args.bits), s, z)
+
+
+def rtn(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest of a weight [out, in] with min-max ranges: (q, scale, zero)."""
+    scale, zero = qparams(*minmax(w, args), args.bits, args.symmetric)
+    return quantize_tensor(w, args, scale, zero), scale, zero
+
+
+def dynamic_fake_quantize(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Per-token (last dim) or per-tensor quantization computed on the fly (dynamic activations)."""
+    flat = x.reshape(-1, x.shape[-1])
+    scale, zero = qparams(*minmax(flat, args), args.bits, args.symmetric)
+    return fake_quantize(flat, args, scale, zero).reshape(x.shape)

@@ -1,0 +1,40 @@
+"""Calibration inputs for the pipeline: model-input batches drawn from a task file, seeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slimport.compress.quant.config import QuantizationConfig
+from slimport.errors import SlimportError
+
+
+def is_causal_lm(config: dict) -> bool:
+    return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+def calibration_inputs(
+    tokenizer, path: str | Path, config: QuantizationConfig, causal: bool, batch_size: int = 8
+) -> list[dict]:
+    """Causal LMs get `num_samples` random windows of `seq_len` tokens (the GPTQ/AWQ protocol);
+    encoders get `num_samples` random sentences, padded per batch (how a classifier is used)."""
+    from slimport.data import calibration_batches, read_texts
+
+    if causal:
+        ids = calibration_batches(tokenizer, path, config.num_samples, config.seq_len, config.seed)
+        return [{"input_ids": ids[i : i + batch_size]} for i in range(0, len(ids), batch_size)]
+    texts = read_texts(path)
+    if len(texts) < config.num_samples:
+        raise SlimportError(
+            f"{path}: {len(texts)} text(s), fewer than the {config.num_samples} calibration samples asked for",
+            hint="lower --num-samples or give a larger file",
+        )
+    gen = torch.Generator().manual_seed(config.seed)
+    picked = [texts[i] for i in torch.randperm(len(texts), generator=gen)[: config.num_samples].tolist()]
+    batch_size = max(batch_size, 32)
+    return [
+        dict(tokenizer(picked[i : i + batch_size], padding=True, truncation=True,
+                       max_length=config.seq_len, return_tensors="pt"))
+        for i in range(0, len(picked), batch_size)
+    ]  # fmt: skip

@@ -1,0 +1,636 @@
+"""Layer-by-layer quantization: a model larger than memory, one block at a time.
+
+The transformers model is built on the meta device; only the embeddings (to turn calibration ids
+into block-0 inputs) and one block at a time are ever real. For each block:
+
+  1. run it on its calibration inputs, collecting what the algorithms need per Linear input
+     (channel absmax for SmoothQuant/AWQ, a token sample for AWQ, the Hessian for GPTQ);
+  2. migrate scales between a producer (norm or Linear) and its consumers (SmoothQuant or AWQ);
+  3. quantize each Linear's weight (RTN or GPTQ) into a QuantLinear;
+  4. with static activations, calibrate each input's range with the chosen observer;
+  5. run the *quantized* block to make the next block's inputs, so errors are seen downstream;
+  6. write the block's tensors (compressed-tensors layout) to its own shard and free it.
+
+Modules after the blocks (final norm, lm_head; BERT's pooler and classifier) are run the same way
+by replaying the last block's outputs through the rest of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimport.compress.quant import primitives as P
+from slimport.compress.quant.config import QuantizationConfig
+from slimport.compress.quant.modules import QuantLinear
+from slimport.compress.quant.observers import make_observer, mse_weight_qparams
+from slimport.errors import SlimportError
+
+# (producer, consumers) inside one block: scaling the producer's output channels down by s and the
+# consumers' input columns up by s preserves the block's function. Only producers whose output
+# feeds nothing but these consumers qualify (pre-norm Llama yes; post-norm BERT's LayerNorms no).
+SMOOTHING = {
+    "llama": [
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ],
+    "bert": [("attention.self.value", ("attention.output.dense",))],
+}
+SMOOTHING["mistral"] = SMOOTHING["qwen2"] = SMOOTHING["llama"]
+SMOOTHING["roberta"] = SMOOTHING["xlm-roberta"] = SMOOTHING["bert"]
+# SmoothQuant moves outliers out of norms only (its paper's choice); AWQ uses every pair
+NORM_PRODUCERS = re.compile(r"(layernorm|LayerNorm|norm)$")
+# AWQ's weight clipping skips q/k: their error is amplified by the softmax (as AutoAWQ does)
+NO_CLIP = re.compile(r"(q_proj|k_proj|query|key)$")
+
+
+@dataclass
+class Stats:
+    """What the algorithms need to know about one Linear's input."""
+
+    absmax: torch.Tensor | None = None
+    hessian: object | None = None
+    sample: list[torch.Tensor] = field(default_factory=list)
+    sampled: int = 0
+
+
+@dataclass
+class Batch:
+    """One calibration batch at a block boundary: the hidden state plus the other call arguments."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+# ----------------------------------------------------------------- model skeleton
+class Skeleton:
+    """A transformers model on the meta device plus lazy access to the checkpoint's tensors."""
+
+    def __init__(self, source) -> None:
+        import transformers
+
+        from slimport.api import load
+        from slimport.convert import engine
+
+        self.source = load(source)
+        m = self.source
+        self.config = dict(m.config)
+        self.model_type = self.config.get("model_type")
+        if self.model_type not in SMOOTHING:
+            raise SlimportError(
+                f"{m.source.path}: quantizing {self.model_type!r} models is not supported",
+                hint="supported: " + ", ".join(sorted(SMOOTHING)),
+            )
+        planned = engine.from_hub(m.hub, m.family, "hf", m.cfg)
+        self.planned = {p.name: p for p in planned}
+        hf_config = transformers.AutoConfig.for_model(**self.config)
+        arch = (self.config.get("architectures") or [None])[0]
+        cls = getattr(transformers, arch or "", None)
+        if cls is None:
+            raise SlimportError(f"{m.source.path}: transformers has no class {arch!r}")
+        with torch.device("meta"):
+            self.model = cls(hf_config).eval()
+        self.blocks_name, self.blocks = _find_blocks(self.model, hf_config.num_hidden_layers)
+
+    def materialize(self, module: nn.Module, prefix: str) -> None:
+        """Give a meta submodule real memory: buffers from the model's own init, weights from the file."""
+        module.to_empty(device="cpu")
+        for sub in module.modules():  # non-persistent buffers (rotary tables, ids) from the model's init
+            if set(dict(sub.named_buffers(recurse=False))) - set(sub.state_dict(keep_vars=True)):
+                self.model._init_weights(sub)
+        with torch.no_grad():
+            for name, t in module.state_dict().items():
+                full = f"{prefix}.{name}" if prefix else name
+                p = self.planned.get(full) or self._tied(full)
+                if p is None:
+                    continue  # a buffer the checkpoint does not carry (position ids)
+                value = p.compute()
+                if tuple(value.shape) != tuple(t.shape):
+                    raise SlimportError(f"tensor {full!r}: checkpoint {list(value.shape)}, model {list(t.shape)}")
+                _check_finite(full, value)
+                t.copy_(value)
+
+    def _tied(self, name: str):
+        tied = getattr(self.model, "_tied_weights_keys", None) or {}
+        if isinstance(tied, dict) and name in tied:
+            return self.planned.get(tied[name])
+        return None
+
+    def tied_head(self) -> dict[str, str]:
+        """{head weight: embedding weight} when the checkpoint ties them, else {}."""
+        tied = getattr(self.model, "_tied_weights_keys", None) or {}
+        if isinstance(tied, dict) and self.config.get("tie_word_embeddings", False):
+            return tied
+        return {}
+
+    def free(self, module: nn.Module) -> None:
+        module.to("meta")
+
+    def close(self) -> None:
+        self.source.source.close()
+
+
+def _find_blocks(model: nn.Module, n: int) -> tuple[str, nn.ModuleList]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return name, mod
+    raise SlimportError(f"could not find the {n} transformer blocks of {type(model).__name__}")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise SlimportError(f"tensor {name!r} holds NaN or Inf values", hint="the checkpoint is damaged; re-export it")
+
+
+# ----------------------------------------------------------------- calibration inputs
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    def __init__(self, store: list) -> None:
+        super().__init__()
+        self.store = store
+
+    def forward(self, hidden, *args, **kwargs):
+        self.store.append(Batch(hidden, args, kwargs))
+        raise _Stop
+
+
+def capture_inputs(sk: Skeleton, batches: list[dict]) -> list[Batch]:
+    """Block-0 inputs for each calibration batch: run the model until its first block."""
+    first = sk.blocks[0]
+    # only the modules on the way to block 0 need memory: the embeddings (and rotary tables)
+    body_name, body = next((n, m) for n, m in sk.model.named_children() if _contains(m, first))
+    ahead = [(f"{body_name}.{n}", m) for n, m in body.named_children() if m is not sk.blocks]
+    for name, mod in ahead:
+        sk.materialize(mod, name)
+    store: list[Batch] = []
+    sk.blocks[0] = _Catcher(store)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    sk.model(**b, **_no_cache(sk.model))
+                except _Stop:
+                    pass
+    finally:
+        sk.blocks[0] = first
+    for name, mod in ahead:
+        sk.free(mod)
+    return store
+
+
+def _contains(parent: nn.Module, child: nn.Module) -> bool:
+    return any(m is child for m in parent.modules())
+
+
+def run_block(block: nn.Module, inputs: list[Batch]) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for b in inputs:
+            out = block(b.hidden, *b.args, **b.kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+# ----------------------------------------------------------------- one block
+def quantize_block(
+    block: nn.Module,
+    prefix: str,
+    inputs: list[Batch],
+    config: QuantizationConfig,
+    model_type: str,
+    run: Callable[[nn.Module, list[Batch]], list[torch.Tensor]] = run_block,
+) -> list[dict]:
+    """Quantize every unprotected Linear of `block` in place; returns per-Linear report rows."""
+    linears = {
+        n: m
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear) and not config.is_protected(_join(prefix, n))
+    }
+    if not linears:
+        return []
+    for n, m in linears.items():
+        _check_finite(_join(prefix, n) + ".weight", m.weight)
+    stats = _collect(block, linears, inputs, config, run)
+    rows: dict[str, dict] = {n: {"module": _join(prefix, n), "seconds": 0.0} for n in linears}
+
+    # 2. scale migration
+    if config.smoothquant is not None or config.method == "awq":
+        from slimport.compress.quant.scaling import fold_scales
+
+        mods = dict(block.named_modules())
+        for producer, consumers in SMOOTHING.get(model_type, []):
+            if producer not in mods or not all(c in linears for c in consumers):
+                continue
+            cons = [linears[c] for c in consumers]
+            if isinstance(mods[producer], nn.Linear) and mods[producer].out_features != cons[0].in_features:
+                continue  # grouped-query attention: v has fewer rows than o has columns
+            st = stats[consumers[0]]
+            t0 = time.perf_counter()
+            if config.smoothquant is not None:
+                if not NORM_PRODUCERS.search(producer):
+                    continue
+                from slimport.compress.quant.smoothquant import smooth_scales
+
+                s = smooth_scales(st.absmax, [c.weight for c in cons], config.smoothquant)
+            else:
+                from slimport.compress.quant.awq import awq_scales
+
+                s = awq_scales(torch.cat(st.sample), [c.weight for c in cons], config.weights, grid=config.awq["grid"])
+            fold_scales(mods[producer], cons, s)
+            for st in {id(stats[c]): stats[c] for c in consumers}.values():
+                _rescale(st, s)
+            for c in consumers:
+                rows[c]["seconds"] += time.perf_counter() - t0
+                rows[c]["scaled_by"] = producer
+        if config.method == "awq" and config.awq.get("clip", True):
+            from slimport.compress.quant.awq import awq_clip
+
+            for n, m in linears.items():
+                if NO_CLIP.search(n):
+                    continue
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    m.weight.copy_(awq_clip(m.weight, torch.cat(stats[n].sample), config.weights))
+                rows[n]["seconds"] += time.perf_counter() - t0
+
+    # 3. weights
+    for n, m in linears.items():
+        t0 = time.perf_counter()
+        w = m.weight.detach().float()
+        if config.method == "gptq":
+            from slimport.compress.quant.gptq import gptq
+
+            g = config.gptq
+            q, scale, zero = gptq(
+                w, stats[n].hessian.value(), config.weights, damp=g.get("damp", 0.01),
+                block_size=g.get("block_size", 128), act_order=g.get("act_order", True),
+                weight_observer=config.weight_observer,
+            )
+        elif config.weight_observer == "mse":
+            scale, zero = mse_weight_qparams(w, config.weights)
+            q = P.quantize_tensor(w, config.weights, scale, zero)
+        else:
+            q, scale, zero = P.rtn(w, config.weights)
+        ql = QuantLinear.from_linear(m, q, scale, zero, config.weights, config.inputs)
+        rows[n]["seconds"] += time.perf_counter() - t0
+        rows[n]["weight_rel_err"] = float((ql.weight - w).norm() / w.norm().clamp_min(1e-12))
+        if stats[n].hessian is not None:
+            H = stats[n].hessian.value()
+            d = ql.weight - w
+            rows[n]["output_err"] = float(torch.trace(d @ H @ d.T) / max(1, d.shape[0]))
+        _set_module(block, n, ql)
+
+    # 4. static activation ranges, observed on the inputs the quantized weights produce
+    if config.activations == "static":
+        qls = {n: m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+        obs = {n: make_observer(config.observer, config.inputs, seed=config.seed, **config.observer_options) for n in qls}
+        hooks = [m.register_forward_pre_hook(_observe_hook(obs[n])) for n, m in qls.items()]
+        try:
+            run(block, inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n, m in qls.items():
+            m.set_input_qparams(*obs[n].qparams())
+            rows[n]["input_scale"] = float(m.input_scale)
+    return list(rows.values())
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _observe_hook(observer):
+    def hook(module, args):
+        observer.update(args[0])
+
+    return hook
+
+
+def _collect(block, linears, inputs, config, run) -> dict[str, Stats]:
+    """Pass 1: per-Linear input statistics on the float block."""
+    need_absmax = config.smoothquant is not None or config.method == "awq"
+    need_sample = config.method == "awq"
+    need_hessian = config.method == "gptq"
+    if not (need_absmax or need_sample or need_hessian):
+        return {n: Stats() for n in linears}
+    if need_hessian:
+        from slimport.compress.quant.gptq import Hessian
+    stats = {n: Stats() for n in linears}
+    budget = int(config.awq.get("max_tokens", 4096))
+    total = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in inputs) if inputs and inputs[0].hidden.dim() == 3 else None
+    gen = torch.Generator().manual_seed(config.seed)
+    # Linears fed the very same tensor (q/k/v, gate/up) share one Stats: one Hessian, not three
+    seen: dict[tuple, str] = {}
+
+    def hook_for(n, in_features):
+        if need_hessian:
+            stats[n].hessian = Hessian(in_features)
+
+        def hook(module, args):
+            key = (args[0].data_ptr(), tuple(args[0].shape))
+            owner = seen.setdefault(key, n)
+            if owner != n:
+                stats[n] = stats[owner]
+                return
+            st = stats[n]
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if not torch.isfinite(x).all():
+                raise SlimportError(f"module {n!r}: NaN/Inf in its calibration activations", hint="check the weights before this layer")
+            if need_absmax:
+                a = x.abs().amax(0)
+                st.absmax = a if st.absmax is None else torch.maximum(st.absmax, a)
+            if need_hessian:
+                st.hessian.add(x)
+            if need_sample:
+                keep = x
+                if total and total > budget:  # an even share of the budget from every batch
+                    k = max(1, round(budget * x.shape[0] / total))
+                    keep = x[torch.randperm(x.shape[0], generator=gen)[:k]]
+                st.sample.append(keep.clone())
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(hook_for(n, m.in_features)) for n, m in linears.items()]
+    hooks.append(block.register_forward_pre_hook(lambda *_: seen.clear()))
+    try:
+        run(block, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _rescale(st: Stats, s: torch.Tensor) -> None:
+    """The consumer's input is now x / s: keep its statistics in step."""
+    if st.absmax is not None:
+        st.absmax = st.absmax / s
+    if st.sample:
+        st.sample = [x / s for x in st.sample]
+    if st.hessian is not None:  # H = 2/n sum x x^T, so x / s gives H / (s s^T)
+        st.hessian.sum /= torch.outer(s, s).double()
+
+
+# ----------------------------------------------------------------- whole model
+def quantize(
+    source: str | Path,
+    out: str | Path,
+    config: QuantizationConfig,
+    calibration: list[dict] | None = None,
+    tokenizer_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Quantize the checkpoint at `source` block by block into a compressed-tensors folder `out`.
+
+    `calibration` is a list of model-input dicts (input_ids, attention_mask, ...); required when
+    the recipe needs data (GPTQ, AWQ, SmoothQuant, static activations).
+    """
+    from slimport.compress.quant import compressed
+    from slimport.io import safetensors as st_io
+    from slimport.io.base import atomic_dir
+    from slimport.io.hf import copy_tokenizer
+
+    t_start = time.perf_counter()
+    if config.bits == 16:
+        return _cast16(source, out, config)
+    if config.needs_calibration and not calibration:
+        raise SlimportError(
+            f"method {config.method!r}"
+            + (" with activations" if config.activations else "")
+            + " needs calibration data, and none was given",
+            hint="pass --calib-data FILE (text, .tsv or .jsonl) with enough tokens",
+        )
+    sk = Skeleton(source)
+    all_linears = [n for n, m in sk.model.named_modules() if isinstance(m, nn.Linear)]
+    if not all_linears:
+        raise SlimportError(f"{sk.source.source.path}: the model has no Linear layers to quantize")
+    for p in config.protect:
+        if p not in _default_protect() and not any(re.search(p, n) for n in all_linears):
+            raise SlimportError(
+                f"protect pattern {p!r} matches no Linear layer",
+                hint="layer names look like " + ", ".join(all_linears[:3]),
+            )
+    quantized = [n for n in all_linears if not config.is_protected(n)]
+    if not quantized:
+        raise SlimportError("every Linear layer is protected: nothing to quantize")
+
+    report_rows: list[dict] = []
+    shards: dict[str, list] = {}
+    out = Path(out)
+    try:
+        with atomic_dir(out) as tmp:
+            sk.calibration = calibration or [_dummy_batch(sk)]
+            inputs = capture_inputs(sk, sk.calibration)
+            n_blocks = len(sk.blocks)
+            bar = tqdm(total=n_blocks + 1, desc="quantize", unit="block", disable=not progress or None)
+            written: set[str] = set()
+            for i in range(n_blocks):
+                prefix = f"{sk.blocks_name}.{i}"
+                block = sk.blocks[i]
+                sk.materialize(block, prefix)
+                report_rows += quantize_block(block, prefix, inputs, config, sk.model_type)
+                if i + 1 < n_blocks or _has_tail_linears(sk, config):
+                    outs = run_block(block, inputs)
+                    for b, o in zip(inputs, outs, strict=True):
+                        b.hidden = o
+                name = f"model-{i + 2:05d}-of-{n_blocks + 2:05d}.safetensors"
+                shards[name] = _block_tensors(block, prefix, config, compressed)
+                st_io.write(tmp / name, _planned(shards[name]))
+                written.update(t.name for t in shards[name])
+                shards[name] = [t.name for t in shards[name]]
+                sk.free(block)
+                bar.update(1)
+            # the rest: embeddings, final norm, heads
+            tail_rows, rest = _rest(sk, inputs, config, written, compressed)
+            report_rows += tail_rows
+            first = f"model-00001-of-{n_blocks + 2:05d}.safetensors"
+            st_io.write(tmp / first, _planned(rest))
+            shards[first] = [t.name for t in rest]
+            bar.update(1)
+            bar.close()
+            index = {
+                "metadata": {"total_size": sum((tmp / f).stat().st_size for f in shards)},
+                "weight_map": {t: f for f, names in sorted(shards.items()) for t in names},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            ignore = [n for n in all_linears if config.is_protected(n)]
+            cfg = dict(sk.config)
+            if sk.tied_head() and not all(config.is_protected(h.rpartition(".")[0]) for h in sk.tied_head()):
+                cfg["tie_word_embeddings"] = False  # the head is quantized, the embedding is not
+            cfg["quantization_config"] = compressed.quantization_config(config, ignore)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            (tmp / "slimport_quantization.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            tok_src = sk.source.source
+            if tokenizer_dir is not None:
+                from slimport.io import open_checkpoint
+
+                tok_src = open_checkpoint(tokenizer_dir)
+            copy_tokenizer(tmp, tok_src)
+            bytes_before = sum(_nbytes(p.shape, torch.float32 if p.dtype.is_floating_point else p.dtype) for p in sk.planned.values())
+            bytes_after = sum((tmp / f).stat().st_size for f in shards)
+            report = {
+                "source": str(sk.source.source.path),
+                "config": config.to_dict(),
+                "quantized_linears": len(quantized),
+                "protected_linears": ignore,
+                "bytes_before": bytes_before,
+                "bytes_after": bytes_after,
+                "seconds": round(time.perf_counter() - t_start, 2),
+                "modules": report_rows,
+            }
+            (tmp / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        sk.close()
+    return report
+
+
+def _default_protect() -> tuple[str, ...]:
+    from slimport.compress.quant.config import DEFAULT_PROTECT
+
+    return DEFAULT_PROTECT
+
+
+def _nbytes(shape, dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass
+class _Tensor:
+    name: str
+    value: torch.Tensor
+
+    @property
+    def shape(self):
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    def compute(self):
+        return self.value
+
+
+def _planned(tensors: list[_Tensor]) -> list[_Tensor]:
+    return sorted(tensors, key=lambda t: t.name)
+
+
+def _block_tensors(module: nn.Module, prefix: str, config, compressed) -> list[_Tensor]:
+    """A module's checkpoint entries: compressed-tensors entries for QuantLinears, the rest as is."""
+    out: dict[str, torch.Tensor] = {}
+    qnames = set()
+    for n, m in module.named_modules():
+        if isinstance(m, QuantLinear):
+            qnames.add(n)
+            out.update(compressed.linear_tensors(_join(prefix, n), m, config))
+    for n, t in module.state_dict().items():
+        owner = n.rpartition(".")[0]
+        if owner in qnames:
+            continue
+        out.setdefault(_join(prefix, n), t.detach().clone())
+    return [_Tensor(n, t.contiguous()) for n, t in out.items()]
+
+
+def _has_tail_linears(sk: Skeleton, config) -> bool:
+    blocks = set(id(m) for m in sk.blocks.modules())
+    return any(
+        isinstance(m, nn.Linear) and id(m) not in blocks and not config.is_protected(n)
+        for n, m in sk.model.named_modules()
+    )
+
+
+class _Replay(nn.Module):
+    """Stands in for the first block: returns the stored last-block outputs, batch by batch."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.outputs, self.i = outputs, 0
+
+    def forward(self, hidden, *args, **kwargs):
+        out = self.outputs[self.i]
+        self.i += 1
+        return out
+
+
+class _Skip(nn.Module):
+    def forward(self, hidden, *args, **kwargs):
+        return hidden
+
+
+def _rest(sk: Skeleton, inputs: list[Batch], config, written: set[str], compressed):
+    """Everything outside the blocks: quantize its unprotected Linears (replaying the blocks'
+    outputs through the model's own tail), then hand back its tensors for the first shard."""
+    blocks = list(sk.blocks)
+    for i in range(len(sk.blocks)):
+        sk.blocks[i] = _Skip()
+    try:
+        rest_modules = [(n, m) for n, m in sk.model.named_children()]
+        for n, m in rest_modules:
+            sk.materialize(m, n)
+        rows: list[dict] = []
+        if _has_tail_linears(sk, config):
+            # the tail Linears see replayed final hidden states; calibrate with the original batches
+            outputs = [b.hidden for b in inputs]
+
+            def run(_, __):
+                sk.blocks[0] = _Replay(outputs)
+                with torch.no_grad():
+                    for b in sk.calibration:
+                        sk.model(**b, **_no_cache(sk.model))
+                sk.blocks[0] = _Skip()
+                return []
+
+            rows = quantize_block(sk.model, "", [], config, sk.model_type, run=run)
+        tensors = [t for t in _block_tensors(sk.model, "", config, compressed) if t.name not in written]
+        # a tied head left in float is not stored twice: transformers re-ties it on load
+        if sk.tied_head():
+            tensors = [t for t in tensors if t.name not in sk.tied_head()]
+        # non-persistent-looking buffers the checkpoint never had
+        tensors = [t for t in tensors if t.name in sk.planned or not t.name.endswith(_IDS)]
+        return rows, tensors
+    finally:
+        for i, b in enumerate(blocks):
+            sk.blocks[i] = b
+
+
+_IDS = ("position_ids", "token_type_ids")
+
+
+def _no_cache(model: nn.Module) -> dict:
+    import inspect
+
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+def _dummy_batch(sk: Skeleton) -> dict:
+    return {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
+
+
+def _cast16(source, out, config) -> dict:
+    from slimport.api import convert
+
+    report = convert(source, out, to="hf", dtype=config.dtype16, progress=False)
+    return {"source": str(source), "config": config.to_dict(), "conversion": report}

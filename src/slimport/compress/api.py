@@ -14,7 +14,9 @@ CLI_OPTIONS = (
 )  # fmt: skip
 
 
-def make_config(recipe: str | Path | dict | QuantizationConfig | None = None, **options) -> QuantizationConfig:
+def make_config(
+    recipe: str | Path | dict | QuantizationConfig | None = None, **options
+) -> QuantizationConfig:
     """A recipe (YAML file, dict in our or the seeds' form, or a config) with options on top."""
     if isinstance(recipe, QuantizationConfig):
         base = recipe.to_dict()
@@ -80,7 +82,9 @@ def summary(report: dict, top: int = 8) -> str:
         f"{_describe(cfg)}: {report['quantized_linears']} Linear layers quantized, "
         f"{len(report['protected_linears'])} kept in float ({', '.join(report['protected_linears'][:4])})"
     )
-    lines.append(f"model bytes {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB ({after / before:.1%}) in {report['seconds']:.1f} s")
+    lines.append(
+        f"model bytes {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB ({after / before:.1%}) in {report['seconds']:.1f} s"
+    )
     rows = sorted(report["modules"], key=lambda r: -r.get("weight_rel_err", 0))[:top]
     if rows:
         lines.append("")
@@ -88,6 +92,10 @@ def summary(report: dict, top: int = 8) -> str:
         lines.append("|---|---|---|---|")
         for r in rows:
             oe = f"{r['output_err']:.3g}" if "output_err" in r else "-"
-            lines.append(f"| {r['module']} | {r.get('weight_rel_err', 0):.4f} | {oe} | {r['seconds']:.2f} |")
-        lines.append(f"(worst {len(rows)} of {len(report['modules'])}; all in quantization_report.json)")
+            lines.append(
+                f"| {r['module']} | {r.get('weight_rel_err', 0):.4f} | {oe} | {r['seconds']:.2f} |"
+            )
+        lines.append(
+            f"(worst {len(rows)} of {len(report['modules'])}; all in quantization_report.json)"
+        )
     return "\n".join(lines)

@@ -31,7 +31,9 @@ def calibration_inputs(
             hint="lower --num-samples or give a larger file",
         )
     gen = torch.Generator().manual_seed(config.seed)
-    picked = [texts[i] for i in torch.randperm(len(texts), generator=gen)[: config.num_samples].tolist()]
+    picked = [
+        texts[i] for i in torch.randperm(len(texts), generator=gen)[: config.num_samples].tolist()
+    ]
     batch_size = max(batch_size, 32)
     return [
         dict(tokenizer(picked[i : i + batch_size], padding=True, truncation=True,

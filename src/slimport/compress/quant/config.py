@@ -118,7 +118,9 @@ class QuantizationConfig:
         except (OSError, yaml.YAMLError) as e:
             raise SlimportError(f"{path}: cannot read the recipe ({e})") from None
         if not isinstance(data, dict):
-            raise SlimportError(f"{path}: a recipe is a mapping of options, got {type(data).__name__}")
+            raise SlimportError(
+                f"{path}: a recipe is a mapping of options, got {type(data).__name__}"
+            )
         data = data.get("quantization", data)
         try:
             return cls.from_dict(data)
@@ -138,7 +140,9 @@ class QuantizationConfig:
         if self.bits == 16 and (self.method != "rtn" or self.activations or self.smoothquant):
             bad("bits", "16-bit is a plain cast: no method, activations or smoothquant")
         if self.granularity not in GRANULARITIES:
-            bad("granularity", f"unknown {self.granularity!r}", "one of " + ", ".join(GRANULARITIES))
+            bad(
+                "granularity", f"unknown {self.granularity!r}", "one of " + ", ".join(GRANULARITIES)
+            )
         if self.granularity == "group" and (not self.group_size or self.group_size <= 0):
             bad("group_size", "per-group quantization needs a positive group_size")
         if self.activations not in ACTIVATIONS:
@@ -171,14 +175,18 @@ def _from_seed_form(d: dict) -> dict:
     mode = d.pop("quant_mode")
     modes = {"8bit": 8, "4bit": 4, "16bit": 16}
     if mode not in modes:
-        raise SlimportError(f"quantization option quant_mode: unknown {mode!r}", hint="8bit, 4bit or 16bit")
+        raise SlimportError(
+            f"quantization option quant_mode: unknown {mode!r}", hint="8bit, 4bit or 16bit"
+        )
     out: dict = {"bits": modes[mode]}
     if mode == "8bit":
         out["activations"] = "static"
     if "calib_method" in d:
         out["observer"] = d.pop("calib_method")
     if "protect_layer" in d:
-        out["protect"] = [re.escape(n) + "$" if not _looks_like_regex(n) else n for n in d.pop("protect_layer")]
+        out["protect"] = [
+            re.escape(n) + "$" if not _looks_like_regex(n) else n for n in d.pop("protect_layer")
+        ]
     if "per_channel_quant" in d:
         out["granularity"] = "channel" if d.pop("per_channel_quant") else "tensor"
     if "symmetric" in d:

@@ -32,14 +32,18 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", scale.float())
         self.register_buffer("weight_zero_point", zero.to(torch.int8))
         self.register_buffer(
-            "weight", P.dequantize(q.float(), P.expand(scale.float(), q.shape, weight_args), P.expand(zero.float(), q.shape, weight_args))
+            "weight", P.dequantize_tensor(q.float(), weight_args, scale.float(), zero.float())
         )
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.input_scale: torch.Tensor | None = None
-        self.input_zero_point: torch.Tensor | None = None
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
+        self.register_buffer("input_scale", None)  # static activations: set by calibration
+        self.register_buffer("input_zero_point", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, q, scale, zero, weight_args, input_args=None) -> QuantLinear:
+    def from_linear(
+        cls, linear: nn.Linear, q, scale, zero, weight_args, input_args=None
+    ) -> QuantLinear:
         return cls(q, scale, zero, linear.bias, weight_args, input_args)
 
     def set_input_qparams(self, scale: torch.Tensor, zero: torch.Tensor) -> None:

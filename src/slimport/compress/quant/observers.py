@@ -35,9 +35,12 @@ class Observer:
         x = x.detach().reshape(-1).float()
         if x.numel() == 0:
             return
-        if not torch.isfinite(x).all():
-            raise SlimportError("calibration produced NaN/Inf activations", hint="check the model weights and the calibration text")
-        lo, hi = x.min(), x.max()
+        lo, hi = x.min(), x.max()  # NaN propagates into min/max, so checking these two suffices
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise SlimportError(
+                "calibration produced NaN/Inf activations",
+                hint="check the model weights and the calibration text",
+            )
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         self.count += 1
@@ -51,7 +54,9 @@ class Observer:
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.count == 0:
-            raise SlimportError("an observer saw no data", hint="give calibration samples that reach every layer")
+            raise SlimportError(
+                "an observer saw no data", hint="give calibration samples that reach every layer"
+            )
         lo, hi = self.range()
         return P.qparams(lo.reshape(1), hi.reshape(1), self.args.bits, self.args.symmetric)
 
@@ -130,7 +135,9 @@ class Kl(_Sampled):
             nonzero = hist[:t] > 0
             sums = np.add.reduceat(hist[:t].astype(np.float64), starts)
             counts = np.add.reduceat(nonzero.astype(np.float64), starts)
-            q = np.repeat(np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0), lengths)
+            q = np.repeat(
+                np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0), lengths
+            )
             q = q * nonzero
             mask = p > 0
             if (q[mask] == 0).any():
@@ -166,7 +173,10 @@ def mse_weight_qparams(w: torch.Tensor, args: QuantArgs, grid: int = 50, shrink:
     best_s = best_z = best_err = None
     for r in torch.linspace(1.0, shrink, grid):
         s, z = P.qparams(lo * r, hi * r, args.bits, args.symmetric)
-        sg, zg = s.reshape(g.shape[0], g.shape[1], 1) if s.numel() > 1 else s, z.reshape(g.shape[0], g.shape[1], 1) if z.numel() > 1 else z
+        sg, zg = (
+            s.reshape(g.shape[0], g.shape[1], 1) if s.numel() > 1 else s,
+            z.reshape(g.shape[0], g.shape[1], 1) if z.numel() > 1 else z,
+        )
         err = (P.dequantize(P.quantize(g, sg, zg, args.bits), sg, zg) - g).pow(2).sum(-1)
         err = err.reshape(s.shape) if s.numel() > 1 else err.sum().reshape(1)
         if best_err is None:

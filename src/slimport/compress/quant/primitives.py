@@ -72,23 +72,39 @@ def expand(p: torch.Tensor, shape: torch.Size, args: QuantArgs) -> torch.Tensor:
     if args.granularity == "tensor":
         return p.reshape(1, 1)
     if args.granularity == "group":
-        return p.repeat_interleave(args.group_size, dim=1)
+        rows, groups = p.shape
+        return p[:, :, None].expand(rows, groups, args.group_size).reshape(shape)
     return p.reshape(-1, 1)
+
+
+def _per_granule(p: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Scales shaped to broadcast against the [rows, groups, size] view of _grouped."""
+    return p.reshape(1, 1, 1) if args.granularity == "tensor" else p.reshape(p.shape[0], -1, 1)
 
 
 def quantize_tensor(
     x: torch.Tensor, args: QuantArgs, scale: torch.Tensor, zero: torch.Tensor
 ) -> torch.Tensor:
     """Integers of a 2-D tensor for given scales (shaped as minmax returns)."""
-    return quantize(x, expand(scale, x.shape, args), expand(zero, x.shape, args), args.bits)
+    g = _grouped(x, args)
+    q = quantize(g, _per_granule(scale, args), _per_granule(zero, args), args.bits)
+    return q.reshape(x.shape)
+
+
+def dequantize_tensor(
+    q: torch.Tensor, args: QuantArgs, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    g = _grouped(q, args)
+    return dequantize(g, _per_granule(scale, args), _per_granule(zero, args)).reshape(q.shape)
 
 
 def fake_quantize(
     x: torch.Tensor, args: QuantArgs, scale: torch.Tensor, zero: torch.Tensor
 ) -> torch.Tensor:
     """Quantize then dequantize a 2-D tensor, exactly as a loader of the saved integers would."""
-    s, z = expand(scale, x.shape, args), expand(zero, x.shape, args)
-    return dequantize(quantize(x, s, z, args.bits), s, z)
+    g = _grouped(x, args)
+    s, z = _per_granule(scale, args), _per_granule(zero, args)
+    return dequantize(quantize(g, s, z, args.bits), s, z).reshape(x.shape)
 
 
 def rtn(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

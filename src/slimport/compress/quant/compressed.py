@@ -1,0 +1,596 @@
+"""Quantized models as `compressed-tensors` checkpoints (the format vLLM and transformers load).
+
+Layout of one quantized Linear `P` (what `linear_tensors` returns):
+
+  weight-only ("pack-quantized")   P.weight_packed  int32 [out, ceil(in*bits/32)]  dense bit packing
+                                   P.weight_shape   int64 [2]
+  with activations ("int-quantized") P.weight       int8  [out, in]
+  always                           P.weight_scale   [out, groups] | [out, 1] | [1]
+  asymmetric weights               P.weight_zero_point  int8, or for pack-quantized channel/group
+                                                    int32 packed along the output dimension
+  static activations               P.input_scale [1] (+ P.input_zero_point when asymmetric)
+  dynamic activations              nothing: per-token scales are computed at run time
+
+Packing uses the library's own `pack_to_int32` on the integers we hold (no re-rounding), so the
+checkpoint holds exactly our integers. `config.json` carries the library's pydantic
+QuantizationConfig dump; `slimport_quantization.json` beside it keeps our full recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimport.compress.quant.config import QuantArgs, QuantizationConfig
+from slimport.compress.quant.modules import QuantLinear
+from slimport.errors import SlimportError, name_list
+
+RECIPE_FILE = "slimport_quantization.json"
+PACKED, INT = "pack-quantized", "int-quantized"
+READABLE_FORMATS = (PACKED, INT, "naive-quantized")  # naive = int layout, older writers
+PACKED_ZP = ("channel", "group")  # the zero points pack-quantized packs (not per-tensor)
+
+# Our observers -> the names llm-compressor gives the same calibration (informational only:
+# loaders never read `observer`). min_max keeps the true running extremes = static_minmax;
+# ema_min_max is llm-compressor's moving-average minmax.
+_ACT_OBSERVERS = {"min_max": "static_minmax", "ema_min_max": "minmax", "mse": "mse"}
+_WEIGHT_OBSERVERS = {"min_max": "minmax", "mse": "mse"}
+
+
+def _ct():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:  # pragma: no cover - a dependency of slimport's quantization extra
+        raise SlimportError(
+            "saving compressed-tensors checkpoints needs the compressed-tensors package",
+            hint="pip install compressed-tensors",
+        ) from None
+    import compressed_tensors.quantization as q
+
+    return q
+
+
+# ---------------------------------------------------------------- config
+
+
+def checkpoint_format(qconfig: QuantizationConfig) -> str:
+    """pack-quantized for weight-only (any of 3/4/8 bits: the library packs 1..8 bits densely),
+    int-quantized (plain int8 weights) when inputs are quantized too: what llm-compressor picks."""
+    return INT if qconfig.inputs is not None else PACKED
+
+
+def _args(a: QuantArgs, observer: str | None = None, options: dict | None = None):
+    q = _ct()
+    kw = {}
+    if observer is not None:
+        kw["observer"] = observer
+    if options:
+        kw["observer_kwargs"] = dict(options)
+    return q.QuantizationArgs(
+        num_bits=a.bits,
+        type="int",
+        symmetric=a.symmetric,
+        strategy=a.granularity,
+        group_size=a.group_size if a.granularity == "group" else None,
+        dynamic=a.dynamic,
+        **kw,
+    )
+
+
+def scheme(qconfig: QuantizationConfig):
+    """The library's QuantizationScheme for every quantized Linear of this recipe."""
+    q = _ct()
+    _check_supported(qconfig)
+    w_obs = _WEIGHT_OBSERVERS.get(qconfig.weight_observer, qconfig.weight_observer)
+    inputs = None
+    if qconfig.inputs is not None:
+        if qconfig.inputs.dynamic:
+            inputs = _args(qconfig.inputs)
+        else:
+            options = dict(qconfig.observer_options)
+            if qconfig.observer == "ema_min_max":
+                options = {"averaging_constant": 1 - float(options.pop("decay", 0.9)), **options}
+            obs = _ACT_OBSERVERS.get(qconfig.observer, qconfig.observer)
+            inputs = _args(qconfig.inputs, obs, options)
+    return q.QuantizationScheme(
+        targets=["Linear"],
+        weights=_args(qconfig.weights, w_obs),
+        input_activations=inputs,
+        format=checkpoint_format(qconfig),
+    )
+
+
+def quantization_config(qconfig: QuantizationConfig, ignore: list[str]) -> dict:
+    """The `quantization_config` block of config.json (as llm-compressor writes it)."""
+    import compressed_tensors
+
+    q = _ct()
+    cfg = q.QuantizationConfig(
+        config_groups={"group_0": scheme(qconfig)},
+        format=checkpoint_format(qconfig),
+        quantization_status="compressed",
+        ignore=sorted(ignore),
+    )
+    block = {
+        "version": compressed_tensors.__version__,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {},
+        "transform_config": {},
+        **cfg.model_dump(exclude={"quant_method"}),
+    }
+    w = qconfig.weights
+    if checkpoint_format(qconfig) == PACKED and not w.symmetric and w.granularity in PACKED_ZP:
+        # transformers' default (compressed) load path builds its modules with
+        # compressed-tensors' meta-device compression, which leaves weight_zero_point unpacked
+        # ([out, groups] int8) while real checkpoints hold it packed ([out*bits/32, groups]
+        # int32): the load fails on the size mismatch (llm-compressor issue #1618). Its
+        # `dequantize` path decompresses tensor by tensor correctly and, for weight-only
+        # schemes, computes exactly the same thing; vLLM ignores this transformers-only key.
+        block["dequantize"] = True
+    return block
+
+
+def _check_supported(qconfig: QuantizationConfig) -> None:
+    if qconfig.bits == 16:
+        raise SlimportError(
+            "a 16-bit cast is not a compressed-tensors checkpoint",
+            hint="save it as an ordinary Hugging Face folder",
+        )
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def linear_tensors(
+    prefix: str, m: QuantLinear, qconfig: QuantizationConfig
+) -> dict[str, torch.Tensor]:
+    """Checkpoint entries of one quantized Linear, named `{prefix}.weight_packed` etc."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    _check_supported(qconfig)
+    w, a = qconfig.weights, qconfig.inputs
+    if m.weight_args != w or m.input_args != a:
+        raise SlimportError(
+            f"{prefix}: quantized as {m.extra_repr()}, but the recipe says w{w.bits} "
+            f"{w.granularity} ({'sym' if w.symmetric else 'asym'}), activations {qconfig.activations}",
+            hint="a checkpoint holds one scheme for all quantized Linears",
+        )
+    q = m.qweight.to(torch.int8)
+    out: dict[str, torch.Tensor] = {}
+    if checkpoint_format(qconfig) == PACKED:
+        out["weight_packed"] = pack_to_int32(q, w.bits)
+        out["weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
+    else:
+        out["weight"] = q.contiguous()
+    out["weight_scale"] = m.weight_scale.float().contiguous()
+    if not w.symmetric:
+        zp = m.weight_zero_point.to(torch.int8)
+        if checkpoint_format(qconfig) == PACKED and w.granularity in PACKED_ZP:
+            zp = pack_to_int32(zp, w.bits, packed_dim=0)
+        out["weight_zero_point"] = zp.contiguous()
+    if a is not None and not a.dynamic:
+        if m.input_scale is None:
+            raise SlimportError(
+                f"{prefix}: static activation quantization but no input scale was calibrated",
+                hint="run calibration before saving",
+            )
+        out["input_scale"] = m.input_scale.float().reshape(1)
+        if not a.symmetric:
+            out["input_zero_point"] = m.input_zero_point.to(torch.int8).reshape(1)
+    if m.bias is not None:
+        out["bias"] = m.bias.detach().contiguous()
+    return {f"{prefix}.{k}": v for k, v in out.items()}
+
+
+@dataclass
+class _Planned:
+    """What slimport.io.safetensors.write needs of a tensor."""
+
+    name: str
+    value: torch.Tensor
+
+    @property
+    def shape(self):
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    def compute(self) -> torch.Tensor:
+        return self.value
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _tensors(
+    model: nn.Module, qconfig: QuantizationConfig
+) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(name, tensor to write, fp32 bytes it stands for), in state-dict order, ties written once."""
+    quantized = _quantized_modules(model)
+    seen: set = set()
+    done: set[str] = set()
+    for name, t in model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner in quantized:
+            if owner not in done:
+                done.add(owner)
+                m = quantized[owner]
+                fp32 = m.weight.numel() * 4 + (0 if m.bias is None else m.bias.numel() * 4)
+                for i, (k, v) in enumerate(linear_tensors(owner, m, qconfig).items()):
+                    yield k, v, fp32 if i == 0 else 0
+            continue
+        key = _storage_key(t)
+        if key in seen:  # tied to a tensor already written (lm_head <- embed_tokens)
+            continue
+        seen.add(key)
+        yield name, t.detach(), t.numel() * 4 if t.is_floating_point() else t.nbytes
+
+
+def _float_linears(model: nn.Module, quantized: dict[str, QuantLinear]) -> list[str]:
+    """Names of the Linear modules left in float (the `ignore` list), checking that every
+    quantized module stands where the model class has an nn.Linear of that shape: the class
+    names compressed-tensors targets are those of a freshly built model (GPT-2's Conv1D is not
+    a Linear, so a quantized Conv1D could not be loaded back)."""
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(copy.deepcopy(model.config))
+    except Exception:  # an exotic class we cannot rebuild: trust the model as it is
+        skeleton = model
+    linears = {n: m for n, m in skeleton.named_modules() if isinstance(m, (nn.Linear, QuantLinear))}
+    for name, m in quantized.items():
+        ref = linears.get(name)
+        if ref is None or (
+            isinstance(ref, nn.Linear)
+            and tuple(ref.weight.shape) != (m.out_features, m.in_features)
+        ):
+            what = (
+                "absent"
+                if name not in dict(skeleton.named_modules())
+                else type(skeleton.get_submodule(name)).__name__
+            )
+            raise SlimportError(
+                f"{name}: compressed-tensors stores quantized nn.Linear modules, but in "
+                f"{type(model).__name__} this module is {what}",
+                hint="leave it unquantized (add it to `protect`)",
+            )
+    return [n for n in linears if n not in quantized]
+
+
+def config_json(model: nn.Module, qconfig: QuantizationConfig) -> dict:
+    """config.json of the quantized model: the model's config + the compressed-tensors block."""
+    quantized = _quantized_modules(model)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    if config.get("tie_word_embeddings") and isinstance(model.get_output_embeddings(), QuantLinear):
+        # a quantized head can no longer share the embedding's float matrix
+        config["tie_word_embeddings"] = False
+    config["quantization_config"] = quantization_config(qconfig, _float_linears(model, quantized))
+    return config
+
+
+def save_quantized(
+    model: nn.Module,
+    folder: str | Path,
+    qconfig: QuantizationConfig,
+    tokenizer_dir: str | Path | None = None,
+) -> dict:
+    """A quantized transformers model -> a compressed-tensors Hugging Face folder, atomically."""
+    from slimport.io import atomic_dir, safetensors, tokenizer_files
+
+    quantized = _quantized_modules(model)
+    if not quantized:
+        raise SlimportError(
+            "the model has no quantized Linear modules to save", hint="quantize it first"
+        )
+    if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
+        raise SlimportError("save_quantized needs a transformers model (with a .config)")
+    tok = []
+    if tokenizer_dir is not None:
+        if not Path(tokenizer_dir).is_dir():
+            raise SlimportError(f"{tokenizer_dir}: tokenizer folder not found")
+        tok = tokenizer_files(Path(tokenizer_dir))
+    config = config_json(model, qconfig)
+    planned, before = [], 0
+    for name, value, fp32 in _tensors(model, qconfig):
+        planned.append(_Planned(name, value))
+        before += fp32
+    with atomic_dir(Path(folder)) as tmp:
+        files = safetensors.write_sharded(tmp, planned)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / RECIPE_FILE).write_text(json.dumps(qconfig.to_dict(), indent=2) + "\n")
+        for f in tok:
+            (tmp / f.name).write_bytes(f.read_bytes())
+    return {
+        "bytes_before": before,
+        "bytes_after": sum(p.value.nbytes for p in planned),
+        "quantized_linears": len(quantized),
+        "format": checkpoint_format(qconfig),
+        "files": [*files, "config.json", RECIPE_FILE, *(f.name for f in tok)],
+    }
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SlimportError(f"{folder}: no config.json, not a Hugging Face model folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SlimportError(f"{path}: cannot read ({e})") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        found = (
+            "no quantization_config"
+            if not isinstance(qc, dict)
+            else f"quant_method {qc.get('quant_method')!r}"
+        )
+        raise SlimportError(
+            f"{path}: not a compressed-tensors model ({found})",
+            hint="load_quantized reads folders written by save_quantized or llm-compressor",
+        )
+    return config
+
+
+def _unsupported(path: Path, what: str):
+    return SlimportError(
+        f"{path}: compressed-tensors {what} is not supported",
+        hint="slimport reads integer weights (3-8 bits, per tensor/channel/group) with optional "
+        "int8 static per-tensor or dynamic per-token activations, one scheme for all Linears",
+    )
+
+
+def _scheme_from(path: Path, qc: dict):
+    """Validate the config block and return (library QuantizationConfig, its one scheme)."""
+    q = _ct()
+    try:
+        ct = q.QuantizationConfig.model_validate(qc)
+    except Exception as e:  # pydantic's ValidationError, or the library's own ValueErrors
+        raise SlimportError(f"{path}: invalid quantization_config ({e})") from None
+    if qc.get("sparsity_config") or qc.get("transform_config"):
+        raise _unsupported(path, "sparsity / transforms")
+    if ct.kv_cache_scheme is not None:
+        raise _unsupported(path, "KV-cache quantization")
+    if ct.quantization_status != "compressed":
+        raise _unsupported(
+            path, f"quantization_status {ct.quantization_status!r} (only compressed)"
+        )
+    if len(ct.config_groups) != 1:
+        raise _unsupported(path, f"mixing {len(ct.config_groups)} schemes")
+    (s,) = ct.config_groups.values()
+    fmt = s.format or ct.format
+    if fmt not in READABLE_FORMATS:
+        raise _unsupported(path, f"format {fmt!r}")
+    w, a = s.weights, s.input_activations
+    if (
+        w is None
+        or w.type != "int"
+        or not 3 <= w.num_bits <= 8
+        or w.strategy not in ("tensor", "channel", "group")
+    ):
+        raise _unsupported(path, f"weight scheme {w!r}")
+    if s.output_activations is not None:
+        raise _unsupported(path, "output activation quantization")
+    if a is not None:
+        static = a.strategy == "tensor" and not a.dynamic
+        dynamic = a.strategy == "token" and a.dynamic is True
+        if a.type != "int" or a.num_bits != 8 or not (static or dynamic):
+            raise _unsupported(path, f"input activation scheme {a!r}")
+        if a.symmetric != w.symmetric:
+            raise _unsupported(path, "weights and activations of different symmetry")
+    return ct, s, fmt
+
+
+def _recipe(folder: Path, ct, s) -> QuantizationConfig:
+    """Our recipe: slimport_quantization.json when present (it must agree), else derived."""
+    w, a = s.weights, s.input_activations
+    derived = {
+        "bits": w.num_bits,
+        "granularity": w.strategy,
+        "group_size": w.group_size if w.strategy == "group" else None,
+        "symmetric": w.symmetric,
+        "activations": None if a is None else ("dynamic" if a.dynamic else "static"),
+    }
+    path = folder / RECIPE_FILE
+    if path.is_file():
+        try:
+            qconfig = QuantizationConfig.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise SlimportError(f"{path}: cannot read ({e})") from None
+        ours = {k: getattr(qconfig, k) for k in derived}
+        if ours != derived:
+            raise SlimportError(
+                f"{path} disagrees with config.json's quantization_config: {ours} vs {derived}",
+                hint=f"delete {RECIPE_FILE} to load by config.json alone",
+            )
+        return qconfig
+    protect = [
+        "^(?:" + n.removeprefix("re:") + ")" if n.startswith("re:") else "^" + re.escape(n) + "$"
+        for n in ct.ignore or []
+    ]
+    # 3-bit recipes need GPTQ; the method no longer matters once the integers exist
+    return QuantizationConfig(
+        method="gptq" if w.num_bits == 3 else "rtn", protect=protect, **derived
+    )
+
+
+def _build_model(folder: Path, config: dict) -> nn.Module:
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise SlimportError(
+            f"{folder / 'config.json'}: architectures {config.get('architectures')!r} is not a transformers model class"
+        )
+    rest = {k: v for k, v in config.items() if k != "quantization_config"}
+    try:
+        hf_config = transformers.AutoConfig.for_model(**rest)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SlimportError(
+            f"{folder / 'config.json'}: cannot build a {arch} config ({e})"
+        ) from None
+    with no_init_weights():  # every tensor is read from the checkpoint below
+        model = cls(hf_config)
+    model.tie_weights()  # init_weights, skipped above, is what ties lm_head to the embeddings
+    return model
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def load_quantized(path: str | Path) -> tuple[nn.Module, QuantizationConfig]:
+    """A compressed-tensors folder -> (transformers model with QuantLinear modules, recipe).
+
+    The integers, scales and zero points are the checkpoint's exactly, so the model computes what
+    the saved model computed. Eval mode.
+    """
+    from slimport.io import safetensors
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SlimportError(f"{folder}: model folder not found")
+    config = _read_config(folder)
+    ct, s, fmt = _scheme_from(folder / "config.json", config["quantization_config"])
+    qconfig = _recipe(folder, ct, s)
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if not (index.is_file() or single.is_file()):
+        raise SlimportError(f"{folder}: no model.safetensors (or shard index)")
+    ckpt = safetensors.read(index if index.is_file() else single)
+    try:
+        model = _build_model(folder, config)
+        _load_into(model, ckpt, ct, s, fmt, qconfig)
+    finally:
+        ckpt.close()
+    return model.eval(), qconfig
+
+
+def _load_into(model: nn.Module, ckpt, ct, s, fmt: str, qconfig: QuantizationConfig) -> None:
+    """Replace the targeted Linears by QuantLinears holding the checkpoint's integers, then
+    load every other tensor; each checkpoint tensor is used exactly once."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.utils.match import match_named_modules
+
+    wargs, iargs = qconfig.weights, qconfig.inputs
+
+    def take(name: str, what: str) -> torch.Tensor:
+        if name not in ckpt.infos:
+            raise SlimportError(
+                f"{ckpt.path}: tensor {name!r} is missing ({what})",
+                hint="the checkpoint is incomplete or was written with a different scheme",
+            )
+        consumed.add(name)
+        return ckpt.load(name)
+
+    consumed: set[str] = set()
+    targets = [
+        (n, m)
+        for n, m in match_named_modules(model, s.targets, ct.ignore)
+        if isinstance(m, nn.Linear)
+    ]
+    if not targets:
+        raise SlimportError(
+            f"{ckpt.path}: quantization_config matches no Linear module of {type(model).__name__}"
+        )
+    for name, lin in targets:
+        out_f, in_f = lin.weight.shape
+        if wargs.granularity == "group" and in_f % wargs.group_size:
+            raise SlimportError(
+                f"{name}: {in_f} input features are not a multiple of group size {wargs.group_size}"
+            )
+        if fmt == PACKED:
+            packed = take(f"{name}.weight_packed", "packed weight")
+            shape = take(f"{name}.weight_shape", "weight shape").tolist()
+            if shape != [out_f, in_f] or packed.dtype != torch.int32:
+                raise SlimportError(
+                    f"{ckpt.path}: {name}.weight_packed is {shape} {packed.dtype}, the model needs [{out_f}, {in_f}] int32"
+                )
+            q = unpack_from_int32(packed, wargs.bits, torch.Size(shape))
+        else:
+            q = take(f"{name}.weight", "int8 weight")
+            if list(q.shape) != [out_f, in_f] or q.dtype != torch.int8:
+                raise SlimportError(
+                    f"{ckpt.path}: {name}.weight is {list(q.shape)} {q.dtype}, the model needs [{out_f}, {in_f}] int8"
+                )
+        scale = take(f"{name}.weight_scale", "weight scales")
+        groups = {"tensor": None, "channel": 1, "group": in_f // (wargs.group_size or 1)}[
+            wargs.granularity
+        ]
+        want = [1] if groups is None else [out_f, groups]
+        if list(scale.shape) != want:
+            raise SlimportError(
+                f"{ckpt.path}: {name}.weight_scale has shape {list(scale.shape)}, expected {want}"
+            )
+        if wargs.symmetric:
+            zero = torch.zeros(want, dtype=torch.int8)
+        else:
+            zero = take(f"{name}.weight_zero_point", "weight zero points")
+            if fmt == PACKED and wargs.granularity in PACKED_ZP:
+                zero = unpack_from_int32(zero, wargs.bits, torch.Size(want), packed_dim=0)
+            if list(zero.shape) != want:
+                raise SlimportError(
+                    f"{ckpt.path}: {name}.weight_zero_point has shape {list(zero.shape)}, expected {want}"
+                )
+        bias = None
+        if lin.bias is not None:
+            bias = take(f"{name}.bias", "bias")
+        m = QuantLinear(q, scale, zero, bias, wargs, iargs)
+        if iargs is not None and not iargs.dynamic:
+            iscale = take(f"{name}.input_scale", "static input scale")
+            izero = (
+                torch.zeros(1)
+                if iargs.symmetric
+                else take(f"{name}.input_zero_point", "input zero point")
+            )
+            m.set_input_qparams(iscale, izero)
+        _set_module(model, name, m)
+
+    quantized = {n for n, _ in targets}
+    rest = {}
+    for name in ckpt.infos:
+        if name in consumed:
+            continue
+        if name.rpartition(".")[0] in quantized:
+            raise SlimportError(f"{ckpt.path}: unexpected tensor {name!r} for the {fmt} scheme")
+        rest[name] = ckpt.load(name)
+    expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in quantized}
+    unexpected = sorted(set(rest) - expected)
+    if unexpected:
+        raise SlimportError(
+            f"{ckpt.path}: tensors the model does not have: {name_list(unexpected)}"
+        )
+    try:
+        model.load_state_dict(rest, strict=False)
+    except RuntimeError as e:  # shape mismatches, listed by torch
+        raise SlimportError(
+            f"{ckpt.path}: tensors do not fit {type(model).__name__}: {e}"
+        ) from None
+    missing = expected - set(rest)
+    # a missing tensor is fine only when tied to one that was loaded (lm_head <- embed_tokens)
+    state = model.state_dict()
+    loaded_storage = {_storage_key(state[k]) for k in rest}
+    really_missing = sorted(k for k in missing if _storage_key(state[k]) not in loaded_storage)
+    if really_missing:
+        raise SlimportError(
+            f"{ckpt.path}: tensor(s) missing from the checkpoint: {name_list(really_missing)}"
+        )

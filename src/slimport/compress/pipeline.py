@@ -17,6 +17,7 @@ by replaying the last block's outputs through the rest of the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -181,27 +182,56 @@ class _Catcher(nn.Module):
 
 
 def capture_inputs(sk: Skeleton, batches: list[dict]) -> list[Batch]:
-    """Block-0 inputs for each calibration batch: run the model until its first block."""
+    """Block-0 inputs for each calibration batch: run the model until its first block.
+
+    Modules outside the blocks get memory only when the forward reaches them, so a head that runs
+    after the blocks (lm_head) is never loaded here."""
     first = sk.blocks[0]
-    # only the modules on the way to block 0 need memory: the embeddings (and rotary tables)
-    body_name, body = next((n, m) for n, m in sk.model.named_children() if _contains(m, first))
-    ahead = [(f"{body_name}.{n}", m) for n, m in body.named_children() if m is not sk.blocks]
-    for name, mod in ahead:
-        sk.materialize(mod, name)
+    loaded: list[nn.Module] = []
+
+    def on_call(name):
+        def hook(module, args, kwargs=None):
+            if any(p.is_meta for p in module.parameters()) or any(
+                b.is_meta for b in module.buffers()
+            ):
+                sk.materialize(module, name)
+                loaded.append(module)
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(on_call(n)) for n, m in _outside_blocks(sk)]
     store: list[Batch] = []
     sk.blocks[0] = _Catcher(store)
     try:
         with torch.no_grad():
             for b in batches:
-                try:
+                with contextlib.suppress(_Stop):
                     sk.model(**b, **_no_cache(sk.model))
-                except _Stop:
-                    pass
     finally:
         sk.blocks[0] = first
-    for name, mod in ahead:
+        for h in hooks:
+            h.remove()
+    for mod in loaded:
         sk.free(mod)
     return store
+
+
+def _outside_blocks(sk: Skeleton) -> list[tuple[str, nn.Module]]:
+    """The largest submodules that neither are nor contain the blocks (embeddings, norms, heads)."""
+    out = []
+
+    def walk(prefix: str, mod: nn.Module) -> None:
+        for n, child in mod.named_children():
+            name = _join(prefix, n)
+            if child is sk.blocks:
+                continue
+            if _contains(child, sk.blocks):
+                walk(name, child)
+            else:
+                out.append((name, child))
+
+    walk("", sk.model)
+    return out
 
 
 def _contains(parent: nn.Module, child: nn.Module) -> bool:
@@ -240,7 +270,7 @@ def quantize_block(
     rows: dict[str, dict] = {n: {"module": _join(prefix, n), "seconds": 0.0} for n in linears}
 
     # 2. scale migration
-    if config.smoothquant is not None or config.method == "awq":
+    if config.smoothquant is not None or config.awq_scaling:
         from slimport.compress.quant.scaling import fold_scales
 
         mods = dict(block.named_modules())
@@ -276,7 +306,7 @@ def quantize_block(
             for c in consumers:
                 rows[c]["seconds"] += time.perf_counter() - t0
                 rows[c]["scaled_by"] = producer
-        if config.method == "awq" and config.awq.get("clip", True):
+        if config.awq_scaling and config.awq.get("clip", True):
             from slimport.compress.quant.awq import awq_clip
 
             for n, m in linears.items():
@@ -291,7 +321,7 @@ def quantize_block(
     for n, m in linears.items():
         t0 = time.perf_counter()
         w = m.weight.detach().float()
-        if config.method == "gptq":
+        if config.gptq_weights:
             from slimport.compress.quant.gptq import gptq
 
             g = config.gptq
@@ -315,7 +345,7 @@ def quantize_block(
         if stats[n].hessian is not None:
             H = stats[n].hessian.value().double()
             d = (ql.weight - w).double()  # tr(d H d^T) / rows: the layer's mean output MSE x 2
-            rows[n]["output_err"] = max(0.0, float(torch.trace(d @ H @ d.T) / max(1, d.shape[0])))
+            rows[n]["output_err"] = max(0.0, float(((d @ H) * d).sum() / max(1, d.shape[0])))
         _set_module(block, n, ql)
 
     # 4. static activation ranges, observed on the inputs the quantized weights produce
@@ -358,9 +388,9 @@ def _observe_hook(observer):
 
 def _collect(block, linears, inputs, config, run) -> dict[str, Stats]:
     """Pass 1: per-Linear input statistics on the float block."""
-    need_absmax = config.smoothquant is not None or config.method == "awq"
-    need_sample = config.method == "awq"
-    need_hessian = config.method == "gptq"
+    need_absmax = config.smoothquant is not None or config.awq_scaling
+    need_sample = config.awq_scaling
+    need_hessian = config.gptq_weights
     if not (need_absmax or need_sample or need_hessian):
         return {n: Stats() for n in linears}
     if need_hessian:

@@ -392,8 +392,6 @@ def _scheme_from(path: Path, qc: dict):
         dynamic = a.strategy == "token" and a.dynamic is True
         if a.type != "int" or a.num_bits != 8 or not (static or dynamic):
             raise _unsupported(path, f"input activation scheme {a!r}")
-        if a.symmetric != w.symmetric:
-            raise _unsupported(path, "weights and activations of different symmetry")
     return ct, s, fmt
 
 
@@ -406,6 +404,7 @@ def _recipe(folder: Path, ct, s) -> QuantizationConfig:
         "group_size": w.group_size if w.strategy == "group" else None,
         "symmetric": w.symmetric,
         "activations": None if a is None else ("dynamic" if a.dynamic else "static"),
+        "act_symmetric": None if a is None or a.symmetric == w.symmetric else a.symmetric,
     }
     path = folder / RECIPE_FILE
     if path.is_file():
@@ -414,6 +413,10 @@ def _recipe(folder: Path, ct, s) -> QuantizationConfig:
         except (OSError, ValueError) as e:
             raise SlimportError(f"{path}: cannot read ({e})") from None
         ours = {k: getattr(qconfig, k) for k in derived}
+        inputs = qconfig.inputs
+        ours["act_symmetric"] = (
+            None if inputs is None or inputs.symmetric == qconfig.symmetric else inputs.symmetric
+        )
         if ours != derived:
             raise SlimportError(
                 f"{path} disagrees with config.json's quantization_config: {ours} vs {derived}",

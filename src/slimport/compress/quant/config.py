@@ -9,7 +9,8 @@ from pathlib import Path
 
 from slimport.errors import SlimportError
 
-METHODS = ("rtn", "gptq", "awq")
+# awq+gptq: AWQ's activation-aware channel scales, then GPTQ's error-compensating rounding
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 OBSERVERS = ("min_max", "ema_min_max", "percentile", "mse", "kl")
 GRANULARITIES = ("tensor", "channel", "group")
 ACTIVATIONS = (None, "static", "dynamic")
@@ -45,6 +46,7 @@ class QuantizationConfig:
     symmetric: bool = True
     activations: str | None = None
     act_bits: int = 8
+    act_symmetric: bool | None = None  # None: as `symmetric`
     observer: str = "min_max"  # activation ranges (static)
     weight_observer: str = "min_max"  # min_max, or mse to search a clipping range per row/group
     observer_options: dict = field(default_factory=dict)  # decay, percentile, bins, grid ...
@@ -74,17 +76,22 @@ class QuantizationConfig:
     def inputs(self) -> QuantArgs | None:
         if self.activations is None:
             return None
+        sym = self.symmetric if self.act_symmetric is None else self.act_symmetric
         if self.activations == "dynamic":
-            return QuantArgs(self.act_bits, self.symmetric, "token", None, dynamic=True)
-        return QuantArgs(self.act_bits, self.symmetric, "tensor", None)
+            return QuantArgs(self.act_bits, sym, "token", None, dynamic=True)
+        return QuantArgs(self.act_bits, sym, "tensor", None)
+
+    @property
+    def awq_scaling(self) -> bool:
+        return self.method in ("awq", "awq+gptq")
+
+    @property
+    def gptq_weights(self) -> bool:
+        return self.method in ("gptq", "awq+gptq")
 
     @property
     def needs_calibration(self) -> bool:
-        return (
-            self.method in ("gptq", "awq")
-            or self.activations == "static"
-            or self.smoothquant is not None
-        )
+        return self.method != "rtn" or self.activations == "static" or self.smoothquant is not None
 
     def is_protected(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.protect)
@@ -135,7 +142,7 @@ class QuantizationConfig:
             bad("bits", f"{self.bits} is not supported", "one of 16, 8, 4, 3")
         if self.method not in METHODS:
             bad("method", f"unknown {self.method!r}", "one of " + ", ".join(METHODS))
-        if self.bits == 3 and self.method != "gptq":
+        if self.bits == 3 and not self.gptq_weights:
             bad("bits", "3-bit weights need method gptq (RTN/AWQ lose too much at 3 bits)")
         if self.bits == 16 and (self.method != "rtn" or self.activations or self.smoothquant):
             bad("bits", "16-bit is a plain cast: no method, activations or smoothquant")
@@ -153,7 +160,7 @@ class QuantizationConfig:
             bad("observer", f"unknown {self.observer!r}", "one of " + ", ".join(OBSERVERS))
         if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
             bad("smoothquant", f"alpha {self.smoothquant} is outside [0, 1]")
-        if self.smoothquant is not None and self.method == "awq":
+        if self.smoothquant is not None and self.awq_scaling:
             bad("smoothquant", "AWQ already rescales channels; use one of the two")
         if self.dtype16 not in ("float16", "bfloat16"):
             bad("dtype16", f"unknown {self.dtype16!r}", "float16 or bfloat16")

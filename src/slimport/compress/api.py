@@ -9,7 +9,7 @@ from slimport.errors import SlimportError
 
 # command-line options that map one-to-one onto QuantizationConfig fields
 CLI_OPTIONS = (
-    "bits", "method", "group_size", "granularity", "symmetric", "activations", "observer",
+    "bits", "method", "group_size", "granularity", "symmetric", "activations", "act_symmetric", "observer",
     "weight_observer", "smoothquant", "calib_data", "num_samples", "seq_len", "seed", "protect",
 )  # fmt: skip
 

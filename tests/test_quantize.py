@@ -8,6 +8,7 @@ the same recipes on the full test set.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -126,7 +127,7 @@ def test_recipe_yaml_and_seed_dict_form(tmp_path):
     ],
 )
 def test_impossible_options_are_refused_up_front(options, message):
-    with pytest.raises(SlimportError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(SlimportError, match=re.escape(message)):
         api.make_config(**options)
 
 
@@ -182,3 +183,13 @@ def test_cli_quantize_prints_sizes_and_writes_the_report(smollm2_hf, tmp_path, c
     assert "W8 per-channel RTN: 210 Linear layers quantized" in text and "MB ->" in text
     report = json.loads((tmp_path / "q/quantization_report.json").read_text())
     assert report["bytes_after"] < report["bytes_before"]
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert recipes
+    for r in recipes:
+        c = api.make_config(r)
+        assert c.needs_calibration and c.calib_data, r

@@ -304,7 +304,8 @@ def quantize_block(
             for c in consumers:
                 rows[c]["seconds"] += time.perf_counter() - t0
                 rows[c]["scaled_by"] = producer
-        if config.awq_scaling and config.awq.get("clip", True):
+        clip = config.awq.get("clip")
+        if config.awq_scaling and (clip or (clip is None and not config.gptq_weights)):
             from slimport.compress.quant.awq import awq_clip
 
             for n, m in linears.items():
@@ -623,7 +624,7 @@ def _block_tensors(module: nn.Module, prefix: str, config, compressed) -> list[_
         owner = n.rpartition(".")[0]
         if owner in qnames:
             continue
-        out.setdefault(_join(prefix, n), t.detach().clone())
+        out.setdefault(_join(prefix, n), t.detach())  # written before the module is freed
     return [_Tensor(n, t.contiguous()) for n, t in out.items()]
 
 

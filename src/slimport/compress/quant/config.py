@@ -57,7 +57,9 @@ class QuantizationConfig:
     dtype16: str = "float16"
     # algorithm knobs
     gptq: dict = field(default_factory=lambda: {"damp": 0.01, "block_size": 128, "act_order": True})
-    awq: dict = field(default_factory=lambda: {"grid": 20, "clip": True, "max_tokens": 4096})
+    # clip None = automatic: AWQ's weight clipping with RTN, none before GPTQ (whose error feedback
+    # does better alone: SmolLM2 W4 g64 perplexity 40.70 without clipping, 41.00 with)
+    awq: dict = field(default_factory=lambda: {"grid": 20, "clip": None, "max_tokens": 4096})
     # calibration data
     calib_data: str | None = None
     num_samples: int = 64

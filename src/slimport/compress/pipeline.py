@@ -103,26 +103,30 @@ class Skeleton:
         self.blocks_name, self.blocks = _find_blocks(self.model, hf_config.num_hidden_layers)
 
     def materialize(self, module: nn.Module, prefix: str) -> None:
-        """Give a meta submodule real memory: buffers from the model's own init, weights from the file."""
-        module.to_empty(device="cpu")
-        for (
-            sub
-        ) in module.modules():  # non-persistent buffers (rotary tables, ids) from the model's init
-            if set(dict(sub.named_buffers(recurse=False))) - set(sub.state_dict(keep_vars=True)):
+        """Give a meta submodule real memory: weights from the file, assigned without a second
+        copy; non-persistent buffers (rotary tables, position ids) from the model's own init."""
+        for sub in module.modules():
+            persistent = set(sub.state_dict(keep_vars=True))
+            if any(n not in persistent for n, _ in sub.named_buffers(recurse=False)):
+                sub.to_empty(device="cpu", recurse=False)
                 self.model._init_weights(sub)
-        with torch.no_grad():
-            for name, t in module.state_dict().items():
-                full = f"{prefix}.{name}" if prefix else name
-                p = self.planned.get(full) or self._tied(full)
-                if p is None:
-                    continue  # a buffer the checkpoint does not carry (position ids)
-                value = p.compute()
-                if tuple(value.shape) != tuple(t.shape):
-                    raise SlimportError(
-                        f"tensor {full!r}: checkpoint {list(value.shape)}, model {list(t.shape)}"
-                    )
-                _check_finite(full, value)
-                t.copy_(value)
+        state = {}
+        for name, t in module.state_dict(keep_vars=True).items():
+            full = f"{prefix}.{name}" if prefix else name
+            p = self.planned.get(full) or self._tied(full)
+            if p is None:
+                continue  # a buffer the checkpoint does not carry (position ids)
+            value = p.compute()
+            if tuple(value.shape) != tuple(t.shape):
+                raise SlimportError(
+                    f"tensor {full!r}: checkpoint {list(value.shape)}, model {list(t.shape)}"
+                )
+            _check_finite(full, value)
+            state[name] = value.to(t.dtype)
+        module.load_state_dict(state, strict=False, assign=True)
+        left = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+        if left:
+            raise SlimportError(f"the checkpoint has no tensor for {', '.join(_join(prefix, n) for n in left[:5])}")
 
     def _tied(self, name: str):
         tied = getattr(self.model, "_tied_weights_keys", None) or {}

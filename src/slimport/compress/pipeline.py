@@ -142,7 +142,10 @@ class Skeleton:
         return {}
 
     def free(self, module: nn.Module) -> None:
+        from slimport.io.base import release_freed_memory
+
         module.to("meta")
+        release_freed_memory()  # hand the block's pages back to the OS, or RSS only grows
 
     def close(self) -> None:
         self.source.source.close()

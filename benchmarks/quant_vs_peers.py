@@ -16,7 +16,7 @@ Peers live in their own virtual environment because llm-compressor pins older tr
 compressed-tensors than slimport's `.venv`; torch stays the very same 2.13.0 CPU wheel:
 
     .venv/bin/python benchmarks/quant_vs_peers.py --setup-peers     # once: .cache/peers-venv
-    .venv/bin/python benchmarks/quant_vs_peers.py                   # the full protocol (~20 min)
+    .venv/bin/python benchmarks/quant_vs_peers.py                   # the full protocol (~30 min, 2 cores)
     .venv/bin/python benchmarks/quant_vs_peers.py --windows 2 --calib 4 --threads 1 \\
         --only fp32,rtn,hqq                                         # a smoke run
 
@@ -323,7 +323,7 @@ def table(rows: dict[str, dict], a, command: str) -> str:
         f"calibration tokens (WikiText-2 valid, seed 0); {a.windows} x {SEQ_LEN} test windows "
         f"(WikiText-2 raw test); {a.threads} thread(s)",
         "",
-        "| method | perplexity | quant s | model MB | issue's ppl | bytes measured as |",
+        "| method | perplexity | quant s | model MB | issue (16 windows, 64 calib) | bytes measured as |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():

@@ -126,7 +126,9 @@ class Skeleton:
         module.load_state_dict(state, strict=False, assign=True)
         left = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
         if left:
-            raise SlimportError(f"the checkpoint has no tensor for {', '.join(_join(prefix, n) for n in left[:5])}")
+            raise SlimportError(
+                f"the checkpoint has no tensor for {', '.join(_join(prefix, n) for n in left[:5])}"
+            )
 
     def _tied(self, name: str):
         tied = getattr(self.model, "_tied_weights_keys", None) or {}
@@ -324,16 +326,22 @@ def quantize_block(
                 rows[n]["seconds"] += time.perf_counter() - t0
 
     # 3. weights
+    last_user = {
+        id(stats[n]): n for n in linears
+    }  # Linears sharing one Hessian: free it after the last
     for n, m in linears.items():
         t0 = time.perf_counter()
         w = m.weight.detach().float()
+        H = stats[n].hessian.value() if stats[n].hessian is not None else None
+        if last_user[id(stats[n])] == n:
+            stats[n].hessian = None
         if config.gptq_weights:
             from slimport.compress.quant.gptq import gptq
 
             g = config.gptq
             q, scale, zero = gptq(
                 w,
-                stats[n].hessian.value(),
+                H,
                 config.weights,
                 damp=g.get("damp", 0.01),
                 block_size=g.get("block_size", 128),
@@ -348,10 +356,10 @@ def quantize_block(
         ql = QuantLinear.from_linear(m, q, scale, zero, config.weights, config.inputs)
         rows[n]["seconds"] += time.perf_counter() - t0
         rows[n]["weight_rel_err"] = float((ql.weight - w).norm() / w.norm().clamp_min(1e-12))
-        if stats[n].hessian is not None:
-            H = stats[n].hessian.value().double()
-            d = (ql.weight - w).double()  # tr(d H d^T) / rows: the layer's mean output MSE x 2
+        if H is not None:
+            d = ql.weight - w  # tr(d H d^T) / rows: the layer's mean output MSE x 2
             rows[n]["output_err"] = max(0.0, float(((d @ H) * d).sum() / max(1, d.shape[0])))
+            del H, d
         _set_module(block, n, ql)
 
     # 4. static activation ranges, observed on the inputs the quantized weights produce
@@ -409,16 +417,17 @@ def _collect(block, linears, inputs, config, run) -> dict[str, Stats]:
         else None
     )
     gen = torch.Generator().manual_seed(config.seed)
-    # Linears fed the very same tensor (q/k/v, gate/up) share one Stats: one Hessian, not three
-    seen: dict[tuple, str] = {}
+    # Linears fed the very same tensor (q/k/v, gate/up) share one Stats: one Hessian, not three.
+    # `seen` holds the tensors themselves for the length of one forward: compared by identity and
+    # kept alive, so a later input can never reuse a freed one's address and be mistaken for it.
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
 
     def hook_for(n, in_features):
         if need_hessian:
             stats[n].hessian = Hessian(in_features)
 
         def hook(module, args):
-            key = (args[0].data_ptr(), tuple(args[0].shape))
-            owner = seen.setdefault(key, n)
+            owner = seen.setdefault(id(args[0]), (args[0], n))[1]
             if owner != n:
                 stats[n] = stats[owner]
                 return

@@ -50,13 +50,13 @@ class Hessian:
                 "GPTQ: no calibration tokens reached this layer",
                 hint="give calibration samples (calib_data, num_samples) that reach every layer",
             )
-        h = (2.0 / self.n) * self.sum
+        h = self.sum.float().mul_(2.0 / self.n)  # no float64 temporary: 5632^2 is 254 MB
         if not torch.isfinite(h).all():
             raise SlimportError(
                 "GPTQ: calibration inputs contain NaN/Inf",
                 hint="check the model weights and the calibration text",
             )
-        return h.float()
+        return h
 
 
 def _qparams(w: torch.Tensor, args: QuantArgs, observer: str) -> tuple[torch.Tensor, torch.Tensor]:

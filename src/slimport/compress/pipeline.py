@@ -34,6 +34,7 @@ from slimport.compress.quant.config import QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
 from slimport.compress.quant.observers import make_observer, mse_weight_qparams
 from slimport.errors import SlimportError
+from slimport.io.base import Ready
 
 # (producer, consumers) inside one block: scaling the producer's output channels down by s and the
 # consumers' input columns up by s preserves the block's function. Only producers whose output
@@ -607,28 +608,11 @@ def _nbytes(shape, dtype) -> int:
     return n
 
 
-@dataclass
-class _Tensor:
-    name: str
-    value: torch.Tensor
-
-    @property
-    def shape(self):
-        return tuple(self.value.shape)
-
-    @property
-    def dtype(self):
-        return self.value.dtype
-
-    def compute(self):
-        return self.value
-
-
-def _planned(tensors: list[_Tensor]) -> list[_Tensor]:
+def _planned(tensors: list[Ready]) -> list[Ready]:
     return sorted(tensors, key=lambda t: t.name)
 
 
-def _block_tensors(module: nn.Module, prefix: str, config, compressed) -> list[_Tensor]:
+def _block_tensors(module: nn.Module, prefix: str, config, compressed) -> list[Ready]:
     """A module's checkpoint entries: compressed-tensors entries for QuantLinears, the rest as is."""
     out: dict[str, torch.Tensor] = {}
     qnames = set()
@@ -641,7 +625,7 @@ def _block_tensors(module: nn.Module, prefix: str, config, compressed) -> list[_
         if owner in qnames:
             continue
         out.setdefault(_join(prefix, n), t.detach())  # written before the module is freed
-    return [_Tensor(n, t.contiguous()) for n, t in out.items()]
+    return [Ready(n, t.contiguous()) for n, t in out.items()]
 
 
 def _has_tail_linears(sk: Skeleton, config) -> bool:

@@ -78,6 +78,25 @@ except (OSError, AttributeError):
     _malloc_trim = None
 
 
+@dataclass
+class Ready:
+    """A tensor already in memory, in the form writers take (name, shape, dtype, compute())."""
+
+    name: str
+    value: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.value.dtype
+
+    def compute(self) -> torch.Tensor:
+        return self.value
+
+
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS; streaming writers call it after each tensor.
 

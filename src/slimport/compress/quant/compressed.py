@@ -22,7 +22,6 @@ import copy
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
 from slimport.errors import SlimportError, name_list
+from slimport.io.base import Ready
 
 RECIPE_FILE = "slimport_quantization.json"
 PACKED, INT = "pack-quantized", "int-quantized"
@@ -189,25 +189,6 @@ def linear_tensors(
     return {f"{prefix}.{k}": v for k, v in out.items()}
 
 
-@dataclass
-class _Planned:
-    """What slimport.io.safetensors.write needs of a tensor."""
-
-    name: str
-    value: torch.Tensor
-
-    @property
-    def shape(self):
-        return tuple(self.value.shape)
-
-    @property
-    def dtype(self):
-        return self.value.dtype
-
-    def compute(self) -> torch.Tensor:
-        return self.value
-
-
 def _storage_key(t: torch.Tensor):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
@@ -306,7 +287,7 @@ def save_quantized(
     config = config_json(model, qconfig)
     planned, before = [], 0
     for name, value, fp32 in _tensors(model, qconfig):
-        planned.append(_Planned(name, value))
+        planned.append(Ready(name, value))
         before += fp32
     with atomic_dir(Path(folder)) as tmp:
         files = safetensors.write_sharded(tmp, planned)

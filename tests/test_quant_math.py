@@ -245,7 +245,7 @@ def test_gptq_equals_the_textbook_reference_for_any_block_size(args, act_order):
     H = correlated_hessian(16)
     ref_q, ref_s, ref_z = gptq_reference(w, H, args, act_order=act_order)
     for block in (1, 3, 5, 16, 128):
-        q, s, z = gptq(w, H, args, block_size=block, act_order=act_order)
+        q, s, z, _ = gptq(w, H, args, block_size=block, act_order=act_order)
         assert torch.equal(q, ref_q.float()), f"block_size {block}"
         torch.testing.assert_close(s, ref_s.float())
         assert torch.equal(z, ref_z.float())
@@ -255,8 +255,8 @@ def test_gptq_tiny_layer_block_size_does_not_matter_float32():
     w = torch.randn(4, 8, generator=gen(4))
     H = correlated_hessian(8).float()
     args = QuantArgs(4, True, "channel")
-    q1, s1, z1 = gptq(w, H, args, block_size=1, act_order=False)
-    q8, s8, z8 = gptq(w, H, args, block_size=8, act_order=False)
+    q1, s1, z1, _ = gptq(w, H, args, block_size=1, act_order=False)
+    q8, s8, z8, _ = gptq(w, H, args, block_size=8, act_order=False)
     assert torch.equal(q1, q8) and torch.equal(s1, s8) and torch.equal(z1, z8)
     qmin, qmax = P.qrange(4)
     assert q1.min() >= qmin and q1.max() <= qmax and torch.equal(q1, q1.round())
@@ -268,7 +268,7 @@ def test_gptq_without_correlations_is_rtn(act_order):
     w = torch.randn(8, 32, generator=gen(5))
     H = torch.diag(torch.rand(32, generator=gen(6)) + 0.1)
     for args in (QuantArgs(4, True, "channel"), QuantArgs(4, False, "group", 8)):
-        q, s, z = gptq(w, H, args, act_order=act_order)
+        q, s, z, _ = gptq(w, H, args, act_order=act_order)
         rq, rs, rz = P.rtn(w, args)
         assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(z, rz)
 
@@ -286,7 +286,7 @@ def test_gptq_without_correlations_is_rtn(act_order):
 def test_gptq_output_error_is_below_rtn_on_correlated_inputs(args, act_order):
     w = torch.randn(32, 64, generator=gen(7))
     H = correlated_hessian(64, seed=8).float()
-    q, s, z = gptq(w, H, args, act_order=act_order)
+    q, s, z, _ = gptq(w, H, args, act_order=act_order)
     rq, rs, rz = P.rtn(w, args)
     assert out_err(w, deq(q, s, z, args), H) < 0.8 * out_err(w, deq(rq, rs, rz, args), H)
 
@@ -298,7 +298,7 @@ def test_gptq_act_order_groups_are_static_in_original_column_order():
     w = torch.randn(16, 32, generator=gen(9))
     H = correlated_hessian(32, seed=10).float()
     assert not torch.equal(torch.argsort(torch.diag(H), descending=True), torch.arange(32))
-    q, s, z = gptq(w, H, args, act_order=True)
+    q, s, z, _ = gptq(w, H, args, act_order=True)
     _, rs, rz = P.rtn(w, args)
     assert torch.equal(s, rs) and torch.equal(z, rz) and s.shape == (16, 4)
     rtn_wq = P.fake_quantize(w, args, rs, rz)
@@ -311,7 +311,7 @@ def test_gptq_dead_input_column_quantizes_to_zero():
     H[5, :], H[:, 5] = 0, 0  # input 5 never fires on the calibration data
     w = torch.randn(8, 16, generator=gen(12))
     for act_order in (False, True):
-        q, s, z = gptq(w, H, args, act_order=act_order)
+        q, s, z, _ = gptq(w, H, args, act_order=act_order)
         wq = deq(q, s, z, args)
         assert torch.all(wq[:, 5] == 0) and torch.isfinite(wq).all()
 
@@ -321,7 +321,7 @@ def test_gptq_mse_weight_observer_uses_the_clipping_search():
     w = torch.randn(8, 256, generator=gen(13))
     w[:, 0] = 5.0  # one outlier per row: min-max would spend the 4-bit grid on it
     H = correlated_hessian(256, seed=14).float()
-    _, s, z = gptq(w, H, args, weight_observer="mse")
+    _, s, z, _ = gptq(w, H, args, weight_observer="mse")
     ms, mz = mse_weight_qparams(w, args)
     assert torch.equal(s, ms) and torch.equal(z, mz)
     assert torch.all(s < P.rtn(w, args)[1])
@@ -553,3 +553,41 @@ def test_awq_scales_folded_into_a_block_lower_its_quantized_error():
         fold_scales(ln, [lin], awq_scales(h, [lin.weight], args))
         torch.testing.assert_close(lin(ln(x)), ref, atol=1e-4, rtol=1e-5)
         assert quantized_error() < 0.8 * e_rtn
+
+
+@pytest.mark.parametrize(
+    "args,act_order",
+    [(QuantArgs(4, True, "channel"), False), (QuantArgs(4, False, "group", 4), True)],
+    ids=str,
+)
+def test_gptq_loss_is_the_damped_output_error_of_each_row(args, act_order):
+    w = torch.randn(6, 16, generator=gen(16), dtype=torch.float64)
+    H = correlated_hessian(16, seed=17)
+    q, s, z, loss = gptq(w, H, args, act_order=act_order, damp=0.05)
+    D = w - deq(q.double(), s.double(), z.double(), args)
+    H_damped = H + 0.05 * H.diagonal().mean() * torch.eye(16, dtype=H.dtype)
+    torch.testing.assert_close(loss, ((D @ H_damped) * D).sum(1), rtol=1e-5, atol=1e-9)
+
+
+def test_gptq_consumes_a_hessian_accumulator_and_leaves_a_tensor_alone():
+    x = torch.randn(64, 16, generator=gen(18)) @ torch.randn(16, 16, generator=gen(19))
+    h = Hessian(16)
+    h.add(x)
+    H = h.value()
+    kept = H.clone()
+    w = torch.randn(8, 16, generator=gen(20))
+    first = gptq(w, H, QuantArgs(4, True, "channel"))
+    assert torch.equal(H, kept)
+    second = gptq(w, h, QuantArgs(4, True, "channel"))
+    assert torch.equal(first.q, second.q) and h.sum is None
+
+
+def test_gptq_of_stacked_weights_equals_one_call_each():
+    """Linears sharing an input (q/k/v) are quantized as one matrix: rows are independent."""
+    H = correlated_hessian(16, seed=21).float()
+    parts = [torch.randn(n, 16, generator=gen(22 + n)) for n in (4, 2, 2)]
+    args = QuantArgs(4, False, "group", 8)
+    stacked = gptq(parts, H, args)
+    one_by_one = [gptq(w, H, args) for w in parts]
+    for i, field in enumerate(("q", "scale", "zero", "loss")):
+        torch.testing.assert_close(stacked[i], torch.cat([r[i] for r in one_by_one]), msg=field)

@@ -34,7 +34,7 @@ from slimport.compress.quant.config import QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
 from slimport.compress.quant.observers import make_observer, mse_weight_qparams
 from slimport.errors import SlimportError
-from slimport.io.base import Ready
+from slimport.io.base import Ready, release_freed_memory
 
 # (producer, consumers) inside one block: scaling the producer's output channels down by s and the
 # consumers' input columns up by s preserves the block's function. Only producers whose output
@@ -145,8 +145,6 @@ class Skeleton:
         return {}
 
     def free(self, module: nn.Module) -> None:
-        from slimport.io.base import release_freed_memory
-
         module.to("meta")
         release_freed_memory()  # hand the block's pages back to the OS, or RSS only grows
 
@@ -275,93 +273,28 @@ def quantize_block(
     for n, m in linears.items():
         _check_finite(_join(prefix, n) + ".weight", m.weight)
     stats = _collect(block, linears, inputs, config, run)
+    release_freed_memory()  # the forward's activations: heap holes that would stay resident
     rows: dict[str, dict] = {n: {"module": _join(prefix, n), "seconds": 0.0} for n in linears}
 
     # 2. scale migration
     if config.smoothquant is not None or config.awq_scaling:
-        from slimport.compress.quant.scaling import fold_scales
+        _migrate_scales(block, linears, stats, config, model_type, rows)
+    for st in stats.values():
+        st.sample = []  # AWQ's token sample is spent: off the working set before GPTQ
 
-        mods = dict(block.named_modules())
-        for producer, consumers in SMOOTHING.get(model_type, []):
-            if producer not in mods or not all(c in linears for c in consumers):
-                continue
-            cons = [linears[c] for c in consumers]
-            if (
-                isinstance(mods[producer], nn.Linear)
-                and mods[producer].out_features != cons[0].in_features
-            ):
-                continue  # grouped-query attention: v has fewer rows than o has columns
-            st = stats[consumers[0]]
-            t0 = time.perf_counter()
-            if config.smoothquant is not None:
-                # every pair, up_proj -> down_proj included: SwiGLU's product carries the largest
-                # activation outliers of a Llama block, and they reach down_proj's input
-                from slimport.compress.quant.smoothquant import smooth_scales
-
-                s = smooth_scales(st.absmax, [c.weight for c in cons], config.smoothquant)
-            else:
-                from slimport.compress.quant.awq import awq_scales
-
-                s = awq_scales(
-                    torch.cat(st.sample),
-                    [c.weight for c in cons],
-                    config.weights,
-                    grid=config.awq.get("grid", 20),
-                )
-            fold_scales(mods[producer], cons, s)
-            for st in {id(stats[c]): stats[c] for c in consumers}.values():
-                _rescale(st, s)
-            for c in consumers:
-                rows[c]["seconds"] += time.perf_counter() - t0
-                rows[c]["scaled_by"] = producer
-        clip = config.awq.get("clip")
-        if config.awq_scaling and (clip or (clip is None and not config.gptq_weights)):
-            from slimport.compress.quant.awq import awq_clip
-
-            for n, m in linears.items():
-                if NO_CLIP.search(n):
-                    continue
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    m.weight.copy_(awq_clip(m.weight, torch.cat(stats[n].sample), config.weights))
-                rows[n]["seconds"] += time.perf_counter() - t0
-
-    # 3. weights
-    last_user = {
-        id(stats[n]): n for n in linears
-    }  # Linears sharing one Hessian: free it after the last
-    for n, m in linears.items():
-        t0 = time.perf_counter()
-        w = m.weight.detach().float()
-        H = stats[n].hessian.value() if stats[n].hessian is not None else None
-        if last_user[id(stats[n])] == n:
-            stats[n].hessian = None
-        if config.gptq_weights:
-            from slimport.compress.quant.gptq import gptq
-
-            g = config.gptq
-            q, scale, zero = gptq(
-                w,
-                H,
-                config.weights,
-                damp=g.get("damp", 0.01),
-                block_size=g.get("block_size", 128),
-                act_order=g.get("act_order", True),
-                weight_observer=config.weight_observer,
+    # 3. weights. Linears fed one input share its Hessian, and GPTQ quantizes them as one matrix:
+    # it treats rows independently, so stacking q/k/v (gate/up) gives what three calls would,
+    # with one Cholesky and one column loop instead of three. Per-tensor scales span one Linear
+    # only, so there each keeps its own call.
+    shared: dict[int, list[str]] = {}
+    for n in linears:
+        shared.setdefault(id(stats[n]), []).append(n)
+    for names in shared.values():
+        stack = config.gptq_weights and config.weights.granularity != "tensor"
+        for part in [names] if stack else [[n] for n in names]:
+            _quantize_weights(
+                block, part, linears, stats[part[0]], config, rows, part[-1] == names[-1]
             )
-        elif config.weight_observer == "mse":
-            scale, zero = mse_weight_qparams(w, config.weights)
-            q = P.quantize_tensor(w, config.weights, scale, zero)
-        else:
-            q, scale, zero = P.rtn(w, config.weights)
-        ql = QuantLinear.from_linear(m, q, scale, zero, config.weights, config.inputs)
-        rows[n]["seconds"] += time.perf_counter() - t0
-        rows[n]["weight_rel_err"] = float((ql.weight - w).norm() / w.norm().clamp_min(1e-12))
-        if H is not None:
-            d = ql.weight - w  # tr(d H d^T) / rows: the layer's mean output MSE x 2
-            rows[n]["output_err"] = max(0.0, float(((d @ H) * d).sum() / max(1, d.shape[0])))
-            del H, d
-        _set_module(block, n, ql)
 
     # 4. static activation ranges, observed on the inputs the quantized weights produce
     if config.activations == "static":
@@ -382,6 +315,104 @@ def quantize_block(
             m.set_input_qparams(*obs[n].qparams())
             rows[n]["input_scale"] = float(m.input_scale)
     return list(rows.values())
+
+
+def _migrate_scales(block, linears, stats, config, model_type: str, rows) -> None:
+    """SmoothQuant or AWQ scales for every (producer, consumers) pair, folded into the weights;
+    then AWQ's weight clipping."""
+    from slimport.compress.quant.scaling import fold_scales
+
+    mods = dict(block.named_modules())
+    for producer, consumers in SMOOTHING.get(model_type, []):
+        if producer not in mods or not all(c in linears for c in consumers):
+            continue
+        cons = [linears[c] for c in consumers]
+        if (
+            isinstance(mods[producer], nn.Linear)
+            and mods[producer].out_features != cons[0].in_features
+        ):
+            continue  # grouped-query attention: v has fewer rows than o has columns
+        st = stats[consumers[0]]
+        t0 = time.perf_counter()
+        if config.smoothquant is not None:
+            # every pair, up_proj -> down_proj included: SwiGLU's product carries the largest
+            # activation outliers of a Llama block, and they reach down_proj's input
+            from slimport.compress.quant.smoothquant import smooth_scales
+
+            s = smooth_scales(st.absmax, [c.weight for c in cons], config.smoothquant)
+        else:
+            from slimport.compress.quant.awq import awq_scales
+
+            s = awq_scales(
+                torch.cat(st.sample), [c.weight for c in cons], config.weights,
+                grid=config.awq.get("grid", 20),
+            )  # fmt: skip
+        fold_scales(mods[producer], cons, s)
+        for st in {id(stats[c]): stats[c] for c in consumers}.values():
+            _rescale(st, s)
+        for c in consumers:
+            rows[c]["seconds"] += time.perf_counter() - t0
+            rows[c]["scaled_by"] = producer
+    clip = config.awq.get("clip")
+    if config.awq_scaling and (clip or (clip is None and not config.gptq_weights)):
+        from slimport.compress.quant.awq import awq_clip
+
+        for n, m in linears.items():
+            if NO_CLIP.search(n):
+                continue
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                m.weight.copy_(awq_clip(m.weight, torch.cat(stats[n].sample), config.weights))
+            rows[n]["seconds"] += time.perf_counter() - t0
+
+
+def _quantize_weights(block, names, linears, st: Stats, config, rows, last: bool) -> None:
+    """Quantize the Linears `names` (sharing the input statistics `st`) into QuantLinears, in
+    place in `block`; the float Linears are let go as soon as their replacement exists."""
+    t0 = time.perf_counter()
+    ws = [linears[n].weight.detach().float() for n in names]
+    sizes = [w.shape[0] for w in ws]
+    loss = None
+    if config.gptq_weights:
+        from slimport.compress.quant.gptq import gptq
+
+        # the last user of the Hessian hands it over: GPTQ works in its memory
+        H = st.hessian if last else st.hessian.value()
+        if last:
+            st.hessian = None
+        g = config.gptq
+        q, scale, zero, loss = gptq(
+            ws,
+            H,
+            config.weights,
+            damp=g.get("damp", 0.01),
+            block_size=g.get("block_size", 128),
+            act_order=g.get("act_order", True),
+            weight_observer=config.weight_observer,
+        )
+        # own storage per Linear (views of one tensor would be saved as shared memory); the
+        # integers as int8 at once, a quarter of the float copy
+        split = [[p.clone() for p in t.split(sizes)] for t in (scale, zero, loss)]
+        ints = [p.to(torch.int8) for p in q.split(sizes)]
+        del q
+        parts = list(zip(ints, *split, strict=True))
+    else:
+        parts = []
+        for w in ws:
+            if config.weight_observer == "mse":
+                scale, zero = mse_weight_qparams(w, config.weights)
+                parts.append((P.quantize_tensor(w, config.weights, scale, zero), scale, zero, None))
+            else:
+                parts.append((*P.rtn(w, config.weights), None))
+    seconds = (time.perf_counter() - t0) / len(names)
+    for n, w, (q, scale, zero, row_loss) in zip(names, ws, parts, strict=True):
+        t0 = time.perf_counter()
+        ql = QuantLinear.from_linear(linears.pop(n), q, scale, zero, config.weights, config.inputs)
+        _set_module(block, n, ql)
+        rows[n]["seconds"] += seconds + time.perf_counter() - t0
+        rows[n]["weight_rel_err"] = float((ql.weight - w).norm() / w.norm().clamp_min(1e-12))
+        if row_loss is not None:  # GPTQ's objective tr(dW H dW^T) per row: mean output MSE x 2
+            rows[n]["output_err"] = float(row_loss.sum()) / max(1, q.shape[0])
 
 
 def _join(prefix: str, name: str) -> str:
@@ -469,8 +500,8 @@ def _rescale(st: Stats, s: torch.Tensor) -> None:
         st.absmax = st.absmax / s
     if st.sample:
         st.sample = [x / s for x in st.sample]
-    if st.hessian is not None:  # H = 2/n sum x x^T, so x / s gives H / (s s^T)
-        st.hessian.sum /= torch.outer(s, s).double()
+    if st.hessian is not None:
+        st.hessian.scale_inputs(s)
 
 
 # ----------------------------------------------------------------- whole model
@@ -487,6 +518,13 @@ def quantize(
     `calibration` is a list of model-input dicts (input_ids, attention_mask, ...); required when
     the recipe needs data (GPTQ, AWQ, SmoothQuant, static activations).
     """
+    from slimport.io.base import bounded_heap
+
+    with bounded_heap():
+        return _quantize(source, out, config, calibration, tokenizer_dir, progress)
+
+
+def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict:
     from slimport.compress.quant import compressed
     from slimport.io import safetensors as st_io
     from slimport.io.base import atomic_dir

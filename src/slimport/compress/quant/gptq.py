@@ -10,6 +10,9 @@ With act_order and groups the group qparams are fixed up front from the unpermut
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 
 from slimport.compress.quant import primitives as P
@@ -21,8 +24,8 @@ from slimport.errors import SlimportError
 class Hessian:
     """Accumulates H = 2/n * sum x x^T over calibration tokens for one Linear input.
 
-    Each batch's x^T x is a float32 matmul (the expensive part); the running sum is float64 so
-    thousands of batches lose nothing to accumulation order. It lives on the first batch's device."""
+    The sum is float32, added to in place by one matmul per batch (no per-batch temporary the
+    size of H: at 5632 inputs that is 127 MB); GPTQ's reference code accumulates the same way."""
 
     def __init__(self, in_features: int) -> None:
         self.in_features = in_features
@@ -38,25 +41,37 @@ class Hessian:
         if x.shape[0] == 0:
             return
         if self.sum is None:
-            self.sum = torch.zeros(
-                self.in_features, self.in_features, dtype=torch.float64, device=x.device
-            )
-        self.sum += (x.T @ x).to(self.sum)
+            self.sum = torch.zeros(self.in_features, self.in_features, device=x.device)
+        self.sum.addmm_(x.T, x)
         self.n += x.shape[0]
 
+    def scale_inputs(self, s: torch.Tensor) -> None:
+        """The inputs became x / s (a folded smoothing/AWQ scale): H becomes H / (s s^T)."""
+        if self.sum is not None:
+            self.sum.div_(s.unsqueeze(1)).div_(s.unsqueeze(0))
+
     def value(self) -> torch.Tensor:
-        if self.n == 0:
+        """H as a new tensor; the accumulator stays usable."""
+        self._check()
+        return self.sum * (2.0 / self.n)
+
+    def take(self) -> torch.Tensor:
+        """H, computed in the accumulator's own memory, which this Hessian gives up."""
+        self._check()
+        h, self.sum = self.sum.mul_(2.0 / self.n), None
+        return h
+
+    def _check(self) -> None:
+        if self.n == 0 or self.sum is None:
             raise SlimportError(
                 "GPTQ: no calibration tokens reached this layer",
                 hint="give calibration samples (calib_data, num_samples) that reach every layer",
             )
-        h = self.sum.float().mul_(2.0 / self.n)  # no float64 temporary: 5632^2 is 254 MB
-        if not torch.isfinite(h).all():
+        if not torch.isfinite(self.sum).all():
             raise SlimportError(
                 "GPTQ: calibration inputs contain NaN/Inf",
                 hint="check the model weights and the calibration text",
             )
-        return h
 
 
 def _qparams(w: torch.Tensor, args: QuantArgs, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,109 +83,131 @@ def _qparams(w: torch.Tensor, args: QuantArgs, observer: str) -> tuple[torch.Ten
     return P.qparams(*P.minmax(w, args), args.bits, args.symmetric)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, so that H^-1 = U^T U."""
+class GPTQResult(NamedTuple):
+    q: torch.Tensor  # integers as floats, original column order
+    scale: torch.Tensor  # shaped like primitives.minmax: [out, groups] / [out, 1] / [1]
+    zero: torch.Tensor
+    loss: torch.Tensor  # [out]: row r's (w_r - q_r) H_damped (w_r - q_r)^T, what GPTQ minimised
+
+
+def _inverse_cholesky_factor(
+    H: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor, damp: float, like: torch.Tensor
+) -> torch.Tensor:
+    """Upper Cholesky factor U of Hp^-1 (Hp^-1 = U^T U), Hp = H permuted by `perm`, dead inputs'
+    diagonal set to 1, damped by damp * mean(diag); dtype and device of `like`.
+
+    With J the flip (exchange) matrix, J Hp J = L L^T gives Hp = R R^T for the upper triangular
+    R = J L J, so Hp^-1 = R^-T R^-1 and U = R^-1 = J L^-1 J (upper, positive diagonal: the factor
+    is unique). One Cholesky and one in-place triangular solve, at most two n x n matrices alive
+    besides H (the textbook way, invert and factor again, takes 5x the time and more copies)."""
     n = H.shape[0]
-    H = H.clone()
-    H.diagonal().add_(damp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if info == 0:
-        # H^-1 = L^-T L^-1 (torch.cholesky_inverse is ~20x slower on CPU at these sizes)
-        eye = torch.eye(n, dtype=H.dtype, device=H.device)
-        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-        U, info = torch.linalg.cholesky_ex(Linv.T @ Linv, upper=True)
+    rev = perm.flip(0)
+    rev = rev.to(H.device)
+    Hf = H[rev.unsqueeze(1), rev].to(like)
+    Hf.diagonal()[dead[rev].to(Hf.device)] = 1.0
+    Hf.diagonal().add_(damp * Hf.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(Hf)
+    del Hf
     if info != 0:
         raise SlimportError(
             f"GPTQ: the damped Hessian ({n}x{n}) is not positive definite (damp={damp})",
             hint="raise gptq.damp (e.g. 0.1), or give more / more varied calibration samples",
         )
-    return U
+    Linv = torch.eye(n, dtype=L.dtype, device=L.device)
+    torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)
+    del L
+    return Linv.flip(0, 1)
 
 
 def gptq(
-    w: torch.Tensor,
-    H: torch.Tensor,
+    w: torch.Tensor | Sequence[torch.Tensor],
+    H: torch.Tensor | Hessian,
     args: QuantArgs,
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
     weight_observer: str = "min_max",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> GPTQResult:
     """Quantize w [out, in] given the input Hessian H [in, in].
 
-    Returns (q, scale, zero): q the integers (float tensor, original column order), scale/zero
-    shaped like primitives.minmax ([out, groups] / [out, 1] / [1]). Computes in float64 when w is
-    float64 (tests use that to compare against a reference exactly), float32 otherwise."""
-    if w.ndim != 2 or H.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"GPTQ: weight {tuple(w.shape)} and Hessian {tuple(H.shape)} do not match")
+    w may be a list of weights that share the input (q/k/v): GPTQ treats rows independently, so
+    quantizing them stacked gives what one call each would, with one Cholesky and one column
+    loop. Results are then for the stacked rows. H is a tensor, left as it is, or a `Hessian` accumulator, which is consumed: then no n x n
+    matrix outlives the one working copy (at 5632 inputs each is 127 MB), so the peak is two.
+    Computes in float64 when w is float64 (tests use that to compare against a reference
+    exactly), float32 otherwise."""
+    if isinstance(H, Hessian):
+        H = H.take()
+    ws = [w] if isinstance(w, torch.Tensor) else list(w)
+    for x in ws:
+        if x.ndim != 2 or H.shape != (x.shape[1], x.shape[1]):
+            raise ValueError(
+                f"GPTQ: weight {tuple(x.shape)} and Hessian {tuple(H.shape)} do not match"
+            )
     if block_size <= 0:
         raise ValueError(f"GPTQ: block_size must be positive, got {block_size}")
-    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    W = w.detach().to(dtype).clone()
-    H = H.detach().to(W.device, dtype).clone()
+    dtype = torch.float64 if ws[0].dtype == torch.float64 else torch.float32
+    W = torch.cat([x.detach().to(dtype) for x in ws]) if len(ws) > 1 else ws[0].to(dtype, copy=True)
+    del ws, w  # the working copy is the only one GPTQ holds
     rows, cols = W.shape
     grouped = args.granularity == "group"
     g = args.group_size if grouped else cols
     if grouped and cols % g:
         raise ValueError(f"GPTQ: {cols} columns are not a multiple of group size {g}")
     ch_args = QuantArgs(args.bits, args.symmetric, "channel")  # for one group's columns
+    qmin, qmax = P.qrange(args.bits)
 
     # inputs that never fire carry no information: quantize those weights to exactly 0
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    static = grouped and act_order
-    if not grouped or static:  # qparams fixed before any error feedback
+    static = not grouped or act_order  # qparams fixed before any error feedback
+    if static:
         scale, zero = _qparams(W, args, weight_observer)
 
     perm = torch.arange(cols, device=W.device)
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    U = _inverse_cholesky(H, damp)
+        W = W[:, perm]  # the unpermuted copy is freed here
+    U = _inverse_cholesky_factor(H, perm, dead, damp, like=W)
     del H
-    group_of = (perm // g).tolist()  # group (original order) of each permuted column
+    if static:  # the group (original order) of every permuted column
+        group_of = perm // g if grouped else torch.zeros_like(perm)
+        scale2, zero2 = scale.reshape(scale.shape[0], -1), zero.reshape(zero.shape[0], -1)
 
-    def col_params(j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """scale/zero [rows or 1] of permuted column j (static cases)."""
-        if grouped:
-            k = group_of[j]
-            return scale[:, k], zero[:, k]
-        return scale.reshape(-1), zero.reshape(-1)
-
-    Q = torch.zeros_like(W)
+    Q = torch.empty_like(W)  # in the original column order
+    where = perm.tolist()
     dyn_scales, dyn_zeros = [], []
-    s = z = None
+    loss = torch.zeros(rows, dtype=dtype, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = W[:, i1:i2]  # a view: updated in place
+        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
+        if static:  # this block's columns' scale/zero [rows or 1, block]
+            bs, bz = scale2[:, group_of[i1:i2]], zero2[:, group_of[i1:i2]]
         for i in range(i2 - i1):
             j = i1 + i
-            if grouped and not static:
-                if j % g == 0:  # a new group: its range from the *current* (updated) columns
-                    cur = W1[:, i : i + g]
-                    if j + g > i2:  # part of the group is past this block: apply pending updates
-                        rest = W[:, i2 : j + g] - Err1[:, :i] @ U[i1:j, i2 : j + g]
-                        cur = torch.cat([cur, rest], 1)
-                    s, z = _qparams(cur, ch_args, weight_observer)
-                    s, z = s.reshape(-1), z.reshape(-1)
-                    dyn_scales.append(s)
-                    dyn_zeros.append(z)
-            else:
-                s, z = col_params(j)
+            if static:
+                s, z = bs[:, i], bz[:, i]
+            elif j % g == 0:  # a new group: its range from the *current* (updated) columns
+                cur = W1[:, i : i + g]
+                if j + g > i2:  # part of the group is past this block: apply pending updates
+                    rest = W[:, i2 : j + g] - Err1[:, :i] @ U[i1:j, i2 : j + g]
+                    cur = torch.cat([cur, rest], 1)
+                s, z = _qparams(cur, ch_args, weight_observer)
+                s, z = s.reshape(-1), z.reshape(-1)
+                dyn_scales.append(s)
+                dyn_zeros.append(z)
             col = W1[:, i]
-            q = P.quantize(col, s, z, args.bits)
-            Q[:, j] = q
-            err = (col - P.dequantize(q, s, z)) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            q = torch.round(col / s + z).clamp_(qmin, qmax)  # = primitives.quantize
+            Q[:, where[j]] = q
+            err = Err1[:, i]
+            torch.sub(col, (q - z) * s, out=err).div_(U1[i, i])
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # OBS update of the columns still to go
+        loss += Err1.pow(2).sum(1)  # OBS: each column adds err^2 to the output error
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # lazy update of the later blocks
 
-    if grouped and not static:
+    if not static:
         scale, zero = torch.stack(dyn_scales, 1), torch.stack(dyn_zeros, 1)
-    if act_order:
-        Q = Q[:, torch.argsort(perm)]
-    return Q.float(), scale.float(), zero.float()
+    return GPTQResult(Q.float(), scale.float(), zero.float(), loss)

@@ -104,6 +104,8 @@ def load(
         notes.append(f"user mapping renamed {len(renamed)} tensor(s)")
     if prefixed:
         notes.append(f"the checkpoint stores the bare base model: read with prefix {prefixed!r}")
+    if "dequantized_from" in ckpt.metadata:
+        notes.append(f"weights dequantized from {ckpt.metadata['dequantized_from']}")
     return Model(ckpt, family, dict(raw), cfg, dialect, hub, ignored + ckpt.skipped, notes)
 
 

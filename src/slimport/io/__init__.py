@@ -104,6 +104,16 @@ def open_checkpoint(
         ckpt.config = read_json(p.parent / "config.json")
     if not ckpt.tokenizer_files:
         ckpt.tokenizer_files = tokenizer_files(p.parent)
+    qc = (ckpt.config or {}).get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+        # a model slimport (or llm-compressor) quantized: read as the float model it computes
+        from slimport.compress.quant.compressed import dequantized_view
+
+        try:
+            ckpt = dequantized_view(ckpt)
+        except BaseException:
+            ckpt.close()
+            raise
     return ckpt
 
 

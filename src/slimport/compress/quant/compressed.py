@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimport.compress.quant import primitives as P
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
 from slimport.errors import SlimportError, name_list
@@ -469,10 +470,121 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, QuantizationConfig]:
     return model.eval(), qconfig
 
 
+def _read_linear(ckpt, name: str, shape, wargs: QuantArgs, fmt: str, take) -> tuple:
+    """(integers, scale, zero point) of the quantized Linear `name` with weight `shape`, checked
+    against the scheme; `take(tensor name, what)` reads a checkpoint tensor."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    out_f, in_f = shape
+    if wargs.granularity == "group" and in_f % wargs.group_size:
+        raise SlimportError(
+            f"{name}: {in_f} input features are not a multiple of group size {wargs.group_size}"
+        )
+    if fmt == PACKED:
+        packed = take(f"{name}.weight_packed", "packed weight")
+        stored = take(f"{name}.weight_shape", "weight shape").tolist()
+        if stored != [out_f, in_f] or packed.dtype != torch.int32:
+            raise SlimportError(
+                f"{ckpt.path}: {name}.weight_packed is {stored} {packed.dtype}, the model needs [{out_f}, {in_f}] int32"
+            )
+        q = unpack_from_int32(packed, wargs.bits, torch.Size(stored))
+    else:
+        q = take(f"{name}.weight", "int8 weight")
+        if list(q.shape) != [out_f, in_f] or q.dtype != torch.int8:
+            raise SlimportError(
+                f"{ckpt.path}: {name}.weight is {list(q.shape)} {q.dtype}, the model needs [{out_f}, {in_f}] int8"
+            )
+    scale = take(f"{name}.weight_scale", "weight scales")
+    groups = {"tensor": None, "channel": 1, "group": in_f // (wargs.group_size or 1)}[
+        wargs.granularity
+    ]
+    want = [1] if groups is None else [out_f, groups]
+    if list(scale.shape) != want:
+        raise SlimportError(
+            f"{ckpt.path}: {name}.weight_scale has shape {list(scale.shape)}, expected {want}"
+        )
+    if wargs.symmetric:
+        zero = torch.zeros(want, dtype=torch.int8)
+    else:
+        zero = take(f"{name}.weight_zero_point", "weight zero points")
+        if fmt == PACKED and wargs.granularity in PACKED_ZP:
+            zero = unpack_from_int32(zero, wargs.bits, torch.Size(want), packed_dim=0)
+        if list(zero.shape) != want:
+            raise SlimportError(
+                f"{ckpt.path}: {name}.weight_zero_point has shape {list(zero.shape)}, expected {want}"
+            )
+    return q, scale, zero
+
+
+def dequantized_view(ckpt):
+    """A compressed-tensors checkpoint read as the float model it computes, for every path that
+    reads float checkpoints (MindSpore, GGUF/ONNX export, verify): each quantized Linear's
+    `weight` is its dequantized integers (exactly QuantLinear.weight), made lazily when read;
+    the integer, scale and zero-point tensors are consumed. Weight-only schemes: quantized
+    activations have no float-weight equivalent, so those checkpoints are refused."""
+    import dataclasses
+
+    from slimport.io.base import TensorInfo
+
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    qc = ckpt.config["quantization_config"]
+    ct, s, fmt = _scheme_from(folder / "config.json", qc)
+    qconfig = _recipe(folder, ct, s)
+    if qconfig.inputs is not None:
+        raise SlimportError(
+            f"{folder}: its activations are quantized too ({qconfig.activations} int8 inputs), "
+            "which float weights cannot carry",
+            hint="run it with slimport.compress.quant.compressed.load_quantized (torch), or "
+            "quantize weight-only to take it to another runtime",
+        )
+    wargs = qconfig.weights
+    suffix = ".weight_scale"
+    linears = [n[: -len(suffix)] for n in ckpt.infos if n.endswith(suffix)]
+    if not linears:
+        raise SlimportError(f"{folder}: compressed-tensors config, but no quantized tensors")
+    parts = {f"{n}.{k}" for n in linears for k in ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point")}  # fmt: skip
+    infos = {k: v for k, v in ckpt.infos.items() if k not in parts}
+    for n in linears:
+        if fmt == PACKED:
+            if f"{n}.weight_shape" not in ckpt.infos:
+                raise SlimportError(f"{ckpt.path}: tensor {n + '.weight_shape'!r} is missing")
+            shape = tuple(ckpt.load(f"{n}.weight_shape").tolist())
+        else:
+            shape = tuple(ckpt.infos[f"{n}.weight"].shape)
+        infos[f"{n}.weight"] = TensorInfo(shape, torch.float32)
+    shapes = {f"{n}.weight": (n, infos[f"{n}.weight"].shape) for n in linears}
+
+    def take(name: str, what: str) -> torch.Tensor:
+        if name not in ckpt.infos:
+            raise SlimportError(
+                f"{ckpt.path}: tensor {name!r} is missing ({what})",
+                hint="the checkpoint is incomplete or was written with a different scheme",
+            )
+        return ckpt.load(name)
+
+    def load(name: str) -> torch.Tensor:
+        if name not in shapes:
+            return ckpt.load(name)
+        module, shape = shapes[name]
+        q, scale, zero = _read_linear(ckpt, module, shape, wargs, fmt, take)
+        return P.dequantize_tensor(q.float(), wargs, scale.float(), zero.float())
+
+    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    what = f"W{wargs.bits} {wargs.granularity}" + (
+        f" g{wargs.group_size}" if wargs.group_size else ""
+    )
+    return dataclasses.replace(
+        ckpt,
+        infos=infos,
+        loader=load,
+        config=config,
+        metadata={**ckpt.metadata, "dequantized_from": f"compressed-tensors {fmt} ({what})"},
+    )
+
+
 def _load_into(model: nn.Module, ckpt, ct, s, fmt: str, qconfig: QuantizationConfig) -> None:
     """Replace the targeted Linears by QuantLinears holding the checkpoint's integers, then
     load every other tensor; each checkpoint tensor is used exactly once."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.utils.match import match_named_modules
 
     wargs, iargs = qconfig.weights, qconfig.inputs
@@ -498,43 +610,7 @@ def _load_into(model: nn.Module, ckpt, ct, s, fmt: str, qconfig: QuantizationCon
         )
     for name, lin in targets:
         out_f, in_f = lin.weight.shape
-        if wargs.granularity == "group" and in_f % wargs.group_size:
-            raise SlimportError(
-                f"{name}: {in_f} input features are not a multiple of group size {wargs.group_size}"
-            )
-        if fmt == PACKED:
-            packed = take(f"{name}.weight_packed", "packed weight")
-            shape = take(f"{name}.weight_shape", "weight shape").tolist()
-            if shape != [out_f, in_f] or packed.dtype != torch.int32:
-                raise SlimportError(
-                    f"{ckpt.path}: {name}.weight_packed is {shape} {packed.dtype}, the model needs [{out_f}, {in_f}] int32"
-                )
-            q = unpack_from_int32(packed, wargs.bits, torch.Size(shape))
-        else:
-            q = take(f"{name}.weight", "int8 weight")
-            if list(q.shape) != [out_f, in_f] or q.dtype != torch.int8:
-                raise SlimportError(
-                    f"{ckpt.path}: {name}.weight is {list(q.shape)} {q.dtype}, the model needs [{out_f}, {in_f}] int8"
-                )
-        scale = take(f"{name}.weight_scale", "weight scales")
-        groups = {"tensor": None, "channel": 1, "group": in_f // (wargs.group_size or 1)}[
-            wargs.granularity
-        ]
-        want = [1] if groups is None else [out_f, groups]
-        if list(scale.shape) != want:
-            raise SlimportError(
-                f"{ckpt.path}: {name}.weight_scale has shape {list(scale.shape)}, expected {want}"
-            )
-        if wargs.symmetric:
-            zero = torch.zeros(want, dtype=torch.int8)
-        else:
-            zero = take(f"{name}.weight_zero_point", "weight zero points")
-            if fmt == PACKED and wargs.granularity in PACKED_ZP:
-                zero = unpack_from_int32(zero, wargs.bits, torch.Size(want), packed_dim=0)
-            if list(zero.shape) != want:
-                raise SlimportError(
-                    f"{ckpt.path}: {name}.weight_zero_point has shape {list(zero.shape)}, expected {want}"
-                )
+        q, scale, zero = _read_linear(ckpt, name, (out_f, in_f), wargs, fmt, take)
         bias = None
         if lin.bias is not None:
             bias = take(f"{name}.bias", "bias")

@@ -112,12 +112,24 @@ class PreTrainedCell(nn.Cell):
         custom_layer_mapping: dict[str, str] | str | Path | None = None,
         dtype: str | ms.Type = "float32",
         config: str | Path | None = None,
+        quantization_config: Any = None,
         **config_kwargs: Any,
     ) -> PreTrainedCell:
         """Load any checkpoint slimport reads; the source format is detected unless a flag says it.
 
         `config_kwargs` override config attributes, as in transformers (`num_labels=3` sizes a
-        new classifier on a bare encoder checkpoint)."""
+        new classifier on a bare encoder checkpoint). `quantization_config` (a
+        QuantizationConfig, a recipe dict or a YAML recipe path) quantizes the checkpoint first,
+        as `slimport quantize` does, and loads the quantized weights; its report is
+        `model.quantization_report`. A compressed-tensors folder loads as it is (weight-only)."""
+        if quantization_config is not None:
+            return cls._from_quantized(
+                path, quantization_config, config, dict(
+                    from_pt=from_pt, from_tf=from_tf, from_gguf=from_gguf,
+                    layer_norm_eps=layer_norm_eps, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                    custom_layer_mapping=custom_layer_mapping, dtype=dtype, **config_kwargs,
+                ),
+            )  # fmt: skip
         model = api.load(
             path,
             config=config,
@@ -162,6 +174,30 @@ class PreTrainedCell(nn.Cell):
             return cell
         finally:
             model.source.close()
+
+    @classmethod
+    def _from_quantized(cls, path, recipe, config, kwargs: dict) -> PreTrainedCell:
+        import tempfile
+
+        from slimport.compress import api as quant_api
+
+        source = api.load(path, config=config)
+        try:
+            flags = {k: kwargs.pop(k) for k in ("from_pt", "from_tf", "from_gguf")}
+            _check_format_flags(source, **flags)
+            if "dequantized_from" in source.source.metadata:
+                raise SlimportError(
+                    f"{path}: already quantized ({source.source.metadata['dequantized_from']})",
+                    hint="load it without quantization_config",
+                )
+        finally:
+            source.source.close()
+        with tempfile.TemporaryDirectory(prefix="slimport-quantized-") as tmp:
+            out = Path(tmp) / "model"
+            report = quant_api.quantize(path, out, recipe=recipe, progress=False)
+            cell = cls.from_pretrained(out, **kwargs)
+        cell.quantization_report = report
+        return cell
 
     @classmethod
     def eps_key(cls, cfg: dict) -> str:

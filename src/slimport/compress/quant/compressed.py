@@ -570,8 +570,8 @@ def dequantized_view(ckpt):
         return P.dequantize_tensor(q.float(), wargs, scale.float(), zero.float())
 
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-    what = f"W{wargs.bits} {wargs.granularity}" + (
-        f" g{wargs.group_size}" if wargs.group_size else ""
+    what = f"W{wargs.bits} " + (
+        f"g{wargs.group_size}" if wargs.granularity == "group" else f"per-{wargs.granularity}"
     )
     return dataclasses.replace(
         ckpt,

@@ -9,6 +9,7 @@ calibrated on 256 SST-2 train sentences.
     python benchmarks/quant_accuracy.py                       # both tables, full test set
     python benchmarks/quant_accuracy.py --only sst2           # the MiniLM table only
     python benchmarks/quant_accuracy.py --only wikitext2 --windows 16
+    python benchmarks/quant_accuracy.py --only wikitext2 --recipes "W4 g64 RTN;W4 g64 GPTQ"
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ SMOLLM2_RECIPES = {
 OBSERVERS = ("min_max", "ema_min_max", "percentile", "mse", "kl")
 
 
-def smollm2_table(windows: int | None, calib: int, work: Path) -> str:
+def smollm2_table(windows: int | None, calib: int, work: Path, recipes: list[str]) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimport.evaluate.perplexity import perplexity
@@ -60,7 +61,8 @@ def smollm2_table(windows: int | None, calib: int, work: Path) -> str:
     )
     base = fp32["perplexity"]
     rows = [("fp32", base, "", _bytes(src), "")]
-    for name, options in SMOLLM2_RECIPES.items():
+    for name in recipes:
+        options = SMOLLM2_RECIPES[name]
         out = work / "q"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
@@ -169,7 +171,15 @@ def main() -> None:
     p.add_argument("--windows", type=int, help="first N test windows (default: all)")
     p.add_argument("--calib", type=int, default=64, help="calibration windows for SmolLM2")
     p.add_argument("--json", help="also write the tables to this JSON file")
+    p.add_argument(
+        "--recipes",
+        help="SmolLM2 recipes to run, ';'-separated names from the table (default: all)",
+    )
     args = p.parse_args()
+    recipes = args.recipes.split(";") if args.recipes else list(SMOLLM2_RECIPES)
+    unknown = [r for r in recipes if r not in SMOLLM2_RECIPES]
+    if unknown:
+        p.error(f"unknown recipe(s) {unknown}; known: {list(SMOLLM2_RECIPES)}")
     print(
         header(
             "python benchmarks/quant_accuracy.py " + " ".join(sys.argv[1:]),
@@ -179,7 +189,7 @@ def main() -> None:
     tables = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "wikitext2"):
-            tables["wikitext2"] = smollm2_table(args.windows, args.calib, Path(tmp))
+            tables["wikitext2"] = smollm2_table(args.windows, args.calib, Path(tmp), recipes)
             print("\n" + tables["wikitext2"], flush=True)
         if args.only in (None, "sst2"):
             tables["sst2"] = sst2_table(Path(tmp))

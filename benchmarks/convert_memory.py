@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import header  # noqa: E402
+from _synthetic import llama_shapes, write_sharded  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV, VOCAB = 1024, 2816, 16, 4, 32000
 SHARD = 512 * 2**20
@@ -58,46 +56,9 @@ def make_checkpoint(folder: Path, size_gb: float) -> int:
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
         "torch_dtype": "float32",
     }  # fmt: skip
-    head = HIDDEN // HEADS
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            p + "self_attn.k_proj.weight": (KV * head, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV * head, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "mlp.gate_proj.weight": (INTER, HIDDEN),
-            p + "mlp.up_proj.weight": (INTER, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTER),
-        }
-    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
-    folder.mkdir(parents=True, exist_ok=True)
-    shards, current, size = [], {}, 0
-    for name, shape in shapes.items():
-        n = 4 * int(torch.Size(shape).numel())
-        if current and size + n > SHARD:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = shape
-        size += n
-    shards.append(current)
-    gen = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shard.items()}
-        save_file(tensors, folder / fname, metadata={"format": "pt"})
-        total += sum(t.numel() * 4 for t in tensors.values())
-        weight_map |= dict.fromkeys(shard, fname)
-        del tensors
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    return write_sharded(
+        folder, llama_shapes(HIDDEN, INTER, layers, HEADS, KV, VOCAB), config, SHARD
     )
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return total
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import header  # noqa: E402
+from _synthetic import llama_shapes, write_sharded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, INTER, LAYERS, HEADS, KV, VOCAB = 2048, 5632, 16, 32, 4, 32000
@@ -107,22 +108,7 @@ print(json.dumps({{"base_mb": base, "peak_mb": peak[0], "seconds": dt,
 
 
 def tensor_shapes(layers: int = LAYERS) -> dict[str, tuple[int, ...]]:
-    head = HIDDEN // HEADS
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HEADS * head, HIDDEN),
-            p + "self_attn.k_proj.weight": (KV * head, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV * head, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HEADS * head),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "mlp.gate_proj.weight": (INTER, HIDDEN),
-            p + "mlp.up_proj.weight": (INTER, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTER),
-        }
-    return shapes | {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    return llama_shapes(HIDDEN, INTER, layers, HEADS, KV, VOCAB)
 
 
 def config(layers: int = LAYERS) -> dict:
@@ -137,40 +123,12 @@ def config(layers: int = LAYERS) -> dict:
 
 def make_checkpoint(folder: Path, layers: int = LAYERS) -> int:
     """Write the checkpoint unless `folder` already holds this very one; returns its bytes."""
-    import torch
-    from safetensors.torch import save_file
-
     index = folder / "model.safetensors.index.json"
     cfg = folder / "config.json"
     if index.is_file() and cfg.is_file() and json.loads(cfg.read_text()) == config(layers):
         return json.loads(index.read_text())["metadata"]["total_size"]
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    shards, current, size = [], {}, 0
-    for name, shape in tensor_shapes(layers).items():
-        n = 4 * int(torch.Size(shape).numel())
-        if current and size + n > SHARD:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = shape
-        size += n
-    shards.append(current)
-    gen = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for n, s in shard.items():  # norms at 1, matrices small: a model that computes finitely
-            tensors[n] = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02
-        save_file(tensors, folder / fname, metadata={"format": "pt"})
-        total += sum(t.numel() * 4 for t in tensors.values())
-        weight_map |= dict.fromkeys(shard, fname)
-        del tensors
-    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(
-        json.dumps(config(layers), indent=2)
-    )  # last: marks it complete
-    return total
+    return write_sharded(folder, tensor_shapes(layers), config(layers), SHARD)
 
 
 def stage_peaks(events: list, top: int = 12) -> list[tuple]:

@@ -273,7 +273,6 @@ def quantize_block(
     for n, m in linears.items():
         _check_finite(_join(prefix, n) + ".weight", m.weight)
     stats = _collect(block, linears, inputs, config, run)
-    release_freed_memory()  # the forward's activations: heap holes that would stay resident
     rows: dict[str, dict] = {n: {"module": _join(prefix, n), "seconds": 0.0} for n in linears}
 
     # 2. scale migration
@@ -282,10 +281,8 @@ def quantize_block(
     for st in stats.values():
         st.sample = []  # AWQ's token sample is spent: off the working set before GPTQ
 
-    # 3. weights. Linears fed one input share its Hessian, and GPTQ quantizes them as one matrix:
-    # it treats rows independently, so stacking q/k/v (gate/up) gives what three calls would,
-    # with one Cholesky and one column loop instead of three. Per-tensor scales span one Linear
-    # only, so there each keeps its own call.
+    # 3. weights. Linears fed one input share its Hessian; GPTQ quantizes them as one stacked
+    # matrix (see gptq()), except per-tensor, whose scale spans one Linear only.
     shared: dict[int, list[str]] = {}
     for n in linears:
         shared.setdefault(id(stats[n]), []).append(n)

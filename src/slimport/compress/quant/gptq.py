@@ -101,8 +101,7 @@ def _inverse_cholesky_factor(
     is unique). One Cholesky and one in-place triangular solve, at most two n x n matrices alive
     besides H (the textbook way, invert and factor again, takes 5x the time and more copies)."""
     n = H.shape[0]
-    rev = perm.flip(0)
-    rev = rev.to(H.device)
+    rev = perm.flip(0).to(H.device)
     Hf = H[rev.unsqueeze(1), rev].to(like)
     Hf.diagonal()[dead[rev].to(Hf.device)] = 1.0
     Hf.diagonal().add_(damp * Hf.diagonal().mean())
@@ -132,8 +131,9 @@ def gptq(
 
     w may be a list of weights that share the input (q/k/v): GPTQ treats rows independently, so
     quantizing them stacked gives what one call each would, with one Cholesky and one column
-    loop. Results are then for the stacked rows. H is a tensor, left as it is, or a `Hessian` accumulator, which is consumed: then no n x n
-    matrix outlives the one working copy (at 5632 inputs each is 127 MB), so the peak is two.
+    loop; the results are then for the stacked rows. H is a tensor, left as it is, or a
+    `Hessian` accumulator, which is consumed: then no n x n matrix outlives the one working
+    copy (at 5632 inputs each is 127 MB), so the peak is two.
     Computes in float64 when w is float64 (tests use that to compare against a reference
     exactly), float32 otherwise."""
     if isinstance(H, Hessian):

@@ -35,8 +35,10 @@ def calibration_inputs(
         texts[i] for i in torch.randperm(len(texts), generator=gen)[: config.num_samples].tolist()
     ]
     batch_size = max(batch_size, 32)
+    # padded on the right whatever the tokenizer's default (ours pads left, for generation): with
+    # absolute position embeddings (BERT) left padding would shift every real token's position
     return [
         dict(tokenizer(picked[i : i + batch_size], padding=True, truncation=True,
-                       max_length=config.seq_len, return_tensors="pt"))
+                       max_length=config.seq_len, return_tensors="pt", padding_side="right"))
         for i in range(0, len(picked), batch_size)
     ]  # fmt: skip

@@ -235,7 +235,7 @@ def _token_mask(mask) -> torch.Tensor | None:
 def _real_tokens(module: nn.Module, inputs: list[Batch]):
     """Yields `rows(x)`: a Linear's input as [tokens, features] without the padding positions of
     the batch `module` is running. Padding is not data: its hidden states would widen activation
-    ranges and bias Hessians (MiniLM SST-2 static W8A8 min_max: agreement 97.8% -> 98.5%)."""
+    ranges and bias Hessians (in MiniLM's block 0 it moved an input range by 55%)."""
     masks = {id(b.hidden): b.tokens for b in inputs}
     current: list[torch.Tensor | None] = [None]
 
@@ -494,7 +494,7 @@ def _collect(block, linears, inputs, config, run) -> dict[str, Stats]:
     # kept alive, so a later input can never reuse a freed one's address and be mistaken for it.
     seen: dict[int, tuple[torch.Tensor, str]] = {}
 
-    def hook_for(n, in_features):
+    def hook_for(n, in_features, token_rows):
         if need_hessian:
             stats[n].hessian = Hessian(in_features)
 
@@ -524,14 +524,17 @@ def _collect(block, linears, inputs, config, run) -> dict[str, Stats]:
 
         return hook
 
-    hooks = [m.register_forward_pre_hook(hook_for(n, m.in_features)) for n, m in linears.items()]
-    hooks.append(block.register_forward_pre_hook(lambda *_: seen.clear()))
-    try:
-        with _real_tokens(block, inputs) as token_rows:
+    with _real_tokens(block, inputs) as token_rows:
+        hooks = [
+            m.register_forward_pre_hook(hook_for(n, m.in_features, token_rows))
+            for n, m in linears.items()
+        ]
+        hooks.append(block.register_forward_pre_hook(lambda *_: seen.clear()))
+        try:
             run(block, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+        finally:
+            for h in hooks:
+                h.remove()
     return stats
 
 

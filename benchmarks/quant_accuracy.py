@@ -4,7 +4,7 @@ SmolLM2-135M: WikiText-2 raw test perplexity (non-overlapping 512-token windows;
 default, `--windows N` for the first N), calibration 64 x 512 tokens of the validation split
 (random window starts, seed 0). MiniLM fine-tuned on SST-2 (`slimport finetune`, cached): dev
 accuracy and agreement with fp32 for every activation observer, classifier protected or not,
-calibrated on 256 SST-2 train sentences.
+each observer again with SmoothQuant alpha 0.8, calibrated on 256 SST-2 train sentences.
 
     python benchmarks/quant_accuracy.py                       # both tables, full test set
     python benchmarks/quant_accuracy.py --only sst2           # the MiniLM table only
@@ -111,7 +111,11 @@ def sst2_table(work: Path) -> str:
         "|---|---|---|---|---|",
     ]
     cases = [(o, p) for o in OBSERVERS for p in (True, False)] + [("dynamic per-token", True)]
-    extra = [("W4 g128 GPTQ weight-only", {"bits": 4, "group_size": 128, "method": "gptq"})]
+    extra = [
+        (f"{o} + SmoothQuant 0.8", {"bits": 8, "activations": "static", "observer": o,
+                                    "smoothquant": 0.8})
+        for o in OBSERVERS
+    ] + [("W4 g128 GPTQ weight-only", {"bits": 4, "group_size": 128, "method": "gptq"})]  # fmt: skip
     for obs, protect in cases:
         options = {"bits": 8, "activations": "static", "observer": obs}
         if obs.startswith("dynamic"):

@@ -49,8 +49,9 @@ def test_w8a8_dynamic_costs_at_most_half_a_point_and_agrees_99_percent(
 
 
 def test_w8a8_static_costs_at_most_half_a_point(sst2, sst2_classifier, shared, tmp_path):
-    """Static per-tensor activation ranges: the accuracy target holds; agreement stays short of
-    99% (98.85% measured here, 98.4-98.9% on the full classifier: BENCHMARKS.md)."""
+    """Static per-tensor activation ranges alone: the accuracy target holds; agreement stays short
+    of 99% (98.85% measured here, 98.4-98.9% on the full classifier: BENCHMARKS.md), which
+    SmoothQuant closes (next test)."""
     fp32 = sst2[2]["accuracy"]
     r = _quantized_accuracy(
         sst2, sst2_classifier, shared, tmp_path / "w8a8", bits=8, activations="static",
@@ -58,6 +59,19 @@ def test_w8a8_static_costs_at_most_half_a_point(sst2, sst2_classifier, shared, t
     )  # fmt: skip
     assert r["accuracy"] >= fp32 - 0.005
     assert r["agreement"] >= 0.985
+
+
+def test_w8a8_static_with_smoothquant_meets_both_targets(sst2, sst2_classifier, shared, tmp_path):
+    """SmoothQuant (alpha 0.8) moves the LayerNorm outputs' outlier channels into the q/k/v and
+    FFN-in weights, so one static range per tensor fits: 99.43% agreement measured here (99.08%
+    on the full classifier; BENCHMARKS.md), against 98.85% without it."""
+    fp32 = sst2[2]["accuracy"]
+    r = _quantized_accuracy(
+        sst2, sst2_classifier, shared, tmp_path / "w8a8sq", bits=8, activations="static",
+        observer="percentile", smoothquant=0.8,
+    )  # fmt: skip
+    assert r["accuracy"] >= fp32 - 0.005
+    assert r["agreement"] >= 0.99
 
 
 def test_w4_g128_gptq_weight_only_costs_at_most_1_5_points(sst2, sst2_classifier, shared, tmp_path):

@@ -74,6 +74,62 @@ def mlp_in_float64():
         llama.LlamaMLP.construct = shipped
 
 
+def _dense_chunked(dense, x, c: int = 64):
+    """x @ W^T as the sum of K/c products of width c: MindSpore rounds widths <= 256 like torch."""
+    n, k = dense.weight.shape
+    if k % c or k <= c:
+        return _DENSE(dense, x)
+    xc = x.reshape(-1, k // c, c).transpose(1, 0, 2)
+    wc = dense.weight.reshape(n, k // c, c).transpose(1, 0, 2)
+    y = ops.BatchMatMul(transpose_b=True)(xc, wc).sum(0).reshape(x.shape[:-1] + (n,))
+    return y if dense.bias is None else y + dense.bias
+
+
+def _norm_from_f64(norm, x):
+    variance = ops.mean(ops.square(x), -1, keep_dims=True)
+    return norm.weight * (x * ops.rsqrt(variance + norm.eps)).astype(ms.float32)
+
+
+def _layer_f64_residual(self, x, cos, sin, blocked):
+    h = x + self.self_attn(_norm_from_f64(self.input_layernorm, x), cos, sin, blocked).astype(
+        ms.float64
+    )
+    return h + self.mlp(_norm_from_f64(self.post_attention_layernorm, h)).astype(ms.float64)
+
+
+_DENSE = ms.nn.Dense.construct
+
+
+@contextlib.contextmanager
+def chunked_with_f64_residual():
+    """Experiment only: K-chunked products (blocks and tied head) and a float64 residual stream."""
+    saved = (
+        ms.nn.Dense.construct, llama.LlamaDecoderLayer.construct, llama.LlamaModel.embed,
+        llama.LlamaModel.rope, llama.LlamaRMSNorm.construct, llama.LlamaForCausalLM.lm_logits,
+    )  # fmt: skip
+    dense, _, embed, rope, norm, _ = saved
+
+    class Head:
+        def __init__(self, model):
+            self.weight, self.bias = model.model.embed_tokens.embedding_table, None
+
+    ms.nn.Dense.construct = _dense_chunked
+    llama.LlamaDecoderLayer.construct = _layer_f64_residual
+    llama.LlamaModel.embed = lambda self, ids: embed(self, ids).astype(ms.float64)
+    llama.LlamaModel.rope = lambda self, pos, dtype: rope(self, pos, ms.float32)
+    llama.LlamaRMSNorm.construct = lambda self, x: (
+        _norm_from_f64(self, x) if x.dtype == ms.float64 else norm(self, x)
+    )
+    llama.LlamaForCausalLM.lm_logits = lambda self, h: _dense_chunked(Head(self), h)
+    try:
+        yield
+    finally:
+        (
+            ms.nn.Dense.construct, llama.LlamaDecoderLayer.construct, llama.LlamaModel.embed,
+            llama.LlamaModel.rope, llama.LlamaRMSNorm.construct, llama.LlamaForCausalLM.lm_logits,
+        ) = saved  # fmt: skip
+
+
 def smollm2_logits(work: Path) -> dict[str, tuple[float, float]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,6 +181,11 @@ def smollm2_logits(work: Path) -> dict[str, tuple[float, float]]:
     with mlp_in_float64():
         mine = ours()
     rows["slimport MindSpore, MLP matmuls in float64"] = (d(mine, ref64), d(mine, ref32))
+    with chunked_with_f64_residual():
+        mine = ours()
+    rows["slimport MindSpore, 64-wide K chunks + float64 residual"] = (
+        d(mine, ref64), d(mine, ref32),
+    )  # fmt: skip
     return rows
 
 

@@ -15,7 +15,7 @@ from slimport.compress.quant import primitives as P
 from slimport.compress.quant.awq import awq_clip, awq_scales
 from slimport.compress.quant.config import QuantArgs
 from slimport.compress.quant.gptq import Hessian, gptq
-from slimport.compress.quant.observers import make_observer, mse_weight_qparams
+from slimport.compress.quant.observers import make_observer, mse_weight_qparams, tail_quantiles
 from slimport.compress.quant.scaling import fold_scales
 from slimport.compress.quant.smoothquant import smooth_scales
 from slimport.errors import SlimportError
@@ -151,6 +151,14 @@ def test_percentile_observer_on_uniform_data_is_the_quantile():
     assert lo.item() == pytest.approx(-0.98, abs=0.01) and hi.item() == pytest.approx(
         0.98, abs=0.01
     )
+
+
+@pytest.mark.parametrize("n", [1, 3, 1000, 12_345, 300_000])
+@pytest.mark.parametrize("p", [100.0, 99.99, 99.0, 90.0])
+def test_tail_quantiles_equal_torch_quantile_bit_for_bit(n, p):
+    x = torch.randn(n, generator=gen(n)) * 3
+    expected = torch.quantile(x, torch.tensor([1 - p / 100, p / 100]))
+    assert torch.equal(tail_quantiles(x, p), expected)
 
 
 @pytest.mark.parametrize("name,args", [("mse", QuantArgs(4, True, "tensor")), ("kl", A8)])

@@ -30,6 +30,7 @@ from mindspore import ops  # noqa: E402
 
 from slimport import api  # noqa: E402
 from slimport.runtime.mindspore import llama  # noqa: E402
+from slimport.runtime.text import encode_prompts  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import header  # noqa: E402
@@ -138,14 +139,7 @@ def smollm2_logits(work: Path) -> dict[str, tuple[float, float]]:
     api.convert(gguf / "SmolLM2-135M-Instruct.Q4_1.gguf", folder, to="hf", progress=False)
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in PROMPTS
-    ]
-    enc = tok(texts, return_tensors="np", padding=True)
-    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    ids, mask = (a.astype(np.int64) for a in encode_prompts(tok, list(PROMPTS), chat=True))
     pos = np.where(mask != 0, np.cumsum(mask, -1) - 1, 0)
     real = mask.astype(bool)
 

@@ -25,6 +25,7 @@ from slimport import api
 from slimport.errors import SlimportError
 from slimport.runtime.mindspore.auto import AutoModelForCausalLM
 from slimport.runtime.mindspore.llama import LlamaForCausalLM, LlamaModel
+from slimport.runtime.text import encode_prompts
 
 PROMPTS = (
     "What is the capital of France?",
@@ -80,14 +81,7 @@ def smol(smollm2_gguf, tmp_path_factory):
     api.convert(smollm2_gguf, folder, to="hf", progress=False)
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in PROMPTS
-    ]
-    enc = tok(texts, return_tensors="np", padding=True)
-    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    ids, mask = (a.astype(np.int64) for a in encode_prompts(tok, list(PROMPTS), chat=True))
     hf = HFAuto.from_pretrained(folder).eval()
     ref32 = hf_logits(hf, ids, mask)
     ref64 = hf_logits(copy.deepcopy(hf).double(), ids, mask)

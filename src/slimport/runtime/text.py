@@ -30,16 +30,10 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def generate_text(
-    model_path: str | Path,
-    prompts: list[str],
-    runtime: str = "mindspore",
-    mode: str = "pynative",
-    chat: bool | None = None,
-    **sampling,
-) -> list[str]:
-    """Generate a continuation for each prompt (batched, left padded); returns new text only."""
-    tok = load_tokenizer(model_path)
+def encode_prompts(tok, prompts: list[str], chat: bool | None = None):
+    """(input_ids, attention_mask) as NumPy arrays for a batch padded on the tokenizer's side;
+    each prompt wrapped as one user turn of the chat template when the tokenizer has one (or
+    `chat` says so), whose text already holds the special tokens."""
     if chat is None:
         chat = bool(getattr(tok, "chat_template", None))
     texts = [
@@ -51,7 +45,20 @@ def generate_text(
         for p in prompts
     ]
     enc = tok(texts, return_tensors="np", padding=True, add_special_tokens=not chat)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def generate_text(
+    model_path: str | Path,
+    prompts: list[str],
+    runtime: str = "mindspore",
+    mode: str = "pynative",
+    chat: bool | None = None,
+    **sampling,
+) -> list[str]:
+    """Generate a continuation for each prompt (batched, left padded); returns new text only."""
+    tok = load_tokenizer(model_path)
+    ids, mask = encode_prompts(tok, prompts, chat)
     common = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, **sampling}
     if runtime == "mindspore":
         import mindspore as ms

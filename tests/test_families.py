@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from slimport import api, arch
+from slimport.arch.ops import At, Cast, Concat, PermuteRope, Tie, Transpose, Unsqueeze, run_ops
 from slimport.convert import engine
-from slimport.convert.ops import At, Cast, Concat, PermuteRope, Tie, Transpose, Unsqueeze, run_ops
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo
 

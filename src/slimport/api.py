@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from slimport import arch
+from slimport.arch.rules import Family
 from slimport.convert import engine
 from slimport.convert.mapping import apply_mapping, load_mapping, renamed_view
-from slimport.convert.rules import Family
 from slimport.errors import SlimportError
 from slimport.io import Checkpoint, atomic_dir, open_checkpoint
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from slimport.arch import bert, gpt2, llama
-from slimport.convert.rules import Family
+from slimport.arch.rules import Family
 from slimport.errors import SlimportError
 
 FAMILIES: tuple[Family, ...] = (

@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from slimport.convert.ops import Transpose
-from slimport.convert.rules import Family, HubTensor, Rule, rule
+from slimport.arch.ops import Transpose
+from slimport.arch.rules import Family, HubTensor, Rule, rule
 from slimport.errors import SlimportError
 
 

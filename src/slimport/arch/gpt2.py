@@ -12,8 +12,8 @@ stays in config.json; GGUF carries it as gpt2.attention.layer_norm_epsilon.
 from __future__ import annotations
 
 from slimport.arch.bert import keras_scope
-from slimport.convert.ops import Tie, Transpose, Unsqueeze
-from slimport.convert.rules import Family, HubTensor, rule
+from slimport.arch.ops import Tie, Transpose, Unsqueeze
+from slimport.arch.rules import Family, HubTensor, rule
 from slimport.errors import SlimportError
 
 _BASES = {"GPT2LMHeadModel": "transformer.", "GPT2Model": ""}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from slimport.arch import gguf_config
-from slimport.convert.ops import At, PermuteRope, Tie, Transpose
-from slimport.convert.rules import Family, HubTensor, renames, rule
+from slimport.arch.ops import At, PermuteRope, Tie, Transpose
+from slimport.arch.rules import Family, HubTensor, renames, rule
 
 L = "model.layers.{layer}."
 

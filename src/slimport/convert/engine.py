@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimport.convert.ops import Cast, run_ops
-from slimport.convert.rules import Bound, Family
+from slimport.arch.ops import Cast, run_ops
+from slimport.arch.rules import Bound, Family
 from slimport.errors import SlimportError, name_list
 from slimport.io.base import Checkpoint
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from slimport.convert.ops import Op
+from slimport.arch.ops import Op
 
 Cond = Callable[[dict], bool]
 LAYER = "{layer}"

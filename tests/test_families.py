@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from slimport import api, arch
 from slimport.arch.ops import At, Cast, Concat, PermuteRope, Tie, Transpose, Unsqueeze, run_ops
+from slimport.arch.rules import rule
 from slimport.convert import engine
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo
@@ -528,3 +529,72 @@ def test_transpose_and_unsqueeze_invert():
     assert u.shape == (1, 5) and torch.equal(Unsqueeze(0).inverse([u], {})[0], b)
     with pytest.raises(SlimportError, match="size-1 axis"):
         Unsqueeze(0).inverse([torch.randn(2, 5)], {})
+
+
+# ---------------------------------------------------------------------------- arity and op errors
+
+
+def test_a_rule_whose_op_chain_does_not_fit_its_names_is_refused_when_defined():
+    def sizes(c):
+        return [8, 4, 4]
+
+    with pytest.raises(ValueError, match=r"Transpose\(0, 1\) takes 1 tensor\(s\), not 2"):
+        rule(("a.weight", "b.weight"), "c.kernel", Transpose())
+    with pytest.raises(ValueError, match=r"turns 3 tensor\(s\) into 1, but the rule names 2"):
+        rule(("q", "k", "v"), ("qkv", "extra"), Concat(0, sizes))
+    with pytest.raises(ValueError, match=r"turns 1 tensor\(s\) into 2, but the rule names 1"):
+        rule("wte.weight", "token_embd.weight", Tie())
+    with pytest.raises(ValueError, match="needs more than 2 tensor"):
+        rule("wte.weight", ("emb", "head"), Tie(), At(2, Transpose()))
+    with pytest.raises(ValueError, match=r"Concat\(dim=0\) takes 3 tensor\(s\), not 2"):
+        rule(("q", "k"), "qk", Concat(0, sizes))
+    # the chains the families use are accepted: n -> 1, 1 -> 2 then one of the two, no ops
+    rule(("q", "k", "v"), "qkv", Concat(0, sizes))
+    rule("wte.weight", ("emb", "head"), Tie(), At(1, Transpose()))
+    rule("a", "a")
+
+
+def _dialect_tensors(config: str, dialect: str) -> tuple[object, dict, dict[str, torch.Tensor]]:
+    """(family, cfg, a random model's tensors as `dialect` names them)."""
+    family, cfg = arch.resolve(CONFIGS[config], config)
+    g = torch.Generator().manual_seed(0)
+    values = {n: torch.randn(s, generator=g) for n, s in family.hub_tensors(cfg).items()}
+    hub = {
+        n: engine.Planned(n, t.shape, t.dtype, (n,), (), compute=lambda t=t: t)
+        for n, t in values.items()
+    }
+    return family, cfg, {p.name: p.compute() for p in engine.from_hub(hub, family, dialect, cfg)}
+
+
+@pytest.mark.parametrize(
+    ("config", "dialect", "name", "value", "says"),
+    [
+        # rows not a multiple of 2 x heads: found while planning, before anything is read
+        ("llama-tied", "gguf", "blk.1.attn_k.weight", torch.randn(10, 32),
+         r"blk\.1\.attn_k\.weight -> model\.layers\.1\.self_attn\.k_proj\.weight: "
+         r"PermuteRope\(num_key_value_heads\)\^-1 failed on shape\(s\) \(10, 32\)"),
+        ("mistral-untied", "keras", "model/tf_mistral_for_causal_lm/model/layers.0/mlp/up_proj/kernel:0",
+         torch.randn(48), r"up_proj/kernel:0 -> model\.layers\.0\.mlp\.up_proj\.weight: Transpose\(0, 1\)"),
+        ("gpt2-tied", "keras", "transformer/tfgp_t2lm_head_model/transformer/h_._0/attn/c_attn/bias:0",
+         torch.randn(2, 96), r"c_attn/bias:0 -> transformer\.h\.0\.attn\.c_attn\.bias: Squeeze\(0\)"),
+        # values that disagree: found when the tensor is computed
+        ("gpt2-tied", "gguf", "output.weight", None,
+         r"token_embd\.weight, output\.weight -> transformer\.wte\.weight: Tie\^-1 .*tied tensors differ"),
+    ],
+    ids=["permute-rope", "transpose", "squeeze", "tie"],
+)  # fmt: skip
+def test_an_op_that_fails_names_its_tensors_and_itself(config, dialect, name, value, says):
+    family, cfg, tensors = _dialect_tensors(config, dialect)
+    assert name in tensors
+    tensors[name] = tensors[name] + 1 if value is None else value
+    with pytest.raises(SlimportError, match=says):
+        hub, _, _ = engine.to_hub(_memory_checkpoint(tensors, dialect), family, dialect, cfg)
+        [p.compute() for p in hub.values()]
+
+
+def test_a_split_that_does_not_fit_names_the_fused_tensor():
+    op = Concat(0, lambda c: [8, 4, 4])
+    names = (("blk.0.attn_qkv.weight",), ("q.weight", "k.weight", "v.weight"))
+    with pytest.raises(SlimportError, match=r"blk\.0\.attn_qkv\.weight -> q\.weight, k\.weight, "
+                       r"v\.weight: Split\(dim=0\) failed on shape\(s\) \(15, 5\): cannot split"):  # fmt: skip
+        run_ops((op,), [torch.randn(15, 5)], {}, inverse=True, names=names)

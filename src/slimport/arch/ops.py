@@ -19,8 +19,18 @@ Tensors = list[torch.Tensor]
 
 
 class Op:
-    arity_in = 1  # tensors consumed by forward
-    arity_out = 1  # tensors produced by forward
+    """An invertible step of a rule. `arity_in` tensors go into `forward`, `arity_out` come out;
+    None (both) means "any number, each mapped on its own" (Cast). Rules check their chains
+    against these counts when a table is defined, so a miscounted rule never reaches a file."""
+
+    arity_in: int | None = 1
+    arity_out: int | None = 1
+
+    def outputs(self, n: int) -> int:
+        """How many tensors `forward` returns for `n` inputs; ValueError if it cannot take `n`."""
+        if self.arity_in is not None and n != self.arity_in:
+            raise ValueError(f"{self.describe()} takes {self.arity_in} tensor(s), not {n}")
+        return n if self.arity_out is None else self.arity_out
 
     def forward(self, ts: Tensors, cfg: dict) -> Tensors:
         raise NotImplementedError
@@ -108,6 +118,8 @@ class Concat(Op):
     sizes: Callable[[dict], list[int]]
     parts: int = 3
 
+    arity_out = 1
+
     @property
     def arity_in(self):  # type: ignore[override]
         return self.parts
@@ -155,6 +167,7 @@ class Tie(Op):
 class Cast(Op):
     """Change a floating dtype (only added by an explicit --dtype; never silent)."""
 
+    arity_in = arity_out = None  # appended to any rule, a Tie's two outputs included
     dtype: torch.dtype
     source: torch.dtype | None = None  # what to cast back to on inverse
 
@@ -198,6 +211,14 @@ class At(Op):
 
     index: int
     op: Op
+    arity_in = arity_out = None  # as many as it gets (more than `index`)
+
+    def outputs(self, n: int) -> int:
+        if n <= self.index:
+            raise ValueError(f"{self.describe()} needs more than {self.index} tensor(s), not {n}")
+        if self.op.outputs(1) != 1:
+            raise ValueError(f"{self.describe()}: At applies one-to-one ops only")
+        return n
 
     def forward(self, ts, cfg):
         ts = list(ts)
@@ -213,9 +234,35 @@ class At(Op):
         return f"{self.op.describe(inverse)}@{self.index}"
 
 
-def run_ops(ops, ts: Tensors, cfg: dict, inverse: bool) -> Tensors:
-    """Apply an op chain hub->dialect (inverse=False) or dialect->hub (inverse=True)."""
+def chain_outputs(ops, n: int) -> int:
+    """How many tensors the chain `ops` returns for `n` inputs (hub->dialect); ValueError if an
+    op cannot take what the one before it gives."""
+    for op in ops:
+        n = op.outputs(n)
+    return n
+
+
+def run_ops(
+    ops, ts: Tensors, cfg: dict, inverse: bool, names: tuple[tuple[str, ...], ...] = ()
+) -> Tensors:
+    """Apply an op chain hub->dialect (inverse=False) or dialect->hub (inverse=True).
+
+    `names` = (input names, output names) of the rule, so a failing op says which tensor it
+    failed on: the planner runs every chain on meta tensors first, so shape errors surface
+    there, before a byte is read or written.
+    """
     chain = reversed(ops) if inverse else ops
     for op in chain:
-        ts = op.inverse(ts, cfg) if inverse else op.forward(ts, cfg)
+        try:
+            ts = op.inverse(ts, cfg) if inverse else op.forward(ts, cfg)
+        except (SlimportError, RuntimeError, ValueError, IndexError) as e:
+            raise _named(e, op.describe(inverse), ts, names) from None
     return ts
+
+
+def _named(e: Exception, op: str, ts: Tensors, names: tuple[tuple[str, ...], ...]) -> SlimportError:
+    shapes = ", ".join(str(tuple(t.shape)) for t in ts)
+    where = " -> ".join(", ".join(n) for n in names) or "tensor(s)"
+    message = e.message if isinstance(e, SlimportError) else str(e).split("\n")[0]
+    hint = e.hint if isinstance(e, SlimportError) else None
+    return SlimportError(f"{where}: {op} failed on shape(s) {shapes}: {message}", hint=hint)

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from slimport.arch.ops import Op
+from slimport.arch.ops import Op, chain_outputs
 
 Cond = Callable[[dict], bool]
 LAYER = "{layer}"
@@ -29,12 +29,28 @@ class HubTensor:
 
 @dataclass(frozen=True)
 class Rule:
-    """hub names -> dialect names through `ops` (applied in order hub->dialect)."""
+    """hub names -> dialect names through `ops` (applied in order hub->dialect).
+
+    The op chain must turn len(hub) tensors into len(dialect) ones (Concat n->1, Tie 1->2, ...):
+    checked here, so a miscounted table fails when its module is imported.
+    """
 
     hub: tuple[str, ...]
     dialect: tuple[str, ...]
     ops: tuple[Op, ...] = ()
     when: Cond | None = None
+
+    def __post_init__(self) -> None:
+        chain = " -> ".join(op.describe() for op in self.ops) or "no ops"
+        try:
+            n = chain_outputs(self.ops, len(self.hub))
+        except ValueError as e:
+            raise ValueError(f"rule {self.hub} -> {self.dialect}: {e}") from None
+        if n != len(self.dialect):
+            raise ValueError(
+                f"rule {self.hub} -> {self.dialect}: {chain} turns {len(self.hub)} tensor(s) "
+                f"into {n}, but the rule names {len(self.dialect)}"
+            )
 
 
 def rule(

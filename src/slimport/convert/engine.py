@@ -66,9 +66,10 @@ def _apply(
     extra_ops: tuple = (),
 ) -> list[Planned]:
     ops = tuple(bound.ops) + tuple(extra_ops)
+    names = (bound.dialect, bound.hub) if inverse else (bound.hub, bound.dialect)
 
     def fn(ts):
-        return run_ops(ops, ts, cfg, inverse)
+        return run_ops(ops, ts, cfg, inverse, names)
 
     metas = fn([torch.empty(p.shape, dtype=p.dtype, device="meta") for p in inputs])
     group = _Group([p.compute for p in inputs], fn, len(out_names))

@@ -11,9 +11,11 @@ stays in config.json; GGUF carries it as gpt2.attention.layer_norm_epsilon.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from slimport.arch.bert import keras_scope
 from slimport.arch.ops import Tie, Transpose, Unsqueeze
-from slimport.arch.rules import Family, HubTensor, rule
+from slimport.arch.rules import Family, Kind, Rule, hub_of, rule
 from slimport.errors import SlimportError
 
 _BASES = {"GPT2LMHeadModel": "transformer.", "GPT2Model": ""}
@@ -62,101 +64,79 @@ def _tied(c: dict) -> bool:
 T = "{base}"
 L = "{base}h.{layer}."
 H, FF, QKV = "hidden_size", "intermediate_size", "qkv_size"
+K = "transformer/{tf_scope}/transformer/"
+KL = K + "h_._{layer}/"
+B = "blk.{layer}."
+DIALECTS = ("mindspore", "keras", "gguf")
 
-_CONV1D = (  # (hub stem, in, out): Conv1D weights are [in, out]
-    ("attn.c_attn", H, QKV),
-    ("attn.c_proj", H, H),
-    ("mlp.c_fc", H, FF),
-    ("mlp.c_proj", FF, H),
+
+@dataclass(frozen=True)
+class GPT2Kind(Kind):
+    """A row of TABLE (`names` in DIALECTS order). A Conv1D weight is [in, out]: nn.Dense and
+    llama.cpp store it [out, in], and TFConv1D stores its bias [1, out]."""
+
+    bias: bool = True
+    conv: bool = False
+
+    @property
+    def bias_shape(self) -> tuple[int | str, ...]:
+        return self.shape[-1:]  # the out dim: last for Conv1D, the only one for LayerNorm
+
+
+# One row per tensor kind, one column per dialect (as gguf-py's TensorNameMap keeps them).
+# MindSpore Cells mirror the HF tree (nn.LayerNorm gamma/beta, nn.Embedding embedding_table).
+# HF TF (TFGPT2LMHeadModel / TFGPT2Model, transformers 4.3x-4.57) has one main layer `transformer`
+# under the model scope; wte/wpe are Keras Embeddings (`embeddings:0`; files from before 4.35 say
+# `wte/weight:0`, which TF renames on load: pass a --mapping for those). llama.cpp
+# (convert_hf_to_gguf.py GPT2Model) writes the tied embedding twice, as token_embd and output.
+# TF GPT-2 and llama.cpp's always tie, so an untied lm_head has no place there.
+# fmt: off
+TABLE = (
+    #    hub name, shape                          mindspore, keras, gguf
+    GPT2Kind(T + "wte.weight", ("vocab_size", H), (
+        T + "wte.embedding_table", K + "wte/embeddings:0", "token_embd.weight"), bias=False),
+    GPT2Kind(T + "wpe.weight", ("n_positions", H), (
+        T + "wpe.embedding_table", K + "wpe/embeddings:0", "position_embd.weight"), bias=False),
+    GPT2Kind(L + "ln_1.weight", (H,), (L + "ln_1.gamma", KL + "ln_1/gamma:0", B + "attn_norm.weight")),
+    GPT2Kind(L + "ln_2.weight", (H,), (L + "ln_2.gamma", KL + "ln_2/gamma:0", B + "ffn_norm.weight")),
+    GPT2Kind(L + "attn.c_attn.weight", (H, QKV), (
+        L + "attn.c_attn.weight", KL + "attn/c_attn/weight:0", B + "attn_qkv.weight"), conv=True),
+    GPT2Kind(L + "attn.c_proj.weight", (H, H), (
+        L + "attn.c_proj.weight", KL + "attn/c_proj/weight:0", B + "attn_output.weight"), conv=True),
+    GPT2Kind(L + "mlp.c_fc.weight", (H, FF), (
+        L + "mlp.c_fc.weight", KL + "mlp/c_fc/weight:0", B + "ffn_up.weight"), conv=True),
+    GPT2Kind(L + "mlp.c_proj.weight", (FF, H), (
+        L + "mlp.c_proj.weight", KL + "mlp/c_proj/weight:0", B + "ffn_down.weight"), conv=True),
+    GPT2Kind(T + "ln_f.weight", (H,), (T + "ln_f.gamma", K + "ln_f/gamma:0", "output_norm.weight")),
+    GPT2Kind("lm_head.weight", ("vocab_size", H), ("lm_head.weight", None, None), bias=False,
+         when=_untied),
 )
-_NORMS = ("ln_1", "ln_2")
-
-HUB = (
-    HubTensor(T + "wte.weight", ("vocab_size", H)),
-    HubTensor(T + "wpe.weight", ("n_positions", H)),
-    *(HubTensor(f"{L}{n}.{k}", (H,)) for n in _NORMS for k in ("weight", "bias")),
-    *(
-        t
-        for n, i, o in _CONV1D
-        for t in (HubTensor(f"{L}{n}.weight", (i, o)), HubTensor(f"{L}{n}.bias", (o,)))
-    ),
-    HubTensor(T + "ln_f.weight", (H,)),
-    HubTensor(T + "ln_f.bias", (H,)),
-    HubTensor("lm_head.weight", ("vocab_size", H), _untied),
-)
+# fmt: on
+# the dialect that stores a tied embedding twice -> the name of the copy (the Tie op checks that
+# both copies agree when reading)
+_TIED_COPY = {"gguf": "output.weight"}
 
 
-def _layer_rules(norm, conv) -> list:
-    """Per-layer rules from `norm(stem, kind)` and `conv(stem, kind)` -> (name, ops)."""
+def _rules(dialect: str) -> tuple[Rule, ...]:
+    """The dialect's column of TABLE as rules: weight then bias of each kind, in table order."""
+    col, keras = DIALECTS.index(dialect), dialect == "keras"
     out = []
-    for n in _NORMS:
-        for k in ("weight", "bias"):
-            name, ops = norm(L + n, k)
-            out.append(rule(f"{L}{n}.{k}", name, *ops))
-    for n, _, _ in _CONV1D:
-        for k in ("weight", "bias"):
-            name, ops = conv(L + n, k)
-            out.append(rule(f"{L}{n}.{k}", name, *ops))
-    return out
+    for k in TABLE:
+        name = k.names[col]
+        if name is None:
+            continue
+        if k.hub == T + "wte.weight" and dialect in _TIED_COPY:
+            out.append(rule(k.hub, (name, _TIED_COPY[dialect]), Tie(), when=_tied))
+            out.append(rule(k.hub, name, when=_untied))
+            continue
+        for hub, dia, when, is_bias in k.tensors(col):
+            ops = (Transpose(),) if k.conv and not is_bias and not keras else ()
+            ops += (Unsqueeze(0),) if k.conv and is_bias and keras else ()
+            out.append(rule(hub, dia, *ops, when=when))
+    return tuple(out)
 
 
-# MindSpore Cells mirroring the HF tree: nn.Dense weights are [out, in] (Conv1D transposed),
-# nn.LayerNorm gamma/beta, nn.Embedding embedding_table.
-MINDSPORE = (
-    rule(T + "wte.weight", T + "wte.embedding_table"),
-    rule(T + "wpe.weight", T + "wpe.embedding_table"),
-    *_layer_rules(
-        lambda s, k: (f"{s}.{'gamma' if k == 'weight' else 'beta'}", ()),
-        lambda s, k: (f"{s}.{k}", (Transpose(),) if k == "weight" else ()),
-    ),
-    rule(T + "ln_f.weight", T + "ln_f.gamma"),
-    rule(T + "ln_f.bias", T + "ln_f.beta"),
-    rule("lm_head.weight", "lm_head.weight", when=_untied),
-)
-
-# HF TF (TFGPT2LMHeadModel / TFGPT2Model, transformers 4.3x-4.57): one main layer `transformer`
-# under the model scope; TFConv1D keeps weight [in, out] and stores its bias as [1, out]; wte and
-# wpe are Keras Embeddings (`embeddings:0`; files from before 4.35 say `wte/weight:0`, which
-# TF itself renames on load; pass a --mapping for those). TF GPT-2 always ties: no lm_head.
-_K = "transformer/{tf_scope}/transformer/"
-_KL = _K + "h_._{layer}/"
-KERAS = (
-    rule(T + "wte.weight", _K + "wte/embeddings:0"),
-    rule(T + "wpe.weight", _K + "wpe/embeddings:0"),
-    *_layer_rules(
-        lambda s, k: (
-            _KL + s.rsplit(".", 1)[-1] + f"/{'gamma' if k == 'weight' else 'beta'}:0",
-            (),
-        ),
-        lambda s, k: (
-            _KL + s.split("}.", 1)[1].replace(".", "/") + f"/{k}:0",
-            () if k == "weight" else (Unsqueeze(0),),
-        ),
-    ),
-    rule(T + "ln_f.weight", _K + "ln_f/gamma:0"),
-    rule(T + "ln_f.bias", _K + "ln_f/beta:0"),
-)
-
-# llama.cpp (convert_hf_to_gguf.py GPT2Model): Conv1D weights transposed to [out, in]; the tied
-# embedding is written twice, as token_embd and output (Tie; the inverse checks both are equal).
-# llama.cpp's GPT-2 is always tied, so an untied lm_head has no place here (from_hub says so).
-_B = "blk.{layer}."
-_GGUF_NAMES = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}  # fmt: skip
-GGUF = (
-    rule(T + "wte.weight", ("token_embd.weight", "output.weight"), Tie(), when=_tied),
-    rule(T + "wte.weight", "token_embd.weight", when=_untied),
-    rule(T + "wpe.weight", "position_embd.weight"),
-    *_layer_rules(
-        lambda s, k: (f"{_B}{_GGUF_NAMES[s.split('}.', 1)[1]]}.{k}", ()),
-        lambda s, k: (
-            f"{_B}{_GGUF_NAMES[s.split('}.', 1)[1]]}.{k}",
-            (Transpose(),) if k == "weight" else (),
-        ),
-    ),
-    rule(T + "ln_f.weight", "output_norm.weight"),
-    rule(T + "ln_f.bias", "output_norm.bias"),
-)
+HUB = hub_of(TABLE)
 
 
 def config_to_gguf(cfg: dict) -> dict:
@@ -212,7 +192,7 @@ FAMILY = Family(
     name="gpt2",
     model_types=("gpt2",),
     hub=HUB,
-    dialects={"mindspore": MINDSPORE, "keras": KERAS, "gguf": GGUF},
+    dialects={d: _rules(d) for d in DIALECTS},
     normalize=normalize,
     ignorable=(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",),
     config_from={"gguf": config_from_gguf},

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from slimport.arch import gguf_config
 from slimport.arch.ops import At, PermuteRope, Tie, Transpose
-from slimport.arch.rules import Family, HubTensor, renames, rule
-
-L = "model.layers.{layer}."
+from slimport.arch.rules import Cond, Family, Kind, Rule, all_of, hub_of, rule
 
 
 def normalize(cfg: dict) -> dict:
@@ -34,6 +34,10 @@ def _tied(c: dict) -> bool:
     return bool(c["tie_word_embeddings"])
 
 
+def _untied(c: dict) -> bool:
+    return not c["tie_word_embeddings"]
+
+
 def _qkv_bias(c):
     return c["qkv_bias"]
 
@@ -50,148 +54,127 @@ def _rope_permuted_in_gguf(c):
     return c["model_type"] != "qwen2"  # llama.cpp runs Qwen2 with NEOX (rotate-half) RoPE
 
 
-HUB = (
-    HubTensor("model.embed_tokens.weight", ("vocab_size", "hidden_size")),
-    HubTensor(L + "input_layernorm.weight", ("hidden_size",)),
-    HubTensor(L + "self_attn.q_proj.weight", ("q_dim", "hidden_size")),
-    HubTensor(L + "self_attn.k_proj.weight", ("kv_dim", "hidden_size")),
-    HubTensor(L + "self_attn.v_proj.weight", ("kv_dim", "hidden_size")),
-    HubTensor(L + "self_attn.o_proj.weight", ("hidden_size", "q_dim")),
-    HubTensor(L + "self_attn.q_proj.bias", ("q_dim",), _qkv_bias),
-    HubTensor(L + "self_attn.k_proj.bias", ("kv_dim",), _qkv_bias),
-    HubTensor(L + "self_attn.v_proj.bias", ("kv_dim",), _qkv_bias),
-    HubTensor(L + "self_attn.o_proj.bias", ("hidden_size",), _o_bias),
-    HubTensor(L + "post_attention_layernorm.weight", ("hidden_size",)),
-    HubTensor(L + "mlp.gate_proj.weight", ("intermediate_size", "hidden_size")),
-    HubTensor(L + "mlp.up_proj.weight", ("intermediate_size", "hidden_size")),
-    HubTensor(L + "mlp.down_proj.weight", ("hidden_size", "intermediate_size")),
-    HubTensor(L + "mlp.gate_proj.bias", ("intermediate_size",), _mlp_bias),
-    HubTensor(L + "mlp.up_proj.bias", ("intermediate_size",), _mlp_bias),
-    HubTensor(L + "mlp.down_proj.bias", ("hidden_size",), _mlp_bias),
-    HubTensor("model.norm.weight", ("hidden_size",)),
-    HubTensor("lm_head.weight", ("vocab_size", "hidden_size"), lambda c: not _tied(c)),
+H, F = "hidden_size", "intermediate_size"
+L = "model.layers.{layer}."  # hub (HF); also our MindSpore Cells and MindFormers
+B = "blk.{layer}."  # llama.cpp
+C = "layers.{layer}."  # llama2.c (Karpathy's model.py names, Meta's)
+K = "model/tf_mistral_for_causal_lm/model/"  # HF TF (TFMistralForCausalLM, the family's only TF model)
+KL = K + "layers.{layer}/"
+DIALECTS = ("mindspore", "mindformers", "gguf", "llama2c", "keras")
+
+
+@dataclass(frozen=True)
+class LlamaKind(Kind):
+    """A row of TABLE: its `names` are in DIALECTS order."""
+
+    rope: str | None = None  # heads key of q/k rows, which interleaved-RoPE dialects permute
+    linear: bool = False  # a Dense kernel (Keras stores them [in, out])
+
+
+# One row per tensor kind, one column per dialect, as gguf-py's TensorNameMap keeps them.
+# fmt: off
+TABLE = (
+    #    hub name, shape                                    mindspore, mindformers, gguf, llama2c, keras
+    LlamaKind("model.embed_tokens.weight", ("vocab_size", H), (
+        "model.embed_tokens.embedding_table", "model.tok_embeddings.embedding_weight", "token_embd.weight",
+        "tok_embeddings.weight", K + "embed_tokens/embeddings:0")),
+    LlamaKind(L + "input_layernorm.weight", (H,), (
+        L + "input_layernorm.weight", L + "attention_norm.weight", B + "attn_norm.weight",
+        C + "attention_norm.weight", KL + "input_layernorm/weight:0")),
+    LlamaKind(L + "post_attention_layernorm.weight", (H,), (
+        L + "post_attention_layernorm.weight", L + "ffn_norm.weight", B + "ffn_norm.weight",
+        C + "ffn_norm.weight", KL + "post_attention_layernorm/weight:0")),
+    LlamaKind(L + "self_attn.q_proj.weight", ("q_dim", H), (
+        L + "self_attn.q_proj.weight", L + "attention.wq.weight", B + "attn_q.weight",
+        C + "attention.wq.weight", KL + "self_attn/q_proj/kernel:0"),
+        bias=_qkv_bias, rope="num_attention_heads", linear=True),
+    LlamaKind(L + "self_attn.k_proj.weight", ("kv_dim", H), (
+        L + "self_attn.k_proj.weight", L + "attention.wk.weight", B + "attn_k.weight",
+        C + "attention.wk.weight", KL + "self_attn/k_proj/kernel:0"),
+        bias=_qkv_bias, rope="num_key_value_heads", linear=True),
+    LlamaKind(L + "self_attn.v_proj.weight", ("kv_dim", H), (
+        L + "self_attn.v_proj.weight", L + "attention.wv.weight", B + "attn_v.weight",
+        C + "attention.wv.weight", KL + "self_attn/v_proj/kernel:0"),
+        bias=_qkv_bias, linear=True),
+    LlamaKind(L + "self_attn.o_proj.weight", (H, "q_dim"), (
+        L + "self_attn.o_proj.weight", L + "attention.wo.weight", B + "attn_output.weight",
+        C + "attention.wo.weight", KL + "self_attn/o_proj/kernel:0"),
+        bias=_o_bias, linear=True),
+    LlamaKind(L + "mlp.gate_proj.weight", (F, H), (
+        L + "mlp.gate_proj.weight", L + "feed_forward.w1.weight", B + "ffn_gate.weight",
+        C + "feed_forward.w1.weight", KL + "mlp/gate_proj/kernel:0"),
+        bias=_mlp_bias, linear=True),
+    LlamaKind(L + "mlp.up_proj.weight", (F, H), (
+        L + "mlp.up_proj.weight", L + "feed_forward.w3.weight", B + "ffn_up.weight",
+        C + "feed_forward.w3.weight", KL + "mlp/up_proj/kernel:0"),
+        bias=_mlp_bias, linear=True),
+    LlamaKind(L + "mlp.down_proj.weight", (H, F), (
+        L + "mlp.down_proj.weight", L + "feed_forward.w2.weight", B + "ffn_down.weight",
+        C + "feed_forward.w2.weight", KL + "mlp/down_proj/kernel:0"),
+        bias=_mlp_bias, linear=True),
+    LlamaKind("model.norm.weight", (H,), (
+        "model.norm.weight", "model.norm_out.weight", "output_norm.weight",
+        "norm.weight", K + "norm/weight:0")),
+    LlamaKind("lm_head.weight", ("vocab_size", H), (
+        "lm_head.weight", "lm_head.weight", "output.weight",
+        "output.weight", "lm_head/tf_mistral_for_causal_lm/lm_head/kernel:0"),
+        linear=True, when=_untied),
 )
+# fmt: on
 
 
-_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-# The same projections as Meta / llama2.c / MindFormers and as llama.cpp name them
-_META_PROJ = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-              "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")  # fmt: skip
-_GGUF_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+@dataclass(frozen=True)
+class Layout:
+    """How a dialect stores the table's tensors, beyond their names."""
 
-_ROPE_HEADS = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"}
-
-
-def _all(*conds):
-    conds = [c for c in conds if c is not None]
-    return (lambda c: all(f(c) for f in conds)) if conds else None
+    rope: Cond | None = None  # when q/k rows are interleaved (Meta, llama.cpp): PermuteRope
+    kernels_in_out: bool = False  # Dense kernels are [in, out] (Keras): Transpose
+    writes_tied_head: bool = False  # a tied lm_head is stored too, as a copy of the embedding: Tie
 
 
-def _bias_rule(suffix: str):
-    """When a projection has a bias: MLP biases, o_proj bias and q/k/v biases vary separately."""
-    return _mlp_bias if suffix.startswith("mlp.") else _o_bias if "o_proj" in suffix else _qkv_bias
+LAYOUTS = {
+    "mindspore": Layout(),  # our Cells mirror the HF module tree
+    "mindformers": Layout(),  # MindFormers' own HF->MindSpore converter keeps HF rows
+    "gguf": Layout(rope=_rope_permuted_in_gguf),
+    "llama2c": Layout(rope=lambda c: True),
+    # TF Mistral has no biases and never ties: biases (Qwen2, attention_bias) keep Keras'
+    # `bias:0` names, and a tied embedding is also written as the lm_head kernel.
+    "keras": Layout(kernels_in_out=True, writes_tied_head=True),
+}
 
 
-def _projections(targets: tuple[str, ...], rope=None) -> list:
-    """Rules for the seven projections (+ biases): `targets` are the dialect names, in _PROJ order.
-
-    `rope(cfg)` says when q/k rows are stored interleaved (PermuteRope) in this dialect.
-    """
-    rules = []
-    for suffix, target in zip(_PROJ, targets, strict=True):
-        for kind, when in (("weight", None), ("bias", _bias_rule(suffix))):
-            hub, dia = f"{L}{suffix}.{kind}", f"{target}.{kind}"
-            heads = _ROPE_HEADS.get(suffix)
-            if rope is None or heads is None:
-                rules.append(rule(hub, dia, when=when))
-            else:
-                rules.append(rule(hub, dia, PermuteRope(heads), when=_all(when, rope)))
-                rules.append(rule(hub, dia, when=_all(when, lambda c: not rope(c))))
-    return rules
-
-
-# MindSpore: our Cells mirror the HF module tree; nn.Embedding calls its weight embedding_table.
-MINDSPORE = (
-    rule("model.embed_tokens.weight", "model.embed_tokens.embedding_table"),
-    *renames({L + n: L + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight")}),
-    *_projections(tuple(L + p for p in _PROJ)),
-    rule("model.norm.weight", "model.norm.weight"),
-    rule("lm_head.weight", "lm_head.weight", when=lambda c: not _tied(c)),
-)
-
-# MindFormers' own HF->MindSpore weight converter names (no RoPE permutation: it keeps HF rows).
-_MF = "model.layers.{layer}."
-MINDFORMERS = (
-    rule("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"),
-    rule(L + "input_layernorm.weight", _MF + "attention_norm.weight"),
-    rule(L + "post_attention_layernorm.weight", _MF + "ffn_norm.weight"),
-    *_projections(tuple(_MF + n for n in _META_PROJ)),
-    rule("model.norm.weight", "model.norm_out.weight"),
-    rule("lm_head.weight", "lm_head.weight", when=lambda c: not _tied(c)),
-)
-
-# llama.cpp names; q/k rows interleaved for RoPE (except Qwen2, which llama.cpp runs NEOX-style).
-_B = "blk.{layer}."
-GGUF = (
-    rule("model.embed_tokens.weight", "token_embd.weight"),
-    rule(L + "input_layernorm.weight", _B + "attn_norm.weight"),
-    rule(L + "post_attention_layernorm.weight", _B + "ffn_norm.weight"),
-    *_projections(tuple(_B + n for n in _GGUF_PROJ), rope=_rope_permuted_in_gguf),
-    rule("model.norm.weight", "output_norm.weight"),
-    rule("lm_head.weight", "output.weight", when=lambda c: not _tied(c)),
-)
-
-# llama2.c (Karpathy's model.py names); q/k rows interleaved like Meta's checkpoints.
-_C = "layers.{layer}."
-LLAMA2C = (
-    rule("model.embed_tokens.weight", "tok_embeddings.weight"),
-    rule(L + "input_layernorm.weight", _C + "attention_norm.weight"),
-    rule(L + "post_attention_layernorm.weight", _C + "ffn_norm.weight"),
-    *_projections(tuple(_C + n for n in _META_PROJ), rope=lambda c: True),
-    rule("model.norm.weight", "norm.weight"),
-    rule("lm_head.weight", "output.weight", when=lambda c: not _tied(c)),
-)
+def _rules(dialect: str) -> tuple[Rule, ...]:
+    """The dialect's column of TABLE as rules: weight then bias of each kind, in table order."""
+    layout, col = LAYOUTS[dialect], DIALECTS.index(dialect)
+    rope = layout.rope
+    out = []
+    for k in TABLE:
+        name = k.names[col]
+        if k.hub == "model.embed_tokens.weight" and layout.writes_tied_head:
+            head = (name, TABLE[-1].names[col])
+            copy = (At(1, Transpose()),) if layout.kernels_in_out else ()
+            out.append(rule(k.hub, head, Tie(), *copy, when=_tied))
+            out.append(rule(k.hub, name, when=_untied))
+            continue
+        kernel = (Transpose(),) if k.linear and layout.kernels_in_out else ()
+        for hub, dia, when, is_bias in k.tensors(col):
+            ops = () if is_bias else kernel
+            if k.rope is None or rope is None:
+                out.append(rule(hub, dia, *ops, when=when))
+            else:  # two rules, for configs with and without interleaved rows
+                out.append(rule(hub, dia, PermuteRope(k.rope), *ops, when=all_of(when, rope)))
+                out.append(rule(hub, dia, *ops, when=all_of(when, lambda c: not rope(c))))
+    return tuple(out)
 
 
-def _keras() -> tuple:
-    """HF TF names of TFMistralForCausalLM (transformers' only TF model of this family): main
-    layer `model`, decoder layers named `layers.N`, Dense kernels [in, out], RMSNorm `weight`,
-    embed_tokens a Keras Embedding. TF Mistral has no biases and never ties: q/k/v/o/mlp biases
-    (Qwen2, attention_bias) keep Keras' `bias:0` names, and a tied embedding is also written as
-    the lm_head kernel (Tie; the inverse checks that both copies agree)."""
-    m = "model/tf_mistral_for_causal_lm/model/"
-    emb, head = m + "embed_tokens/embeddings:0", "lm_head/tf_mistral_for_causal_lm/lm_head/kernel:0"
-    lay = m + "layers.{layer}/"
-    rules = [
-        rule("model.embed_tokens.weight", (emb, head), Tie(), At(1, Transpose()), when=_tied),
-        rule("model.embed_tokens.weight", emb, when=lambda c: not _tied(c)),
-        rule(L + "input_layernorm.weight", lay + "input_layernorm/weight:0"),
-        rule(L + "post_attention_layernorm.weight", lay + "post_attention_layernorm/weight:0"),
-    ]
-    for p in _PROJ:
-        tf = lay + p.replace(".", "/")
-        rules.append(rule(f"{L}{p}.weight", tf + "/kernel:0", Transpose()))
-        rules.append(rule(f"{L}{p}.bias", tf + "/bias:0", when=_bias_rule(p)))
-    rules.append(rule("model.norm.weight", m + "norm/weight:0"))
-    rules.append(rule("lm_head.weight", head, Transpose(), when=lambda c: not _tied(c)))
-    return tuple(rules)
-
-
-KERAS = _keras()
+HUB = hub_of(TABLE)
 
 
 FAMILY = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2"),
     hub=HUB,
-    dialects={
-        "mindspore": MINDSPORE,
-        "mindformers": MINDFORMERS,
-        "gguf": GGUF,
-        "llama2c": LLAMA2C,
-        "keras": KERAS,
-    },
+    dialects={d: _rules(d) for d in DIALECTS},
     normalize=normalize,
     config_from={"gguf": gguf_config.config_from_gguf},
     config_to={"gguf": gguf_config.config_to_gguf},

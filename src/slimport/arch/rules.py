@@ -69,6 +69,64 @@ def renames(pairs: dict[str, str], *ops: Op, when: Cond | None = None) -> list[R
     return [rule(h, d, *ops, when=when) for h, d in pairs.items()]
 
 
+# weight suffix -> bias suffix, as each dialect spells the pair (Keras: kernel:0 or weight:0 with
+# bias:0, LayerNorm gamma:0 with beta:0; MindSpore LayerNorm gamma with beta; the rest weight, bias)
+_BIAS_OF = (("kernel:0", "bias:0"), ("gamma:0", "beta:0"), ("weight:0", "bias:0"),
+            ("gamma", "beta"), ("weight", "bias"))  # fmt: skip
+
+
+def bias_of(weight: str) -> str:
+    """The name of the bias stored beside `weight` (`x.weight` -> `x.bias`, `x/kernel:0` ->
+    `x/bias:0`, `x.gamma` -> `x.beta`), for tables that name weights only."""
+    for w, b in _BIAS_OF:
+        if weight.endswith(w):
+            return weight.removesuffix(w) + b
+    raise ValueError(f"{weight!r} does not end like a weight: {', '.join(w for w, _ in _BIAS_OF)}")
+
+
+def all_of(*conds: Cond | None) -> Cond | None:
+    """A condition that holds when every given one does (None: always)."""
+    conds = tuple(c for c in conds if c is not None)
+    return (lambda c: all(f(c) for f in conds)) if conds else None
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One row of a family's name table, as gguf-py's TensorNameMap keeps them: a hub weight, its
+    shape and presence, whether a bias sits beside it (named by `bias_of`; True, False or a
+    condition), and its name in each of the family's dialects (a column each; None: the dialect
+    has no place for it). Families subclass it with the facts their dialects lay tensors out by.
+    """
+
+    hub: str
+    shape: tuple[int | str, ...]
+    names: tuple[str | None, ...]
+    bias: bool | Cond = False
+    when: Cond | None = None
+
+    @property
+    def bias_shape(self) -> tuple[int | str, ...]:
+        return self.shape[:1]  # nn.Linear: [out, in]
+
+    def tensors(self, col: int | None = None) -> list[tuple[str, str | None, Cond | None, bool]]:
+        """(hub name, name in dialect column `col`, presence, is_bias) of the weight and its bias."""
+        name = None if col is None else self.names[col]
+        out = [(self.hub, name, self.when, False)]
+        if self.bias is not False:
+            when = self.when if self.bias is True else all_of(self.when, self.bias)
+            out.append((bias_of(self.hub), name and bias_of(name), when, True))
+        return out
+
+
+def hub_of(table: tuple[Kind, ...]) -> tuple[HubTensor, ...]:
+    """The hub tensors of a name table, weight then bias of each row."""
+    return tuple(
+        HubTensor(hub, k.bias_shape if is_bias else k.shape, when)
+        for k in table
+        for hub, _, when, is_bias in k.tensors()
+    )
+
+
 @dataclass(frozen=True)
 class Bound:
     """A rule instantiated for one layer (or a global one): concrete names, ready to run."""

@@ -64,11 +64,6 @@ def rule(
     return Rule(as_tuple(hub), as_tuple(dialect), tuple(ops), when)
 
 
-def renames(pairs: dict[str, str], *ops: Op, when: Cond | None = None) -> list[Rule]:
-    """Many rules sharing the same ops: `{hub_name: dialect_name}`."""
-    return [rule(h, d, *ops, when=when) for h, d in pairs.items()]
-
-
 # weight suffix -> bias suffix, as each dialect spells the pair (Keras: kernel:0 or weight:0 with
 # bias:0, LayerNorm gamma:0 with beta:0; MindSpore LayerNorm gamma with beta; the rest weight, bias)
 _BIAS_OF = (("kernel:0", "bias:0"), ("gamma:0", "beta:0"), ("weight:0", "bias:0"),

@@ -136,7 +136,7 @@ def _rules(dialect: str) -> tuple[Rule, ...]:
     return tuple(out)
 
 
-HUB = hub_of(TABLE)
+HUB = hub_of(TABLE, DIALECTS)
 
 
 def config_to_gguf(cfg: dict) -> dict:

@@ -167,7 +167,7 @@ def _rules(dialect: str) -> tuple[Rule, ...]:
     return tuple(out)
 
 
-HUB = hub_of(TABLE)
+HUB = hub_of(TABLE, DIALECTS)
 
 
 FAMILY = Family(

@@ -113,8 +113,12 @@ class Kind:
         return out
 
 
-def hub_of(table: tuple[Kind, ...]) -> tuple[HubTensor, ...]:
-    """The hub tensors of a name table, weight then bias of each row."""
+def hub_of(table: tuple[Kind, ...], dialects: tuple[str, ...]) -> tuple[HubTensor, ...]:
+    """The hub tensors of a name table, weight then bias of each row; every row must name the
+    weight in each of `dialects` (None where a dialect has no place for it)."""
+    for k in table:
+        if len(k.names) != len(dialects):
+            raise ValueError(f"table row {k.hub}: {len(k.names)} names for dialects {dialects}")
     return tuple(
         HubTensor(hub, k.bias_shape if is_bias else k.shape, when)
         for k in table

@@ -42,23 +42,41 @@ class Op:
         return type(self).__name__ + ("^-1" if inverse else "")
 
 
+class Unary(Op):
+    """A one-tensor op (arity 1 -> 1): subclasses define `apply` and `unapply` on that tensor."""
+
+    def apply(self, t: torch.Tensor, cfg: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unapply(self, t: torch.Tensor, cfg: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, ts, cfg):
+        (t,) = ts
+        return [self.apply(t, cfg)]
+
+    def inverse(self, ts, cfg):
+        (t,) = ts
+        return [self.unapply(t, cfg)]
+
+
 @dataclass(frozen=True)
-class Transpose(Op):
+class Transpose(Unary):
     """Swap two axes (Keras kernels and GPT-2 Conv1D are [in, out]; nn.Linear is [out, in])."""
 
     dims: tuple[int, int] = (0, 1)
 
-    def forward(self, ts, cfg):
-        return [t.transpose(*self.dims).contiguous() for t in ts]
+    def apply(self, t, cfg):
+        return t.transpose(*self.dims).contiguous()
 
-    inverse = forward
+    unapply = apply
 
     def describe(self, inverse=False):
         return f"Transpose{self.dims}"
 
 
 @dataclass(frozen=True)
-class PermuteRope(Op):
+class PermuteRope(Unary):
     """Rotate-half (HF) rows -> interleaved (Meta, llama.cpp, llama2.c) rows of q or k.
 
     `heads` names the config key with the head count of this projection, so GQA's k uses
@@ -77,31 +95,15 @@ class PermuteRope(Op):
             )
         return n
 
-    def forward(self, ts, cfg):
-        out = []
-        for t in ts:
-            n = self._n(t, cfg)
-            rest = t.shape[1:]
-            out.append(
-                t.reshape(n, 2, t.shape[0] // n // 2, *rest)
-                .swapaxes(1, 2)
-                .reshape(t.shape)
-                .contiguous()
-            )
-        return out
+    def apply(self, t, cfg):
+        n = self._n(t, cfg)
+        t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2)
+        return t.reshape(-1, *t.shape[3:]).contiguous()
 
-    def inverse(self, ts, cfg):
-        out = []
-        for t in ts:
-            n = self._n(t, cfg)
-            rest = t.shape[1:]
-            out.append(
-                t.reshape(n, t.shape[0] // n // 2, 2, *rest)
-                .swapaxes(1, 2)
-                .reshape(t.shape)
-                .contiguous()
-            )
-        return out
+    def unapply(self, t, cfg):
+        n = self._n(t, cfg)
+        t = t.reshape(n, t.shape[0] // n // 2, 2, *t.shape[1:]).swapaxes(1, 2)
+        return t.reshape(-1, *t.shape[3:]).contiguous()
 
     def describe(self, inverse=False):
         return f"PermuteRope({self.heads})" + ("^-1" if inverse else "")
@@ -117,8 +119,6 @@ class Concat(Op):
     dim: int
     sizes: Callable[[dict], list[int]]
     parts: int = 3
-
-    arity_out = 1
 
     @property
     def arity_in(self):  # type: ignore[override]
@@ -184,21 +184,18 @@ class Cast(Op):
 
 
 @dataclass(frozen=True)
-class Unsqueeze(Op):
+class Unsqueeze(Unary):
     """Add an axis of size 1 (TF GPT-2 Conv1D biases are [1, out]); the inverse removes it."""
 
     dim: int = 0
 
-    def forward(self, ts, cfg):
-        return [t.unsqueeze(self.dim) for t in ts]
+    def apply(self, t, cfg):
+        return t.unsqueeze(self.dim)
 
-    def inverse(self, ts, cfg):
-        for t in ts:
-            if t.dim() <= self.dim or t.shape[self.dim] != 1:
-                raise SlimportError(
-                    f"expected a size-1 axis {self.dim}, got shape {tuple(t.shape)}"
-                )
-        return [t.squeeze(self.dim) for t in ts]
+    def unapply(self, t, cfg):
+        if t.dim() <= self.dim or t.shape[self.dim] != 1:
+            raise SlimportError(f"expected a size-1 axis {self.dim}, got shape {tuple(t.shape)}")
+        return t.squeeze(self.dim)
 
     def describe(self, inverse=False):
         return ("Squeeze" if inverse else "Unsqueeze") + f"({self.dim})"

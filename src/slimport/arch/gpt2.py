@@ -92,7 +92,7 @@ class GPT2Kind(Kind):
 # TF GPT-2 and llama.cpp's always tie, so an untied lm_head has no place there.
 # fmt: off
 TABLE = (
-    #    hub name, shape                          mindspore, keras, gguf
+    #        hub name, shape                          mindspore, keras, gguf
     GPT2Kind(T + "wte.weight", ("vocab_size", H), (
         T + "wte.embedding_table", K + "wte/embeddings:0", "token_embd.weight"), bias=False),
     GPT2Kind(T + "wpe.weight", ("n_positions", H), (
@@ -108,8 +108,8 @@ TABLE = (
     GPT2Kind(L + "mlp.c_proj.weight", (FF, H), (
         L + "mlp.c_proj.weight", KL + "mlp/c_proj/weight:0", B + "ffn_down.weight"), conv=True),
     GPT2Kind(T + "ln_f.weight", (H,), (T + "ln_f.gamma", K + "ln_f/gamma:0", "output_norm.weight")),
-    GPT2Kind("lm_head.weight", ("vocab_size", H), ("lm_head.weight", None, None), bias=False,
-         when=_untied),
+    GPT2Kind("lm_head.weight", ("vocab_size", H), ("lm_head.weight", None, None),
+             bias=False, when=_untied),
 )
 # fmt: on
 # the dialect that stores a tied embedding twice -> the name of the copy (the Tie op checks that

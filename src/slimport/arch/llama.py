@@ -74,7 +74,7 @@ class LlamaKind(Kind):
 # One row per tensor kind, one column per dialect, as gguf-py's TensorNameMap keeps them.
 # fmt: off
 TABLE = (
-    #    hub name, shape                                    mindspore, mindformers, gguf, llama2c, keras
+    #         hub name, shape                        mindspore, mindformers, gguf, llama2c, keras
     LlamaKind("model.embed_tokens.weight", ("vocab_size", H), (
         "model.embed_tokens.embedding_table", "model.tok_embeddings.embedding_weight", "token_embd.weight",
         "tok_embeddings.weight", K + "embed_tokens/embeddings:0")),

@@ -2,209 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-import json
-import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from slimport import arch
-from slimport.arch.rules import Family
 from slimport.convert import engine
-from slimport.convert.mapping import apply_mapping, load_mapping, renamed_view
+from slimport.convert.loader import DTYPES, TARGETS, Job, Model, convert, load, model_config, nbytes
 from slimport.errors import SlimportError
-from slimport.io import Checkpoint, atomic_dir, open_checkpoint
+from slimport.io.auto import open_checkpoint
 
-# --to target -> (dialect, writer module exposing write_model(folder, tensors, job))
-TARGETS = {
-    "hf": ("hf", "slimport.io.hf"),
-    "mindspore": ("mindspore", "slimport.io.mindspore_ckpt"),
-    "mindformers": ("mindformers", "slimport.io.mindspore_ckpt"),
-    "keras": ("keras", "slimport.io.keras_h5"),
-    "gguf": ("gguf", "slimport.io.gguf"),
-}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class Job:
-    """Everything a writer needs besides the tensors."""
-
-    family: Family
-    config: dict  # Hugging Face config.json content of the model
-    cfg: dict  # normalised config (derived keys added)
-    source: Checkpoint
-    dialect: str
-    dtype: torch.dtype | None = None
-    options: dict = field(default_factory=dict)  # writer-specific (e.g. gguf tensor type)
-
-
-@dataclass
-class Model:
-    """A checkpoint read through its family's rules into hub tensors (nothing loaded yet)."""
-
-    source: Checkpoint
-    family: Family
-    config: dict
-    cfg: dict
-    dialect: str
-    hub: dict[str, engine.Planned]
-    ignored: list[str]
-    notes: list[str]
-
-
-def model_config(ckpt: Checkpoint) -> dict | None:
-    """The HF config of a checkpoint: config.json, or translated from the format's metadata."""
-    if ckpt.config is not None:
-        return ckpt.config
-    if ckpt.format == "gguf":
-        gguf_arch = ckpt.metadata.get("general.architecture")
-        family = arch.family_for(gguf_arch, where=f"{ckpt.path} (GGUF general.architecture)")
-        if "gguf" not in family.config_from:
-            raise SlimportError(
-                f"{ckpt.path}: reading {gguf_arch!r} GGUF files is not supported yet"
-            )
-        return family.config_from["gguf"]({**ckpt.metadata, "__tensors__": list(ckpt.infos)})
-    return None
-
-
-def load(
-    path: str | Path,
-    from_format: str | None = None,
-    config: str | Path | None = None,
-    mapping: dict[str, str] | str | Path | None = None,
-    ignore_mismatched_sizes: bool = False,
-    allow_missing: tuple[str, ...] = (),
-) -> Model:
-    """Open `path` and plan it into hub tensors, strictly (see convert.engine)."""
-    ckpt = open_checkpoint(path, from_format, config)
-    renamed = {}
-    if mapping is not None:
-        mapping = mapping if isinstance(mapping, dict) else load_mapping(mapping)
-        ckpt, renamed = apply_mapping(ckpt, mapping)
-    raw = model_config(ckpt)
-    family, cfg = arch.resolve(raw, str(ckpt.path))
-    candidates = [d for d in ckpt.dialects if d in family.dialects]
-    if mapping is not None:  # a mapping may target any dialect of the family, the hub first
-        candidates += [d for d in family.dialects if d not in candidates]
-    if not candidates:
-        raise SlimportError(
-            f"{ckpt.path}: {family.name} models cannot be read from {ckpt.format} files"
-        )
-    dialect = max(candidates, key=lambda d: engine.dialect_score(ckpt, family, d, cfg))
-    ckpt, prefixed = _add_base_prefix(ckpt, cfg, dialect)
-    hub, ignored, notes = engine.to_hub(
-        ckpt, family, dialect, cfg, ignore_mismatched_sizes, allow_missing
-    )
-    if renamed:
-        notes.append(f"user mapping renamed {len(renamed)} tensor(s)")
-    if prefixed:
-        notes.append(f"the checkpoint stores the bare base model: read with prefix {prefixed!r}")
-    if "dequantized_from" in ckpt.metadata:
-        notes.append(f"weights dequantized from {ckpt.metadata['dequantized_from']}")
-    return Model(ckpt, family, dict(raw), cfg, dialect, hub, ignored + ckpt.skipped, notes)
-
-
-def _add_base_prefix(ckpt: Checkpoint, cfg: dict, dialect: str) -> tuple[Checkpoint, str]:
-    """Read a bare base-model checkpoint under a head-model config, as transformers does.
-
-    The official GPT-2 checkpoint says GPT2LMHeadModel but stores `h.0.attn...` without the
-    `transformer.` prefix: prefix every name so the hub stays canonical for the class.
-    """
-    base = cfg.get("base")
-    if dialect != "hf" or not base or any(n.startswith(base) for n in ckpt.infos):
-        return ckpt, ""
-    return renamed_view(ckpt, {base + n: n for n in ckpt.infos}), base
-
-
-def convert(
-    src: str | Path,
-    out: str | Path,
-    to: str,
-    from_format: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    config: str | Path | None = None,
-    mapping: dict[str, str] | str | Path | None = None,
-    ignore_mismatched_sizes: bool = False,
-    allow_missing: tuple[str, ...] = (),
-    options: dict | None = None,
-    progress: bool = True,
-) -> dict:
-    """Convert a checkpoint into folder `out` in the `to` layout; returns the report dict."""
-    t0 = time.perf_counter()
-    if to not in TARGETS:
-        raise SlimportError(f"unknown --to target {to!r}", hint="one of: " + ", ".join(TARGETS))
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise SlimportError(f"unknown --dtype {dtype!r}", hint="one of: " + ", ".join(DTYPES))
-        dtype = DTYPES[dtype]
-    model = load(src, from_format, config, mapping, ignore_mismatched_sizes, allow_missing)
-    dialect, writer = TARGETS[to]
-    if dialect not in model.family.dialects:
-        raise SlimportError(f"--to {to}: {model.family.name} models have no '{dialect}' layout")
-    tensors = engine.from_hub(model.hub, model.family, dialect, model.cfg, dtype)
-    job = Job(model.family, model.config, model.cfg, model.source, dialect, dtype, options or {})
-    total = sum(_nbytes(t) for t in tensors)
-    out = Path(out)
-    try:
-        with (
-            atomic_dir(out) as tmp,
-            tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc=f"to {to}",
-                disable=not progress or None,
-            ) as bar,
-        ):
-            files = importlib.import_module(writer).write_model(
-                tmp, tensors, job, progress=bar.update
-            )
-            report = _report(model, to, dialect, tensors, files, dtype, time.perf_counter() - t0)
-            (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    finally:
-        model.source.close()
-    return report
-
-
-def _nbytes(t) -> int:
-    n = t.dtype.itemsize
-    for d in t.shape:
-        n *= d
-    return n
-
-
-def _report(model: Model, to, dialect, tensors, files, dtype, seconds) -> dict:
-    return {
-        "source": str(model.source.path),
-        "source_format": model.source.format,
-        "source_dialect": model.dialect,
-        "family": model.family.name,
-        "model_type": model.cfg["model_type"],
-        "target": to,
-        "target_dialect": dialect,
-        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
-        "files": files,
-        "tensor_count": len(tensors),
-        "parameter_count": sum(_nbytes(t) // t.dtype.itemsize for t in tensors),
-        "ignored_source_tensors": model.ignored,
-        "notes": model.notes,
-        "seconds": round(seconds, 3),
-        "tensors": [
-            {
-                "target": t.name,
-                "sources": list(t.sources),
-                "ops": list(t.ops),
-                "shape": list(t.shape),
-                "dtype": str(t.dtype).removeprefix("torch."),
-            }
-            for t in tensors
-        ],
-    }
+__all__ = ["DTYPES", "TARGETS", "Job", "Model", "convert", "inspect", "load", "model_config"]
 
 
 CONFIG_SUMMARY = (
@@ -225,7 +32,7 @@ def inspect(
             "format": ckpt.format,
             "tensor_count": len(ckpt.infos),
             "parameter_count": ckpt.num_parameters,
-            "bytes": sum(_nbytes(i) for i in ckpt.infos.values()),
+            "bytes": sum(nbytes(i) for i in ckpt.infos.values()),
             "dtypes": dict(
                 Counter(str(i.dtype).removeprefix("torch.") for i in ckpt.infos.values())
             ),

@@ -7,7 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS
 from slimport.errors import SlimportError
+from slimport.io.formats import CAST_DTYPES, GGUF_TYPES, TARGETS
+
+# Each command imports what it runs inside its function: those modules pull in torch,
+# transformers or MindSpore (seconds each), which `slimport --help` and the other commands never
+# need. The choices below come from modules that import none of them.
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, there was"
 
@@ -254,15 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("convert", help="convert a checkpoint to another framework's layout")
     sp.add_argument("src", help="checkpoint file or HF-style folder")
     sp.add_argument("out", help="output folder (weights, config.json, conversion_report.json)")
-    sp.add_argument(
-        "--to", required=True, choices=["hf", "mindspore", "mindformers", "keras", "gguf"]
-    )
-    sp.add_argument(
-        "--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors"
-    )
-    sp.add_argument(
-        "--gguf-type", choices=["f32", "f16", "q8_0"], help="GGUF tensor type (2-D weights)"
-    )
+    sp.add_argument("--to", required=True, choices=list(TARGETS))
+    sp.add_argument("--dtype", choices=CAST_DTYPES, help="cast floating tensors")
+    sp.add_argument("--gguf-type", choices=GGUF_TYPES, help="GGUF tensor type (2-D weights)")
     sp.add_argument(
         "--mapping",
         help="YAML/JSON file of extra name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'",
@@ -330,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out", help="output folder")
     sp.add_argument("--recipe", help="YAML recipe (QuantizationConfig fields)")
     sp.add_argument("--bits", type=int, choices=(16, 8, 4, 3))
-    sp.add_argument("--method", choices=("rtn", "gptq", "awq", "awq+gptq"))
+    sp.add_argument("--method", choices=METHODS)
     sp.add_argument("--group-size", type=int, help="per-group weight scales of this many columns")
-    sp.add_argument("--granularity", choices=("tensor", "channel", "group"))
+    sp.add_argument("--granularity", choices=GRANULARITIES)
     sym = sp.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--act-symmetric", action="store_true", default=None,
                     help="symmetric activation grid (default: asymmetric, with a zero point)")  # fmt: skip
-    sp.add_argument("--calib-method", dest="observer", choices=("min_max", "ema_min_max", "percentile", "mse", "kl"),
+    sp.add_argument("--calib-method", dest="observer", choices=OBSERVERS,
                     help="observer for static activation ranges")  # fmt: skip
     sp.add_argument("--weight-observer", choices=("min_max", "mse"))
     sp.add_argument(

@@ -33,6 +33,8 @@ from tqdm import tqdm
 
 from slimport.data import project_root, read_labeled, shared_dir
 from slimport.errors import SlimportError
+from slimport.evaluate.classification import sst2_accuracy
+from slimport.io.base import atomic_dir
 
 LABELS = {0: "negative", 1: "positive"}
 
@@ -151,9 +153,6 @@ def finetune(
     many steps (a learning curve; costs ~5 s per point). Returns the report.
     """
     from transformers import AutoTokenizer, BertForSequenceClassification
-
-    from slimport.evaluate.classification import sst2_accuracy
-    from slimport.io.base import atomic_dir
 
     settings = settings or RECIPES["full"]
     model = Path(model) if model else default_model()

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from slimport.compress import pipeline
+from slimport.compress.calibration import calibration_inputs, is_causal_lm
 from slimport.compress.quant.config import QuantizationConfig
+from slimport.convert.loader import model_config
 from slimport.errors import SlimportError
+from slimport.io.auto import open_checkpoint
+from slimport.io.hf import load_tokenizer
 
 # command-line options that map one-to-one onto QuantizationConfig fields
 CLI_OPTIONS = (
@@ -39,9 +44,6 @@ def quantize(
     **options,
 ) -> dict:
     """Quantize `model` into the compressed-tensors folder `out`; returns the report."""
-    from slimport.compress import pipeline
-    from slimport.compress.calibration import calibration_inputs, is_causal_lm
-
     config = make_config(recipe, **options)
     calibration = None
     if config.needs_calibration:
@@ -50,10 +52,6 @@ def quantize(
                 f"this recipe ({_describe(config)}) calibrates on data, and no calib_data was given",
                 hint="pass --calib-data FILE (.txt, .tsv or .jsonl of task text, never the test split)",
             )
-        from slimport.api import model_config
-        from slimport.io import open_checkpoint
-        from slimport.runtime.text import load_tokenizer
-
         tokenizer = load_tokenizer(model)
         with open_checkpoint(model) as ckpt:
             causal = is_causal_lm(model_config(ckpt) or {})

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from slimport.compress.quant.config import QuantizationConfig
+from slimport.data import calibration_batches, read_texts
 from slimport.errors import SlimportError
 
 
@@ -19,8 +20,6 @@ def calibration_inputs(
 ) -> list[dict]:
     """Causal LMs get `num_samples` random windows of `seq_len` tokens (the GPTQ/AWQ protocol);
     encoders get `num_samples` random sentences, padded per batch (how a classifier is used)."""
-    from slimport.data import calibration_batches, read_texts
-
     if causal:
         ids = calibration_batches(tokenizer, path, config.num_samples, config.seq_len, config.seed)
         return [{"input_ids": ids[i : i + batch_size]} for i in range(0, len(ids), batch_size)]

@@ -29,12 +29,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimport.compress.quant import compressed
 from slimport.compress.quant import primitives as P
-from slimport.compress.quant.config import QuantizationConfig
+from slimport.compress.quant.awq import awq_clip, awq_scales
+from slimport.compress.quant.config import DEFAULT_PROTECT, QuantizationConfig
+from slimport.compress.quant.gptq import Hessian, gptq
 from slimport.compress.quant.modules import QuantLinear
 from slimport.compress.quant.observers import make_observer, mse_weight_qparams
+from slimport.compress.quant.scaling import fold_scales
+from slimport.compress.quant.smoothquant import smooth_scales
+from slimport.convert import engine
+from slimport.convert.loader import convert, load
 from slimport.errors import SlimportError
-from slimport.io.base import Ready, release_freed_memory
+from slimport.io import safetensors as st_io
+from slimport.io.auto import open_checkpoint
+from slimport.io.base import Ready, atomic_dir, bounded_heap, release_freed_memory
+from slimport.io.hf import copy_tokenizer
 
 # (producer, consumers) inside one block: scaling the producer's output channels down by s and the
 # consumers' input columns up by s preserves the block's function. Only producers whose output
@@ -80,9 +90,6 @@ class Skeleton:
 
     def __init__(self, source) -> None:
         import transformers
-
-        from slimport.api import load
-        from slimport.convert import engine
 
         self.source = load(source)
         m = self.source
@@ -357,8 +364,6 @@ def quantize_block(
 def _migrate_scales(block, linears, stats, config, model_type: str, rows) -> None:
     """SmoothQuant or AWQ scales for every (producer, consumers) pair, folded into the weights;
     then AWQ's weight clipping."""
-    from slimport.compress.quant.scaling import fold_scales
-
     mods = dict(block.named_modules())
     for producer, consumers in SMOOTHING.get(model_type, []):
         if producer not in mods or not all(c in linears for c in consumers):
@@ -374,12 +379,8 @@ def _migrate_scales(block, linears, stats, config, model_type: str, rows) -> Non
         if config.smoothquant is not None:
             # every pair, up_proj -> down_proj included: SwiGLU's product carries the largest
             # activation outliers of a Llama block, and they reach down_proj's input
-            from slimport.compress.quant.smoothquant import smooth_scales
-
             s = smooth_scales(st.absmax, [c.weight for c in cons], config.smoothquant)
         else:
-            from slimport.compress.quant.awq import awq_scales
-
             s = awq_scales(
                 torch.cat(st.sample), [c.weight for c in cons], config.weights,
                 grid=config.awq.get("grid", 20),
@@ -392,8 +393,6 @@ def _migrate_scales(block, linears, stats, config, model_type: str, rows) -> Non
             rows[c]["scaled_by"] = producer
     clip = config.awq.get("clip")
     if config.awq_scaling and (clip or (clip is None and not config.gptq_weights)):
-        from slimport.compress.quant.awq import awq_clip
-
         for n, m in linears.items():
             if NO_CLIP.search(n):
                 continue
@@ -411,8 +410,6 @@ def _quantize_weights(block, names, linears, st: Stats, config, rows, last: bool
     sizes = [w.shape[0] for w in ws]
     loss = None
     if config.gptq_weights:
-        from slimport.compress.quant.gptq import gptq
-
         # the last user of the Hessian hands it over: GPTQ works in its memory
         H = st.hessian if last else st.hessian.value()
         if last:
@@ -476,8 +473,6 @@ def _collect(block, linears, inputs, config, run) -> dict[str, Stats]:
     need_hessian = config.gptq_weights
     if not (need_absmax or need_sample or need_hessian):
         return {n: Stats() for n in linears}
-    if need_hessian:
-        from slimport.compress.quant.gptq import Hessian
     stats = {n: Stats() for n in linears}
     budget = int(config.awq.get("max_tokens", 4096))
     total = (
@@ -562,17 +557,11 @@ def quantize(
     `calibration` is a list of model-input dicts (input_ids, attention_mask, ...); required when
     the recipe needs data (GPTQ, AWQ, SmoothQuant, static activations).
     """
-    from slimport.io.base import bounded_heap
-
     with bounded_heap():
         return _quantize(source, out, config, calibration, tokenizer_dir, progress)
 
 
 def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict:
-    from slimport.compress.quant import compressed
-    from slimport.io import safetensors as st_io
-    from slimport.io.base import atomic_dir
-    from slimport.io.hf import copy_tokenizer
 
     t_start = time.perf_counter()
     if config.bits == 16:
@@ -589,7 +578,7 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
     if not all_linears:
         raise SlimportError(f"{sk.source.source.path}: the model has no Linear layers to quantize")
     for p in config.protect:
-        if p not in _default_protect() and not any(re.search(p, n) for n in all_linears):
+        if p not in DEFAULT_PROTECT and not any(re.search(p, n) for n in all_linears):
             raise SlimportError(
                 f"protect pattern {p!r} matches no Linear layer",
                 hint="layer names look like " + ", ".join(all_linears[:3]),
@@ -652,8 +641,6 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
             )
             tok_src = sk.source.source
             if tokenizer_dir is not None:
-                from slimport.io import open_checkpoint
-
                 tok_src = open_checkpoint(tokenizer_dir)
             copy_tokenizer(tmp, tok_src)
             bytes_before = sum(
@@ -675,12 +662,6 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
     finally:
         sk.close()
     return report
-
-
-def _default_protect() -> tuple[str, ...]:
-    from slimport.compress.quant.config import DEFAULT_PROTECT
-
-    return DEFAULT_PROTECT
 
 
 def _nbytes(shape, dtype) -> int:
@@ -790,7 +771,5 @@ def _dummy_batch(sk: Skeleton) -> dict:
 
 
 def _cast16(source, out, config) -> dict:
-    from slimport.api import convert
-
     report = convert(source, out, to="hf", dtype=config.dtype16, progress=False)
     return {"source": str(source), "config": config.to_dict(), "conversion": report}

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from slimport.convert.loader import load
+from slimport.errors import SlimportError, name_list
+
 
 @dataclass
 class Delta:
@@ -45,10 +48,7 @@ def checkpoint_diff_stats(a: str | Path, b: str | Path) -> dict[str, dict]:
     formats. Both are read through their family rules, so names and layouts are compared in
     the hub. Raises SlimportError if the tensor sets or shapes differ.
     """
-    from slimport import api
-    from slimport.errors import SlimportError, name_list
-
-    ma, mb = api.load(a), api.load(b)
+    ma, mb = load(a), load(b)
     try:
         if set(ma.hub) != set(mb.hub):
             raise SlimportError(

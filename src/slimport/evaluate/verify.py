@@ -12,99 +12,28 @@ the target in the chosen runtime (MindSpore by default). Measured, not assumed:
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from slimport import api
 from slimport.errors import SlimportError
-from slimport.evaluate.parity import delta
-from slimport.io import open_checkpoint
+from slimport.evaluate.parity import checkpoint_diff_stats, delta
+from slimport.runtime.torch.runner import CAUSAL, Outputs, TorchRunner, describe
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, there was"
-CAUSAL = ("ForCausalLM", "LMHeadModel")
-
-
-@dataclass
-class Outputs:
-    main: np.ndarray  # logits, or last_hidden_state for encoders
-    main_name: str
-    hidden_states: list[np.ndarray] = field(default_factory=list)
-
-
-def _describe(path: str | Path) -> tuple[str, Path, str]:
-    """(format, weights file, first architecture) of a checkpoint, reading only its header."""
-    with open_checkpoint(path) as ckpt:
-        config = api.model_config(ckpt) or {}
-        return ckpt.format, ckpt.path, (config.get("architectures") or [""])[0]
-
-
-class TorchRunner:
-    """A checkpoint run by transformers."""
-
-    def __init__(self, path: str | Path, work: Path):
-        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        path = Path(path)
-        self.note = ""
-        fmt, weights, arch = _describe(path)
-        self.causal = arch.endswith(CAUSAL)
-        cls = (
-            AutoModelForCausalLM
-            if self.causal
-            else AutoModelForSequenceClassification
-            if "ForSequenceClassification" in arch
-            else AutoModel
-        )
-        if fmt == "gguf":
-            self.model = cls.from_pretrained(path.parent, gguf_file=path.name)
-        elif fmt in ("safetensors", "pytorch"):
-            self.model = cls.from_pretrained(weights.parent)
-        else:  # transformers cannot read it: go through our own HF conversion, and say so
-            folder = work / "torch-reference"
-            api.convert(path, folder, to="hf", progress=False)
-            self.model = cls.from_pretrained(folder)
-            self.note = f"{path} is {fmt}: transformers ran slimport's HF conversion of it"
-        self.model.eval()
-        self.name = f"transformers {type(self.model).__name__}"
-
-    def forward(self, ids: np.ndarray, mask: np.ndarray) -> Outputs:
-        with torch.no_grad():
-            out = self.model(
-                input_ids=torch.from_numpy(ids).long(),
-                attention_mask=torch.from_numpy(mask).long(),
-                output_hidden_states=True,
-            )
-        name = "logits" if "logits" in out else "last_hidden_state"
-        return Outputs(
-            out[name].float().numpy(), name, [h.float().numpy() for h in out.hidden_states or ()]
-        )
-
-    def greedy(self, ids: np.ndarray, n: int, eos: int | None) -> list[int]:
-        with torch.no_grad():
-            out = self.model.generate(
-                torch.from_numpy(ids).long(),
-                attention_mask=torch.ones(ids.shape, dtype=torch.long),
-                max_new_tokens=n,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=eos if eos is not None else 0,
-            )
-        return out[0, ids.shape[1] :].tolist()
 
 
 class MindSporeRunner:
     """A checkpoint run by slimport's MindSpore models."""
 
     def __init__(self, path: str | Path, mode: str = "pynative"):
-        import mindspore as ms
+        import mindspore as ms  # optional and slow to import: only for --runtime mindspore
 
-        from slimport import mindspore as sms
+        from slimport.runtime.mindspore import auto as sms
 
         ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-        _, _, arch = _describe(path)
+        _, _, arch = describe(path)
         self.causal = arch.endswith(CAUSAL)
         auto = (
             sms.AutoModelForCausalLM
@@ -173,8 +102,6 @@ def verify(
     mode: str = "pynative",
 ) -> dict:
     """Compare `target` (run in `runtime`) against `src` (run in transformers); a report dict."""
-    from slimport.evaluate.parity import checkpoint_diff_stats
-
     if runtime not in ("mindspore", "torch"):
         raise SlimportError(f"unknown --runtime {runtime!r}", hint="mindspore or torch")
     report: dict = {

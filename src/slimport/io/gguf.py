@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import mmap
+import re
 import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ import torch
 
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo
+from slimport.io.formats import FORMATS, GGUF_TYPES
+from slimport.io.gguf_tokenizer import gguf_tokenizer_from_hf, has_tokenizer, write_hf_tokenizer
 
 EAGER_ARRAY = 256  # metadata arrays up to this long are decoded into lists up front
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -309,8 +312,6 @@ def _version() -> str:
 
 
 def read(path: Path) -> Checkpoint:
-    from slimport.arch.gguf_config import has_tokenizer
-
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -352,23 +353,23 @@ def read(path: Path) -> Checkpoint:
 
     writer: Callable[[Path], list[str]] | None = None
     if has_tokenizer(meta):
-        writer = functools.partial(_write_tokenizer, meta, str(path))
+        writer = functools.partial(write_hf_tokenizer, meta, where=str(path))
     ckpt = Checkpoint(
-        path, "gguf", infos, load, ("gguf",), config=None, metadata=meta, closer=close
+        path,
+        "gguf",
+        infos,
+        load,
+        FORMATS["gguf"].dialects,
+        config=None,
+        metadata=meta,
+        closer=close,
     )
     ckpt.tokenizer_writer = writer
     return ckpt
 
 
-def _write_tokenizer(meta: dict, where: str, folder: Path) -> list[str]:
-    from slimport.arch.gguf_config import write_hf_tokenizer
-
-    return write_hf_tokenizer(meta, Path(folder), where)
-
-
 # --- writing -------------------------------------------------------------------------------
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
 # source metadata we never copy: recomputed for the new file, or describing the old one's layout
 _NOT_COPIED = (
     "general.architecture",
@@ -453,8 +454,6 @@ def _file_type(plan, gguf) -> int:
 
 def _metadata(job, plan, gguf) -> tuple[dict, dict]:
     """Config (family.config_to), general.* and tokenizer.* keys, with GGUF value types."""
-    from slimport.arch.gguf_config import gguf_tokenizer_from_hf, name_from_hf
-
     family = job.family
     if "gguf" not in family.config_to:
         raise SlimportError(f"--to gguf: writing {family.name} models to GGUF is not supported yet")
@@ -494,6 +493,13 @@ def _metadata(job, plan, gguf) -> tuple[dict, dict]:
             meta.update(tok)
             vtypes.update({k: "ARRAY:" + v for k, v in tok_types.items()})
     return meta, vtypes
+
+
+def name_from_hf(cfg: dict) -> str | None:
+    """A readable general.name from an HF config's _name_or_path (a hub id or a folder)."""
+    name = cfg.get("_name_or_path") or ""
+    name = re.split(r"[/\\]", name.rstrip("/\\"))[-1]
+    return name or None
 
 
 def _add_kv(writer, key: str, value, vtype: str | None, gguf) -> None:

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from slimport.errors import SlimportError
 from slimport.io import safetensors
 from slimport.io.base import Checkpoint
 
@@ -34,3 +35,24 @@ def copy_tokenizer(folder: Path, source: Checkpoint) -> list[str]:
     if source.tokenizer_writer is not None:
         return source.tokenizer_writer(folder)
     return []
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer that belongs to a checkpoint: files beside it, or a GGUF's embedded one."""
+    from transformers import AutoTokenizer  # here: io's readers and writers never need transformers
+
+    p = Path(path)
+    try:
+        if p.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(p if p.is_dir() else p.parent)
+    except (OSError, ValueError) as e:
+        raise SlimportError(
+            f"{path}: no tokenizer found beside the model ({str(e).splitlines()[0]})",
+            hint="convert with `slimport convert ... --to hf`, which writes the tokenizer files",
+        ) from None
+    tok.padding_side = "left"  # decoder-only batches pad on the left
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

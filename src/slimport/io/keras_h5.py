@@ -26,6 +26,7 @@ import torch
 
 from slimport.errors import SlimportError, name_list
 from slimport.io.base import Checkpoint, TensorInfo, atomic_path, release_freed_memory
+from slimport.io.formats import FORMATS
 from slimport.io.hf import copy_tokenizer, write_config
 
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # inside a Keras 3 .keras zip
@@ -91,7 +92,14 @@ def read(path: Path) -> Checkpoint:
     metadata = {k: _text(f.attrs[k]) for k in ("backend", "keras_version") if k in f.attrs}
     metadata["layout"] = layout
     return Checkpoint(
-        path, "keras", infos, load, ("keras",), metadata=metadata, skipped=skipped, closer=close
+        path,
+        "keras",
+        infos,
+        load,
+        FORMATS["keras"].dialects,
+        metadata=metadata,
+        skipped=skipped,
+        closer=close,
     )
 
 

@@ -16,6 +16,7 @@ import torch
 
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo
+from slimport.io.formats import FORMATS
 
 
 def read(path: Path) -> Checkpoint:
@@ -101,5 +102,11 @@ def read(path: Path) -> Checkpoint:
     for n in rope_tables:  # precomputed RoPE tables, not weights
         del infos[n]
     return Checkpoint(
-        path, "llama2c", infos, load, ("llama2c",), config=config, skipped=rope_tables
+        path,
+        "llama2c",
+        infos,
+        load,
+        FORMATS["llama2c"].dialects,
+        config=config,
+        skipped=rope_tables,
     )

@@ -36,6 +36,7 @@ import torch
 
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo, atomic_path, release_freed_memory
+from slimport.io.formats import FORMATS
 from slimport.io.hf import copy_tokenizer, write_config
 
 # MindSpore tensor_type strings (str(mindspore dtype)) <-> torch
@@ -157,7 +158,7 @@ def read(path: Path) -> Checkpoint:
         "mindspore",
         infos,
         load,
-        ("mindspore", "mindformers"),
+        FORMATS["mindspore"].dialects,
         metadata=metadata,
         skipped=skipped,
     )

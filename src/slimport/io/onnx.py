@@ -20,6 +20,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo, release_freed_memory
+from slimport.io.formats import FORMATS
 
 DTYPES = {
     TensorProto.FLOAT: torch.float32,
@@ -87,7 +88,9 @@ def read(path: Path) -> Checkpoint:
             arr = arr.view(f"u{arr.dtype.itemsize}")
         return torch.from_numpy(np.array(arr, copy=True)).view(info.dtype).reshape(info.shape)
 
-    return Checkpoint(path, "onnx", infos, load, ("hf",), metadata=metadata, skipped=skipped)
+    return Checkpoint(
+        path, "onnx", infos, load, FORMATS["onnx"].dialects, metadata=metadata, skipped=skipped
+    )
 
 
 def _external(path: Path, t: TensorProto) -> tuple[Path, int, int | None]:

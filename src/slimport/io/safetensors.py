@@ -18,6 +18,7 @@ import torch
 
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo, atomic_path, check_shard, read_shard_index
+from slimport.io.formats import FORMATS
 
 DTYPES = {
     "F64": torch.float64,
@@ -111,7 +112,12 @@ def read(path: Path) -> Checkpoint:
     entries, meta, start = _parse_header(path)
     infos = {n: TensorInfo(shape, dtype) for n, (dtype, shape, _, _) in entries.items()}
     return Checkpoint(
-        path, "safetensors", infos, _reader(path, entries, start), ("hf",), metadata=meta
+        path,
+        "safetensors",
+        infos,
+        _reader(path, entries, start),
+        FORMATS["safetensors"].dialects,
+        metadata=meta,
     )
 
 
@@ -124,7 +130,9 @@ def _read_sharded(index: Path) -> Checkpoint:
         for n, (dtype, shape, _, _) in entries.items():
             infos[n] = TensorInfo(shape, dtype)
             loaders[n] = load
-    return Checkpoint(index, "safetensors", infos, lambda n: loaders[n](n), ("hf",))
+    return Checkpoint(
+        index, "safetensors", infos, lambda n: loaders[n](n), FORMATS["safetensors"].dialects
+    )
 
 
 def write(

@@ -27,6 +27,7 @@ from slimport.io.base import (
     read_shard_index,
     release_freed_memory,
 )
+from slimport.io.formats import FORMATS
 
 # Keys that training scripts wrap a model's state dict in; their siblings (optimizer, epoch) are skipped.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
@@ -39,7 +40,7 @@ def read(path: Path) -> Checkpoint:
     infos = {n: TensorInfo(tuple(t.shape), t.dtype) for n, t in tensors.items()}
     mapped = set(tensors) if kind == "zip" else set()
     return Checkpoint(
-        path, "pytorch", infos, _loader(tensors, mapped), ("hf",), metadata={"pickle": kind}, skipped=skipped,
+        path, "pytorch", infos, _loader(tensors, mapped), FORMATS["pytorch"].dialects, metadata={"pickle": kind}, skipped=skipped,
         closer=tensors.clear,
     )  # fmt: skip
 
@@ -150,7 +151,7 @@ def _read_sharded(index: Path) -> Checkpoint:
         "pytorch",
         infos,
         _loader(tensors, mapped),
-        ("hf",),
+        FORMATS["pytorch"].dialects,
         skipped=skipped,
         closer=tensors.clear,
     )

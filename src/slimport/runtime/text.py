@@ -5,29 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from slimport.errors import SlimportError
-
-
-def load_tokenizer(path: str | Path):
-    """The tokenizer that belongs to a checkpoint: files beside it, or a GGUF's embedded one."""
-    from transformers import AutoTokenizer
-
-    p = Path(path)
-    try:
-        if p.suffix == ".gguf":
-            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        else:
-            tok = AutoTokenizer.from_pretrained(p if p.is_dir() else p.parent)
-    except (OSError, ValueError) as e:
-        raise SlimportError(
-            f"{path}: no tokenizer found beside the model ({str(e).splitlines()[0]})",
-            hint="convert with `slimport convert ... --to hf`, which writes the tokenizer files",
-        ) from None
-    tok.padding_side = "left"  # decoder-only batches pad on the left
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+from slimport.io.hf import load_tokenizer
+from slimport.runtime.torch.runner import TorchRunner
 
 
 def encode_prompts(tok, prompts: list[str], chat: bool | None = None):
@@ -61,19 +43,15 @@ def generate_text(
     ids, mask = encode_prompts(tok, prompts, chat)
     common = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, **sampling}
     if runtime == "mindspore":
-        import mindspore as ms
+        import mindspore as ms  # optional and slow to import: only for --runtime mindspore
 
-        from slimport.mindspore import AutoModelForCausalLM
+        from slimport.runtime.mindspore.auto import AutoModelForCausalLM
 
         ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
         model = AutoModelForCausalLM.from_pretrained(model_path)
         out = model.generate(ids.astype(np.int32), attention_mask=mask.astype(np.int32), **common)
         out = out.asnumpy() if hasattr(out, "asnumpy") else np.asarray(out)
     elif runtime == "torch":
-        import torch
-
-        from slimport.evaluate.verify import TorchRunner
-
         runner = TorchRunner(model_path, Path("."))
         if sampling.get("seed") is not None:
             torch.manual_seed(sampling["seed"])

@@ -27,16 +27,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimport.compress.quant import primitives as P
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
 from slimport.errors import SlimportError, name_list
-from slimport.io.base import Ready
+from slimport.io import safetensors
+from slimport.io.auto import tokenizer_files
+from slimport.io.base import Ready, atomic_dir
+from slimport.io.compressed import (
+    INT,
+    PACKED,
+    PACKED_ZP,
+    read_config,
+    read_linear,
+    scheme_from,
+    weight_args,
+)
 
 RECIPE_FILE = "slimport_quantization.json"
-PACKED, INT = "pack-quantized", "int-quantized"
-READABLE_FORMATS = (PACKED, INT, "naive-quantized")  # naive = int layout, older writers
-PACKED_ZP = ("channel", "group")  # the zero points pack-quantized packs (not per-tensor)
 
 # Our observers -> the names llm-compressor gives the same calibration (informational only:
 # loaders never read `observer`). min_max keeps the true running extremes = static_minmax;
@@ -271,8 +278,6 @@ def save_quantized(
     tokenizer_dir: str | Path | None = None,
 ) -> dict:
     """A quantized transformers model -> a compressed-tensors Hugging Face folder, atomically."""
-    from slimport.io import atomic_dir, safetensors, tokenizer_files
-
     quantized = _quantized_modules(model)
     if not quantized:
         raise SlimportError(
@@ -305,76 +310,7 @@ def save_quantized(
     }
 
 
-# ---------------------------------------------------------------- loading
-
-
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise SlimportError(f"{folder}: no config.json, not a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SlimportError(f"{path}: cannot read ({e})") from None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
-        found = (
-            "no quantization_config"
-            if not isinstance(qc, dict)
-            else f"quant_method {qc.get('quant_method')!r}"
-        )
-        raise SlimportError(
-            f"{path}: not a compressed-tensors model ({found})",
-            hint="load_quantized reads folders written by save_quantized or llm-compressor",
-        )
-    return config
-
-
-def _unsupported(path: Path, what: str):
-    return SlimportError(
-        f"{path}: compressed-tensors {what} is not supported",
-        hint="slimport reads integer weights (3-8 bits, per tensor/channel/group) with optional "
-        "int8 static per-tensor or dynamic per-token activations, one scheme for all Linears",
-    )
-
-
-def _scheme_from(path: Path, qc: dict):
-    """Validate the config block and return (library QuantizationConfig, its one scheme)."""
-    q = _ct()
-    try:
-        ct = q.QuantizationConfig.model_validate(qc)
-    except Exception as e:  # pydantic's ValidationError, or the library's own ValueErrors
-        raise SlimportError(f"{path}: invalid quantization_config ({e})") from None
-    if qc.get("sparsity_config") or qc.get("transform_config"):
-        raise _unsupported(path, "sparsity / transforms")
-    if ct.kv_cache_scheme is not None:
-        raise _unsupported(path, "KV-cache quantization")
-    if ct.quantization_status != "compressed":
-        raise _unsupported(
-            path, f"quantization_status {ct.quantization_status!r} (only compressed)"
-        )
-    if len(ct.config_groups) != 1:
-        raise _unsupported(path, f"mixing {len(ct.config_groups)} schemes")
-    (s,) = ct.config_groups.values()
-    fmt = s.format or ct.format
-    if fmt not in READABLE_FORMATS:
-        raise _unsupported(path, f"format {fmt!r}")
-    w, a = s.weights, s.input_activations
-    if (
-        w is None
-        or w.type != "int"
-        or not 3 <= w.num_bits <= 8
-        or w.strategy not in ("tensor", "channel", "group")
-    ):
-        raise _unsupported(path, f"weight scheme {w!r}")
-    if s.output_activations is not None:
-        raise _unsupported(path, "output activation quantization")
-    if a is not None:
-        static = a.strategy == "tensor" and not a.dynamic
-        dynamic = a.strategy == "token" and a.dynamic is True
-        if a.type != "int" or a.num_bits != 8 or not (static or dynamic):
-            raise _unsupported(path, f"input activation scheme {a!r}")
-    return ct, s, fmt
+# ---------------------------------------------------------------- loading (reading: io.compressed)
 
 
 def _recipe(folder: Path, ct, s) -> QuantizationConfig:
@@ -449,13 +385,11 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, QuantizationConfig]:
     The integers, scales and zero points are the checkpoint's exactly, so the model computes what
     the saved model computed. Eval mode.
     """
-    from slimport.io import safetensors
-
     folder = Path(path)
     if not folder.is_dir():
         raise SlimportError(f"{folder}: model folder not found")
-    config = _read_config(folder)
-    ct, s, fmt = _scheme_from(folder / "config.json", config["quantization_config"])
+    config = read_config(folder)
+    ct, s, fmt = scheme_from(folder / "config.json", config["quantization_config"])
     qconfig = _recipe(folder, ct, s)
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
@@ -468,118 +402,6 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, QuantizationConfig]:
     finally:
         ckpt.close()
     return model.eval(), qconfig
-
-
-def _read_linear(ckpt, name: str, shape, wargs: QuantArgs, fmt: str, take) -> tuple:
-    """(integers, scale, zero point) of the quantized Linear `name` with weight `shape`, checked
-    against the scheme; `take(tensor name, what)` reads a checkpoint tensor."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    out_f, in_f = shape
-    if wargs.granularity == "group" and in_f % wargs.group_size:
-        raise SlimportError(
-            f"{name}: {in_f} input features are not a multiple of group size {wargs.group_size}"
-        )
-    if fmt == PACKED:
-        packed = take(f"{name}.weight_packed", "packed weight")
-        stored = take(f"{name}.weight_shape", "weight shape").tolist()
-        if stored != [out_f, in_f] or packed.dtype != torch.int32:
-            raise SlimportError(
-                f"{ckpt.path}: {name}.weight_packed is {stored} {packed.dtype}, the model needs [{out_f}, {in_f}] int32"
-            )
-        q = unpack_from_int32(packed, wargs.bits, torch.Size(stored))
-    else:
-        q = take(f"{name}.weight", "int8 weight")
-        if list(q.shape) != [out_f, in_f] or q.dtype != torch.int8:
-            raise SlimportError(
-                f"{ckpt.path}: {name}.weight is {list(q.shape)} {q.dtype}, the model needs [{out_f}, {in_f}] int8"
-            )
-    scale = take(f"{name}.weight_scale", "weight scales")
-    groups = {"tensor": None, "channel": 1, "group": in_f // (wargs.group_size or 1)}[
-        wargs.granularity
-    ]
-    want = [1] if groups is None else [out_f, groups]
-    if list(scale.shape) != want:
-        raise SlimportError(
-            f"{ckpt.path}: {name}.weight_scale has shape {list(scale.shape)}, expected {want}"
-        )
-    if wargs.symmetric:
-        zero = torch.zeros(want, dtype=torch.int8)
-    else:
-        zero = take(f"{name}.weight_zero_point", "weight zero points")
-        if fmt == PACKED and wargs.granularity in PACKED_ZP:
-            zero = unpack_from_int32(zero, wargs.bits, torch.Size(want), packed_dim=0)
-        if list(zero.shape) != want:
-            raise SlimportError(
-                f"{ckpt.path}: {name}.weight_zero_point has shape {list(zero.shape)}, expected {want}"
-            )
-    return q, scale, zero
-
-
-def dequantized_view(ckpt):
-    """A compressed-tensors checkpoint read as the float model it computes, for every path that
-    reads float checkpoints (MindSpore, GGUF/ONNX export, verify): each quantized Linear's
-    `weight` is its dequantized integers (exactly QuantLinear.weight), made lazily when read;
-    the integer, scale and zero-point tensors are consumed. Weight-only schemes: quantized
-    activations have no float-weight equivalent, so those checkpoints are refused."""
-    import dataclasses
-
-    from slimport.io.base import TensorInfo
-
-    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    qc = ckpt.config["quantization_config"]
-    ct, s, fmt = _scheme_from(folder / "config.json", qc)
-    qconfig = _recipe(folder, ct, s)
-    if qconfig.inputs is not None:
-        raise SlimportError(
-            f"{folder}: its activations are quantized too ({qconfig.activations} int8 inputs), "
-            "which float weights cannot carry",
-            hint="run it with slimport.compress.quant.compressed.load_quantized (torch), or "
-            "quantize weight-only to take it to another runtime",
-        )
-    wargs = qconfig.weights
-    suffix = ".weight_scale"
-    linears = [n[: -len(suffix)] for n in ckpt.infos if n.endswith(suffix)]
-    if not linears:
-        raise SlimportError(f"{folder}: compressed-tensors config, but no quantized tensors")
-    parts = {f"{n}.{k}" for n in linears for k in ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point")}  # fmt: skip
-    infos = {k: v for k, v in ckpt.infos.items() if k not in parts}
-    for n in linears:
-        if fmt == PACKED:
-            if f"{n}.weight_shape" not in ckpt.infos:
-                raise SlimportError(f"{ckpt.path}: tensor {n + '.weight_shape'!r} is missing")
-            shape = tuple(ckpt.load(f"{n}.weight_shape").tolist())
-        else:
-            shape = tuple(ckpt.infos[f"{n}.weight"].shape)
-        infos[f"{n}.weight"] = TensorInfo(shape, torch.float32)
-    shapes = {f"{n}.weight": (n, infos[f"{n}.weight"].shape) for n in linears}
-
-    def take(name: str, what: str) -> torch.Tensor:
-        if name not in ckpt.infos:
-            raise SlimportError(
-                f"{ckpt.path}: tensor {name!r} is missing ({what})",
-                hint="the checkpoint is incomplete or was written with a different scheme",
-            )
-        return ckpt.load(name)
-
-    def load(name: str) -> torch.Tensor:
-        if name not in shapes:
-            return ckpt.load(name)
-        module, shape = shapes[name]
-        q, scale, zero = _read_linear(ckpt, module, shape, wargs, fmt, take)
-        return P.dequantize_tensor(q.float(), wargs, scale.float(), zero.float())
-
-    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-    what = f"W{wargs.bits} " + (
-        f"g{wargs.group_size}" if wargs.granularity == "group" else f"per-{wargs.granularity}"
-    )
-    return dataclasses.replace(
-        ckpt,
-        infos=infos,
-        loader=load,
-        config=config,
-        metadata={**ckpt.metadata, "dequantized_from": f"compressed-tensors {fmt} ({what})"},
-    )
 
 
 def _load_into(model: nn.Module, ckpt, ct, s, fmt: str, qconfig: QuantizationConfig) -> None:
@@ -610,7 +432,7 @@ def _load_into(model: nn.Module, ckpt, ct, s, fmt: str, qconfig: QuantizationCon
         )
     for name, lin in targets:
         out_f, in_f = lin.weight.shape
-        q, scale, zero = _read_linear(ckpt, name, (out_f, in_f), wargs, fmt, take)
+        q, scale, zero = read_linear(ckpt, name, (out_f, in_f), weight_args(s), fmt, take)
         bias = None
         if lin.bias is not None:
             bias = take(f"{name}.bias", "bias")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from slimport import api
+from slimport.convert.loader import model_config
 from slimport.errors import SlimportError
 from slimport.io import open_checkpoint
 
@@ -55,7 +55,7 @@ class _Auto:
         """Like transformers' Auto classes: the config's model_type picks the class; any
         checkpoint slimport reads (flags from_pt/from_tf/from_gguf only confirm the format)."""
         with open_checkpoint(path, config=kwargs.get("config")) as ckpt:
-            config = api.model_config(ckpt)
+            config = model_config(ckpt)
         if not config:
             raise SlimportError(
                 f"{path}: no model config found", hint="pass config=PATH/config.json"

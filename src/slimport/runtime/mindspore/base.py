@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,11 @@ import numpy as np
 import torch
 from mindspore import nn
 
-from slimport import api
-from slimport.convert import engine
+from slimport.compress import api as quant_api
+from slimport.convert import engine, loader
 from slimport.errors import SlimportError, name_list
+from slimport.io.base import atomic_dir
+from slimport.io.mindspore_ckpt import write
 
 
 def _init_numpy_bridge() -> None:
@@ -130,7 +133,7 @@ class PreTrainedCell(nn.Cell):
                     custom_layer_mapping=custom_layer_mapping, dtype=dtype, **config_kwargs,
                 ),
             )  # fmt: skip
-        model = api.load(
+        model = loader.load(
             path,
             config=config,
             mapping=custom_layer_mapping,
@@ -177,11 +180,7 @@ class PreTrainedCell(nn.Cell):
 
     @classmethod
     def _from_quantized(cls, path, recipe, config, kwargs: dict) -> PreTrainedCell:
-        import tempfile
-
-        from slimport.compress import api as quant_api
-
-        source = api.load(path, config=config)
+        source = loader.load(path, config=config)
         try:
             flags = {k: kwargs.pop(k) for k in ("from_pt", "from_tf", "from_gguf")}
             _check_format_flags(source, **flags)
@@ -210,7 +209,7 @@ class PreTrainedCell(nn.Cell):
         )
 
     def _load_hub(
-        self, model: api.Model, ms_dtype, ignore_mismatched_sizes: bool = False
+        self, model: loader.Model, ms_dtype, ignore_mismatched_sizes: bool = False
     ) -> LoadReport:
         planned = self.plan_parameters(model)
         expected = {p.name: p for p in self.get_parameters()}
@@ -293,11 +292,11 @@ class PreTrainedCell(nn.Cell):
             notes,
         )
 
-    def plan_parameters(self, model: api.Model) -> list[engine.Planned]:
+    def plan_parameters(self, model: loader.Model) -> list[engine.Planned]:
         """Hub tensors laid out as this Cell's parameters (the `mindspore` dialect)."""
         return engine.from_hub(model.hub, model.family, "mindspore", model.cfg)
 
-    def newly_initialized(self, model: api.Model) -> set[str]:
+    def newly_initialized(self, model: loader.Model) -> set[str]:
         """Parameters the checkpoint may lack (a classifier on a bare encoder, as transformers
         allows): they keep their initialisation and the load report lists them."""
         return set()
@@ -330,9 +329,6 @@ class PreTrainedCell(nn.Cell):
     # --- saving --------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> list[str]:
         """model.ckpt (MindSpore's format) + config.json, loadable by from_pretrained."""
-        from slimport.io.base import atomic_dir
-        from slimport.io.mindspore_ckpt import write
-
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
             tensors = [
@@ -357,7 +353,7 @@ DERIVED_KEYS = {
 }  # fmt: skip
 
 
-def _check_format_flags(model: api.Model, **flags: bool | None) -> None:
+def _check_format_flags(model: loader.Model, **flags: bool | None) -> None:
     fmt = model.source.format
     for flag, value in flags.items():
         if value and fmt not in _FORMAT_FLAGS[flag]:

@@ -18,9 +18,9 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal
 
-from slimport import api
 from slimport.arch import bert as arch
 from slimport.convert import engine
+from slimport.convert.loader import Model
 from slimport.errors import SlimportError, name_list
 from slimport.runtime.mindspore.base import PreTrainedCell
 
@@ -261,7 +261,7 @@ def _encode(cell, input_ids, attention_mask, token_type_ids, position_ids):
 
 
 # ---------------------------------------------------------------- loading helpers
-def rebase(model: api.Model, cell: PreTrainedCell, base: str) -> list[engine.Planned]:
+def rebase(model: Model, cell: PreTrainedCell, base: str) -> list[engine.Planned]:
     """The checkpoint's tensors under this class' base prefix (transformers' base-model prefix
     handling): encoder tensors re-prefixed from the checkpoint's base to `base`, tensors this
     class has no parameter for (another head, a pooler) dropped, reported and warned about."""
@@ -304,10 +304,10 @@ class _BertFamilyCell(PreTrainedCell):
         config["architectures"] = [self.architectures[0]]
         super().__init__(config)
 
-    def plan_parameters(self, model: api.Model) -> list[engine.Planned]:
+    def plan_parameters(self, model: Model) -> list[engine.Planned]:
         return rebase(model, self, self.base_prefix)
 
-    def newly_initialized(self, model: api.Model) -> set[str]:
+    def newly_initialized(self, model: Model) -> set[str]:
         """A head the checkpoint's class does not have (a bare MiniLM into a classifier), or a
         pooler a checkpoint saved without: initialised like transformers, listed in the report."""
         new = set()

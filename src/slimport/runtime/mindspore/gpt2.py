@@ -14,9 +14,9 @@ from typing import ClassVar
 import mindspore as ms
 from mindspore import nn, ops
 
-from slimport import api
 from slimport.arch import gpt2 as arch
 from slimport.convert import engine
+from slimport.convert.loader import Model
 from slimport.runtime.mindspore.base import PreTrainedCell
 from slimport.runtime.mindspore.bert import activation, mask_min, rebase
 from slimport.runtime.mindspore.generate import GenerationMixin, write_kv
@@ -175,7 +175,7 @@ class _GPT2Cell(PreTrainedCell):
         super().__init__(config)
         self.output_hidden_states = False
 
-    def plan_parameters(self, model: api.Model) -> list[engine.Planned]:
+    def plan_parameters(self, model: Model) -> list[engine.Planned]:
         return rebase(model, self, self.base_prefix)
 
 

@@ -1,0 +1,257 @@
+"""Reading `compressed-tensors` checkpoints (the format vLLM and transformers load, and what
+`slimport quantize` writes): the config block, its one scheme, each Linear's integers, scales
+and zero points, and the float model they compute (`dequantized_view`).
+
+The layout of one quantized Linear `P` is described in slimport.compress.quant.compressed, the
+writer. Dequantized value = (q - zero_point) * scale, per tensor / output channel / group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from slimport.errors import SlimportError
+from slimport.io.base import Checkpoint, TensorInfo
+
+PACKED, INT = "pack-quantized", "int-quantized"
+READABLE_FORMATS = (PACKED, INT, "naive-quantized")  # naive = int layout, older writers
+PACKED_ZP = ("channel", "group")  # the zero points pack-quantized packs (not per-tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightArgs:
+    """How a checkpoint's Linear weights are quantized (the fields compress.QuantArgs shares)."""
+
+    bits: int
+    symmetric: bool
+    granularity: str  # tensor | channel | group
+    group_size: int | None = None
+
+
+def weight_args(scheme) -> WeightArgs:
+    """The weight quantization of a compressed-tensors QuantizationScheme."""
+    w = scheme.weights
+    return WeightArgs(
+        w.num_bits, w.symmetric, w.strategy, w.group_size if w.strategy == "group" else None
+    )
+
+
+def _ct():
+    """compressed_tensors.quantization, imported when a compressed checkpoint is read: the library
+    pulls in transformers (seconds), which opening any other checkpoint never needs."""
+    try:
+        import compressed_tensors.quantization as q
+    except ImportError:  # pragma: no cover - a dependency of slimport's quantization extra
+        raise SlimportError(
+            "reading compressed-tensors checkpoints needs the compressed-tensors package",
+            hint="pip install compressed-tensors",
+        ) from None
+    return q
+
+
+def is_compressed(config: dict | None) -> bool:
+    """Whether a config.json dict describes a compressed-tensors quantized model."""
+    qc = (config or {}).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+def read_config(folder: Path) -> dict:
+    """config.json of a compressed-tensors model folder (checked to be one)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SlimportError(f"{folder}: no config.json, not a Hugging Face model folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SlimportError(f"{path}: cannot read ({e})") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not is_compressed(config):
+        found = (
+            "no quantization_config"
+            if not isinstance(qc, dict)
+            else f"quant_method {qc.get('quant_method')!r}"
+        )
+        raise SlimportError(
+            f"{path}: not a compressed-tensors model ({found})",
+            hint="load_quantized reads folders written by save_quantized or llm-compressor",
+        )
+    return config
+
+
+def _unsupported(path: Path, what: str):
+    return SlimportError(
+        f"{path}: compressed-tensors {what} is not supported",
+        hint="slimport reads integer weights (3-8 bits, per tensor/channel/group) with optional "
+        "int8 static per-tensor or dynamic per-token activations, one scheme for all Linears",
+    )
+
+
+def scheme_from(path: Path, qc: dict):
+    """Validate the config block and return (library QuantizationConfig, its one scheme, format)."""
+    q = _ct()
+    try:
+        ct = q.QuantizationConfig.model_validate(qc)
+    except Exception as e:  # pydantic's ValidationError, or the library's own ValueErrors
+        raise SlimportError(f"{path}: invalid quantization_config ({e})") from None
+    if qc.get("sparsity_config") or qc.get("transform_config"):
+        raise _unsupported(path, "sparsity / transforms")
+    if ct.kv_cache_scheme is not None:
+        raise _unsupported(path, "KV-cache quantization")
+    if ct.quantization_status != "compressed":
+        raise _unsupported(
+            path, f"quantization_status {ct.quantization_status!r} (only compressed)"
+        )
+    if len(ct.config_groups) != 1:
+        raise _unsupported(path, f"mixing {len(ct.config_groups)} schemes")
+    (s,) = ct.config_groups.values()
+    fmt = s.format or ct.format
+    if fmt not in READABLE_FORMATS:
+        raise _unsupported(path, f"format {fmt!r}")
+    w, a = s.weights, s.input_activations
+    if (
+        w is None
+        or w.type != "int"
+        or not 3 <= w.num_bits <= 8
+        or w.strategy not in ("tensor", "channel", "group")
+    ):
+        raise _unsupported(path, f"weight scheme {w!r}")
+    if s.output_activations is not None:
+        raise _unsupported(path, "output activation quantization")
+    if a is not None:
+        static = a.strategy == "tensor" and not a.dynamic
+        dynamic = a.strategy == "token" and a.dynamic is True
+        if a.type != "int" or a.num_bits != 8 or not (static or dynamic):
+            raise _unsupported(path, f"input activation scheme {a!r}")
+    return ct, s, fmt
+
+
+def read_linear(
+    ckpt: Checkpoint,
+    name: str,
+    shape: tuple[int, int],
+    wargs: WeightArgs,
+    fmt: str,
+    take: Callable[[str, str], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(integers, scale, zero point) of the quantized Linear `name` with weight `shape`, checked
+    against the scheme; `take(tensor name, what)` reads a checkpoint tensor."""
+    _ct()
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    out_f, in_f = shape
+    if wargs.granularity == "group" and in_f % wargs.group_size:
+        raise SlimportError(
+            f"{name}: {in_f} input features are not a multiple of group size {wargs.group_size}"
+        )
+    if fmt == PACKED:
+        packed = take(f"{name}.weight_packed", "packed weight")
+        stored = take(f"{name}.weight_shape", "weight shape").tolist()
+        if stored != [out_f, in_f] or packed.dtype != torch.int32:
+            raise SlimportError(
+                f"{ckpt.path}: {name}.weight_packed is {stored} {packed.dtype}, the model needs [{out_f}, {in_f}] int32"
+            )
+        q = unpack_from_int32(packed, wargs.bits, torch.Size(stored))
+    else:
+        q = take(f"{name}.weight", "int8 weight")
+        if list(q.shape) != [out_f, in_f] or q.dtype != torch.int8:
+            raise SlimportError(
+                f"{ckpt.path}: {name}.weight is {list(q.shape)} {q.dtype}, the model needs [{out_f}, {in_f}] int8"
+            )
+    scale = take(f"{name}.weight_scale", "weight scales")
+    groups = {"tensor": None, "channel": 1, "group": in_f // (wargs.group_size or 1)}[
+        wargs.granularity
+    ]
+    want = [1] if groups is None else [out_f, groups]
+    if list(scale.shape) != want:
+        raise SlimportError(
+            f"{ckpt.path}: {name}.weight_scale has shape {list(scale.shape)}, expected {want}"
+        )
+    if wargs.symmetric:
+        zero = torch.zeros(want, dtype=torch.int8)
+    else:
+        zero = take(f"{name}.weight_zero_point", "weight zero points")
+        if fmt == PACKED and wargs.granularity in PACKED_ZP:
+            zero = unpack_from_int32(zero, wargs.bits, torch.Size(want), packed_dim=0)
+        if list(zero.shape) != want:
+            raise SlimportError(
+                f"{ckpt.path}: {name}.weight_zero_point has shape {list(zero.shape)}, expected {want}"
+            )
+    return q, scale, zero
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Float weight [out, in] of integers with scales/zero points shaped [1] (per tensor) or
+    [out, groups] (per channel: one group): (q - zero) * scale, in float32."""
+    q, scale, zero = q.float(), scale.float(), zero.float()
+    if scale.dim() == 1:  # per tensor
+        g, s, z = q.reshape(1, 1, -1), scale.reshape(1, 1, 1), zero.reshape(1, 1, 1)
+    else:
+        rows, groups = scale.shape
+        g = q.reshape(rows, groups, -1)
+        s, z = scale.reshape(rows, groups, 1), zero.reshape(rows, groups, 1)
+    return ((g - z) * s).reshape(q.shape)
+
+
+def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
+    """A compressed-tensors checkpoint read as the float model it computes, for every path that
+    reads float checkpoints (MindSpore, GGUF/ONNX export, verify): each quantized Linear's
+    `weight` is its dequantized integers (exactly QuantLinear.weight), made lazily when read;
+    the integer, scale and zero-point tensors are consumed. Weight-only schemes: quantized
+    activations have no float-weight equivalent, so those checkpoints are refused."""
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    _, s, fmt = scheme_from(folder / "config.json", ckpt.config["quantization_config"])
+    if s.input_activations is not None:
+        kind = "dynamic" if s.input_activations.dynamic else "static"
+        raise SlimportError(
+            f"{folder}: its activations are quantized too ({kind} int8 inputs), "
+            "which float weights cannot carry",
+            hint="run it with slimport.compress.quant.compressed.load_quantized (torch), or "
+            "quantize weight-only to take it to another runtime",
+        )
+    wargs = weight_args(s)
+    suffix = ".weight_scale"
+    linears = [n[: -len(suffix)] for n in ckpt.infos if n.endswith(suffix)]
+    if not linears:
+        raise SlimportError(f"{folder}: compressed-tensors config, but no quantized tensors")
+    parts = {f"{n}.{k}" for n in linears for k in ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point")}  # fmt: skip
+    infos = {k: v for k, v in ckpt.infos.items() if k not in parts}
+    for n in linears:
+        if fmt == PACKED:
+            if f"{n}.weight_shape" not in ckpt.infos:
+                raise SlimportError(f"{ckpt.path}: tensor {n + '.weight_shape'!r} is missing")
+            shape = tuple(ckpt.load(f"{n}.weight_shape").tolist())
+        else:
+            shape = tuple(ckpt.infos[f"{n}.weight"].shape)
+        infos[f"{n}.weight"] = TensorInfo(shape, torch.float32)
+    shapes = {f"{n}.weight": (n, infos[f"{n}.weight"].shape) for n in linears}
+
+    def take(name: str, what: str) -> torch.Tensor:
+        if name not in ckpt.infos:
+            raise SlimportError(
+                f"{ckpt.path}: tensor {name!r} is missing ({what})",
+                hint="the checkpoint is incomplete or was written with a different scheme",
+            )
+        return ckpt.load(name)
+
+    def load(name: str) -> torch.Tensor:
+        if name not in shapes:
+            return ckpt.load(name)
+        module, shape = shapes[name]
+        return dequantize(*read_linear(ckpt, module, shape, wargs, fmt, take))
+
+    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    what = f"W{wargs.bits} " + (
+        f"g{wargs.group_size}" if wargs.granularity == "group" else f"per-{wargs.granularity}"
+    )
+    return dataclasses.replace(
+        ckpt,
+        infos=infos,
+        loader=load,
+        config=config,
+        metadata={**ckpt.metadata, "dequantized_from": f"compressed-tensors {fmt} ({what})"},
+    )

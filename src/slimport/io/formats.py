@@ -1,0 +1,121 @@
+"""The format registry: one row per checkpoint format, the one place that says which files a
+format claims, which module reads and writes it and which naming dialects its files hold.
+
+It feeds format detection, `open_checkpoint`, the `--to` targets of `convert` and the CLI's
+choices. It imports nothing heavy (no torch), so the CLI can build its parser from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimport.errors import SlimportError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str  # Checkpoint.format, --from FORMAT
+    reader: str  # module with read(path) -> Checkpoint
+    suffixes: tuple[str, ...]  # file name endings it claims (lower case)
+    dialects: tuple[str, ...]  # naming dialects its files can hold, most likely first
+    writer: str | None = None  # module with write_model(folder, tensors, job, progress)
+    writes: tuple[str, ...] = ()  # the dialects its writer lays out: each is a --to target
+    # a test on the file's first bytes, for a suffix two formats share; None: the suffix decides
+    magic: Callable[[bytes], bool] | None = None
+
+
+def _not_zip_or_pickle(head: bytes) -> bool:
+    return head[:2] != b"PK" and head[:1] != b"\x80"
+
+
+# Detection tries the rows in order: llama2.c's headerless .bin is told from torch's zip/pickle
+# .bin by content, so it comes first; the writers' rows give the --to targets in this order.
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("safetensors", "slimport.io.safetensors", (".safetensors", ".safetensors.index.json"),
+               ("hf",), writer="slimport.io.hf", writes=("hf",)),
+        Format("llama2c", "slimport.io.llama2c", (".bin",), ("llama2c",), magic=_not_zip_or_pickle),
+        Format("pytorch", "slimport.io.torch_pickle", (".bin", ".pt", ".pth", ".index.json"), ("hf",)),
+        Format("mindspore", "slimport.io.mindspore_ckpt", (".ckpt",), ("mindspore", "mindformers"),
+               writer="slimport.io.mindspore_ckpt", writes=("mindspore", "mindformers")),
+        Format("keras", "slimport.io.keras_h5", (".h5", ".keras"), ("keras",),
+               writer="slimport.io.keras_h5", writes=("keras",)),
+        Format("gguf", "slimport.io.gguf", (".gguf",), ("gguf",),
+               writer="slimport.io.gguf", writes=("gguf",)),
+        Format("onnx", "slimport.io.onnx", (".onnx",), ("hf",)),
+    )
+}  # fmt: skip
+
+# --to target -> (dialect, writer module); a target is named for the dialect it writes
+TARGETS: dict[str, tuple[str, str]] = {
+    d: (d, f.writer) for f in FORMATS.values() if f.writer for d in f.writes
+}
+
+# writer options with a fixed set of values (CLI choices; the writers check them too)
+CAST_DTYPES = ("float32", "float16", "bfloat16")  # --dtype
+GGUF_TYPES = ("f32", "f16", "q8_0")  # --gguf-type: tensor type of 2-D GGUF weights
+
+# What to open when SRC is a folder, most preferred first: the names transformers and the
+# writers give, then a lone file of one kind (`*.bin` late: training_args.bin is no model).
+FOLDER_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    "tf_model.h5",
+    "model.ckpt",
+    "model.gguf",
+    "model.onnx",
+    "*.safetensors",
+    "*.gguf",
+    "*.ckpt",
+    "*.h5",
+    "*.bin",
+    "*.onnx",
+)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """The weights file for a file or an HF-style folder."""
+    p = Path(path)
+    if not p.exists():
+        raise SlimportError(f"{p}: no such file or folder")
+    if p.is_file():
+        return p
+    for name in FOLDER_FILES:
+        if "*" not in name:
+            if (p / name).exists():
+                return p / name
+        elif len(found := sorted(p.glob(name))) == 1:
+            return found[0]
+    raise SlimportError(f"{p}: folder holds no checkpoint file slimport recognises")
+
+
+def detect_format(path: Path) -> str:
+    """The format of a weights file, from its name (and first bytes where a suffix is shared)."""
+    name = path.name.lower()
+    head = None
+    for f in FORMATS.values():
+        if not name.endswith(f.suffixes):
+            continue
+        if f.magic is None:
+            return f.name
+        if head is None:
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+        if f.magic(head):
+            return f.name
+    raise SlimportError(
+        f"{path}: unknown checkpoint format (suffix {path.suffix!r})",
+        hint="pass --from FORMAT, one of: " + ", ".join(FORMATS),
+    )
+
+
+def get(name: str) -> Format:
+    """The registry row of a --from format name."""
+    if name not in FORMATS:
+        raise SlimportError(f"unknown --from format {name!r}", hint="one of: " + ", ".join(FORMATS))
+    return FORMATS[name]

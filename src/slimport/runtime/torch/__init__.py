@@ -1,0 +1,1 @@
+"""PyTorch runtime: eager transformers models and packed quantized layers."""

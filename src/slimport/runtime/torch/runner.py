@@ -1,0 +1,84 @@
+"""A checkpoint run by transformers in PyTorch: the reference runtime of `verify` and the torch
+runtime of `generate`. transformers reads HF folders and GGUF files itself; any other format goes
+through slimport's HF conversion first (the runner's `note` says so)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimport.convert.loader import convert, model_config
+from slimport.io import open_checkpoint
+
+CAUSAL = ("ForCausalLM", "LMHeadModel")
+
+
+def describe(path: str | Path) -> tuple[str, Path, str]:
+    """(format, weights file, first architecture) of a checkpoint, reading only its header."""
+    with open_checkpoint(path) as ckpt:
+        config = model_config(ckpt) or {}
+        return ckpt.format, ckpt.path, (config.get("architectures") or [""])[0]
+
+
+@dataclass
+class Outputs:
+    main: np.ndarray  # logits, or last_hidden_state for encoders
+    main_name: str
+    hidden_states: list[np.ndarray] = field(default_factory=list)
+
+
+class TorchRunner:
+    """A checkpoint run by transformers."""
+
+    def __init__(self, path: str | Path, work: Path):
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        path = Path(path)
+        self.note = ""
+        fmt, weights, arch = describe(path)
+        self.causal = arch.endswith(CAUSAL)
+        cls = (
+            AutoModelForCausalLM
+            if self.causal
+            else AutoModelForSequenceClassification
+            if "ForSequenceClassification" in arch
+            else AutoModel
+        )
+        if fmt == "gguf":
+            self.model = cls.from_pretrained(path.parent, gguf_file=path.name)
+        elif fmt in ("safetensors", "pytorch"):
+            self.model = cls.from_pretrained(weights.parent)
+        else:  # transformers cannot read it: go through our own HF conversion, and say so
+            folder = work / "torch-reference"
+            convert(path, folder, to="hf", progress=False)
+            self.model = cls.from_pretrained(folder)
+            self.note = f"{path} is {fmt}: transformers ran slimport's HF conversion of it"
+        self.model.eval()
+        self.name = f"transformers {type(self.model).__name__}"
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray) -> Outputs:
+        with torch.no_grad():
+            out = self.model(
+                input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long(),
+                output_hidden_states=True,
+            )
+        name = "logits" if "logits" in out else "last_hidden_state"
+        return Outputs(
+            out[name].float().numpy(), name, [h.float().numpy() for h in out.hidden_states or ()]
+        )
+
+    def greedy(self, ids: np.ndarray, n: int, eos: int | None) -> list[int]:
+        with torch.no_grad():
+            out = self.model.generate(
+                torch.from_numpy(ids).long(),
+                attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos if eos is not None else 0,
+            )
+        return out[0, ids.shape[1] :].tolist()

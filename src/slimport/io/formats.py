@@ -44,7 +44,7 @@ FORMATS: dict[str, Format] = {
         Format("keras", "slimport.io.keras_h5", (".h5", ".keras"), ("keras",),
                writer="slimport.io.keras_h5", writes=("keras",)),
         Format("gguf", "slimport.io.gguf", (".gguf",), ("gguf",),
-               writer="slimport.io.gguf", writes=("gguf",)),
+               writer="slimport.io.gguf_writer", writes=("gguf",)),
         Format("onnx", "slimport.io.onnx", (".onnx",), ("hf",)),
     )
 }  # fmt: skip

@@ -56,7 +56,7 @@ def _ct():
 
 def is_compressed(config: dict | None) -> bool:
     """Whether a config.json dict describes a compressed-tensors quantized model."""
-    qc = (config or {}).get("quantization_config")
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 

@@ -1,0 +1,165 @@
+"""`export_onnx`: a model folder -> an ONNX Runtime folder (model.onnx, config.json, tokenizer,
+genai_config.json for onnxruntime-genai), written atomically.
+
+Weights come through the hub loader, so any checkpoint slimport reads (HF, GGUF, ...) exports
+with Hugging Face tensor names as initializer names. A compressed-tensors folder exports its
+integers as MatMulNBits (see quantized.py); the rest of it (embeddings, norms, a protected
+lm_head) as float.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from slimport.errors import SlimportError
+from slimport.io import atomic_dir, tokenizer_files
+from slimport.runtime.onnx import decoder, encoder
+from slimport.runtime.onnx.graph import Graph
+from slimport.runtime.onnx.quantized import QuantizedLinears
+from slimport.runtime.onnx.weights import Weights
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+EXTERNAL_ABOVE = 2_000_000_000  # protobuf cannot serialize a message of 2 GiB or more
+BUILDERS = {**decoder.BUILDERS, **encoder.BUILDERS}  # family name -> graph builder
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
+
+
+def _quantized(folder: Path, accuracy_level: int) -> QuantizedLinears | None:
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    qc = json.loads(config.read_text()).get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+        return QuantizedLinears(folder, accuracy_level)
+    return None
+
+
+def build(model, quantized: QuantizedLinears | None, dtype: str = "float32") -> onnx.ModelProto:
+    """The ONNX graph of a hub model (`slimport.api.load(...)`)."""
+    family = model.family.name
+    if family not in BUILDERS:
+        raise SlimportError(
+            f"{model.source.path}: no ONNX graph builder for {family} models",
+            hint="ONNX export covers " + ", ".join(sorted(BUILDERS)),
+        )
+    g = Graph(f"slimport_{family}", DTYPES[dtype])
+    w = Weights(model.hub, str(model.source.path), quantized)
+    BUILDERS[family](g, w, model.config, model.cfg)
+    w.check_all_used()
+    kind = "decoder" if family in decoder.BUILDERS else "encoder"
+    proto = g.model(doc=f"{family} {kind} exported by slimport")
+    onnx.helper.set_model_props(proto, {"slimport.kind": kind, "slimport.family": family})
+    return proto
+
+
+def export_onnx(
+    model_folder: str | Path,
+    out_folder: str | Path,
+    dtype: str = "float32",
+    accuracy_level: int = 4,
+) -> dict:
+    """Export `model_folder` to `out_folder`; returns the report (sizes, graph, timings)."""
+    from slimport.api import load  # moves to slimport.convert.loader
+
+    t0 = time.perf_counter()
+    if dtype not in DTYPES:
+        raise SlimportError(f"unknown ONNX dtype {dtype!r}", hint="one of: " + ", ".join(DTYPES))
+    src = Path(model_folder)
+    quantized = _quantized(src, accuracy_level) if src.is_dir() else None
+    model = load(src)
+    try:
+        proto = build(model, quantized, dtype)
+    finally:
+        model.source.close()
+        if quantized is not None:
+            quantized.close()
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    external = weight_bytes > EXTERNAL_ABOVE
+    tok_dir = src if src.is_dir() else src.parent
+    config = {k: v for k, v in model.config.items() if k != "quantization_config"}
+    kind = "decoder" if model.family.name in decoder.BUILDERS else "encoder"
+    with atomic_dir(Path(out_folder)) as tmp:
+        if external:
+            onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)  # fmt: skip
+        else:
+            onnx.checker.check_model(proto)
+            onnx.save_model(proto, tmp / MODEL_FILE)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files = [MODEL_FILE, *([DATA_FILE] if external else []), "config.json"]
+        for f in tokenizer_files(tok_dir):
+            (tmp / f.name).write_bytes(f.read_bytes())
+            files.append(f.name)
+        if kind == "decoder":
+            genai = genai_config(config, model.cfg)
+            (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+            files.append("genai_config.json")
+    return {
+        "source": str(src),
+        "family": model.family.name,
+        "kind": kind,
+        "dtype": dtype,
+        "quantized_linears": 0 if quantized is None else len(quantized.names),
+        "accuracy_level": None if quantized is None else accuracy_level,
+        "nodes": len(proto.graph.node),
+        "initializers": len(proto.graph.initializer),
+        "weight_bytes": weight_bytes,
+        "external_data": external,
+        "files": files,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def genai_config(config: dict, cfg: dict) -> dict:
+    """onnxruntime-genai's genai_config.json for our decoder graph (past and present are
+    separate buffers: our graph concatenates, so past_present_share_buffer is off)."""
+    mt = cfg["model_type"]
+    n_kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    context = int(cfg.get("max_position_embeddings") or cfg.get("n_positions"))
+    eos = config.get("eos_token_id", cfg.get("eos_token_id"))
+    pad = config.get("pad_token_id")
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    return {
+        "model": {
+            "bos_token_id": config.get("bos_token_id"),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]),
+                "hidden_size": int(cfg["hidden_size"]),
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": int(cfg["num_attention_heads"]),
+                "num_hidden_layers": int(cfg["num_hidden_layers"]),
+                "num_key_value_heads": int(n_kv),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": GENAI_TYPES.get(mt, mt),
+            "vocab_size": int(cfg["vocab_size"]),
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True,
+            "length_penalty": 1.0, "max_length": context, "min_length": 0,
+            "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
+            "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },  # fmt: skip
+    }

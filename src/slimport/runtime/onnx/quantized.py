@@ -1,0 +1,140 @@
+"""A compressed-tensors folder's integers as `com.microsoft::MatMulNBits`, exactly (no re-rounding).
+
+compressed-tensors holds signed integers q in [-2^(b-1), 2^(b-1)) with signed zero points z and
+computes (q - z) * s. MatMulNBits holds unsigned ones: adding 2^(b-1) to both q and z leaves
+q - z, hence every dequantized weight, unchanged. Its layout, per Linear with K inputs, N outputs:
+
+  B            uint8 [N, n_blocks, block*bits/8]  K-consecutive values, LSB first
+  scales       float [N, n_blocks]
+  zero_points  uint8 [N, ceil(n_blocks*bits/8)]   packed the same way; omitted when symmetric
+               (MatMulNBits' default zero point is 2^(b-1), i.e. signed 0)
+
+block_size is our group size. Per-channel and per-tensor scales become equal scales over
+128-wide blocks (K padded with the zero point, which dequantizes to 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimport.compress.quant.compressed import PACKED, _read_linear, _recipe, _scheme_from
+from slimport.errors import SlimportError
+from slimport.runtime.onnx.graph import MS_DOMAIN, Graph
+
+BITS = (4, 8)  # what MatMulNBits runs on CPU (its 2-bit path is not what our recipes make)
+CHANNEL_BLOCK = 128
+
+
+def _pack(u: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values < 2^bits, packed along the last axis, LSB first."""
+    if bits == 8:
+        return u
+    per = 8 // bits
+    pad = (-u.shape[-1]) % per
+    if pad:
+        u = np.concatenate([u, np.zeros((*u.shape[:-1], pad), np.uint8)], axis=-1)
+    u = u.reshape(*u.shape[:-1], -1, per)
+    out = np.zeros(u.shape[:-1], np.uint8)
+    for i in range(per):
+        out |= u[..., i] << (bits * i)
+    return out
+
+
+class QuantizedLinears:
+    """The quantized Linears of one compressed-tensors folder (its config.json + safetensors)."""
+
+    def __init__(self, folder: Path, accuracy_level: int = 4):
+        from slimport.io import safetensors
+
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise SlimportError(
+                f"accuracy_level={accuracy_level!r}: MatMulNBits takes 0 (unset), 1 (fp32), "
+                "2 (fp16), 3 (bf16) or 4 (int8 activations)"
+            )
+        self.folder, self.accuracy_level = folder, accuracy_level
+        cfg_path = folder / "config.json"
+        ct, s, self.fmt = _scheme_from(cfg_path, json.loads(cfg_path.read_text())["quantization_config"])
+        qconfig = _recipe(folder, ct, s)
+        w = self.wargs = qconfig.weights
+        what = f"W{w.bits}" + (f"A{qconfig.inputs.bits} {qconfig.activations}" if qconfig.inputs else "")
+        if qconfig.inputs is not None:
+            raise SlimportError(
+                f"{folder}: {what} (quantized activations) has no ONNX export yet; "
+                "slimport exports weight-only W4/W8 as MatMulNBits",
+                hint="quantize weight-only (no --activations) to export to ONNX",
+            )
+        if w.bits not in BITS:
+            raise SlimportError(
+                f"{folder}: {what} weights: ONNX Runtime's MatMulNBits runs "
+                + " or ".join(f"{b}-bit" for b in BITS)
+                + " weights on CPU",
+                hint="quantize with --bits 4 or --bits 8 to export to ONNX",
+            )
+        if w.granularity == "group":
+            g = w.group_size
+            if g < 16 or g & (g - 1):
+                raise SlimportError(
+                    f"{folder}: group size {g}: MatMulNBits blocks are powers of two >= 16",
+                    hint="quantize with --group-size 32, 64 or 128",
+                )
+        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+        self.ckpt = safetensors.read(index if index.is_file() else single)
+        suffix = ".weight_scale"
+        self.names = {n[: -len(suffix)] for n in self.ckpt.infos if n.endswith(suffix)}
+
+    def __contains__(self, prefix: str) -> bool:
+        return prefix in self.names
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+    def _take(self, name: str, what: str) -> torch.Tensor:
+        if name not in self.ckpt.infos:
+            raise SlimportError(f"{self.ckpt.path}: tensor {name!r} is missing ({what})")
+        return self.ckpt.load(name)
+
+    def _shape(self, prefix: str) -> tuple[int, int]:
+        if self.fmt == PACKED:
+            return tuple(self._take(f"{prefix}.weight_shape", "weight shape").tolist())
+        return tuple(self.ckpt.infos[f"{prefix}.weight"].shape)
+
+    def arrays(self, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
+        """MatMulNBits inputs (B, scales, zero points or None) and attributes of one Linear."""
+        w = self.wargs
+        n, k = self._shape(prefix)
+        q, scale, zero = _read_linear(self.ckpt, prefix, (n, k), w, self.fmt, self._take)
+        block = w.group_size if w.granularity == "group" else min(CHANNEL_BLOCK, 1 << (k - 1).bit_length())
+        n_blocks = -(-k // block)
+        scale = scale.float().reshape(-1, scale.shape[-1]).expand(n, -1)  # tensor: [1] -> [N, 1]
+        zero = zero.to(torch.int32).reshape(-1, zero.shape[-1]).expand(n, -1)
+        if w.granularity != "group":  # one scale per row, repeated over the blocks
+            scale, zero = scale[:, :1].expand(n, n_blocks), zero[:, :1].expand(n, n_blocks)
+        offset = 1 << (w.bits - 1)
+        u = (q.to(torch.int32) + offset).numpy().astype(np.uint8)
+        if n_blocks * block != k:  # pad with each row's zero point: dequantizes to exactly 0
+            pad = np.repeat(zero[:, -1:].numpy() + offset, n_blocks * block - k, axis=1)
+            u = np.concatenate([u, pad.astype(np.uint8)], axis=1)
+        out = {
+            "weight_packed": _pack(u.reshape(n, n_blocks, block), w.bits),
+            "weight_scale": np.ascontiguousarray(scale.numpy(), np.float32),
+            "weight_zero_point": None,
+        }
+        if not w.symmetric:
+            out["weight_zero_point"] = _pack((zero.numpy() + offset).astype(np.uint8), w.bits)
+        attrs = {"K": k, "N": n, "bits": w.bits, "block_size": block}
+        return out, attrs
+
+    def emit(self, g: Graph, x: str, prefix: str, bias: str | None) -> str:
+        """x [tokens, K] -> [tokens, N] through the integers of Linear `prefix`."""
+        arrays, attrs = self.arrays(prefix)
+        names = [
+            None if a is None else g.tensor(f"{prefix}.{key}", a) for key, a in arrays.items()
+        ]
+        y = g.op(
+            "MatMulNBits", x, *names, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **attrs
+        )
+        return y if bias is None else g.op("Add", y, bias)

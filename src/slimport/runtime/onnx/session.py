@@ -1,0 +1,116 @@
+"""An exported folder run by ONNX Runtime: logits for evaluation, and a KV-cache generation loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from slimport.errors import SlimportError
+from slimport.runtime.onnx.decoder import PAST, PRESENT
+
+
+class OnnxModel:
+    """`OnnxModel(folder)`: the folder's model.onnx in an ORT CPU session."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(folder) / "model.onnx"
+        if not path.is_file():
+            raise SlimportError(f"{folder}: no model.onnx", hint="export it with export_onnx")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.n_layers = sum(1 for n in self.inputs if n.endswith(".key"))
+        self.is_decoder = self.n_layers > 0
+        if self.is_decoder:
+            _, self.kv_heads, _, self.head_dim = self.inputs[PAST.format(0, "key")].shape
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return {
+            PAST.format(i, kv): np.zeros(shape, np.float32)
+            for i in range(self.n_layers)
+            for kv in ("key", "value")
+        }
+
+    def run(self, **feeds) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(None, feeds)))
+
+    def logits(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        """One full forward pass (no cache): `logits`, or an encoder's last_hidden_state."""
+        ids = np.asarray(input_ids, np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if self.is_decoder:
+            out = self.step(ids, mask, self.empty_cache(len(ids)))[0]
+            return out
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.inputs:
+            tt = np.zeros_like(ids) if token_type_ids is None else token_type_ids
+            feeds["token_type_ids"] = np.asarray(tt, np.int64)
+        out = self.run(**feeds)
+        return out.get("logits", out["last_hidden_state"])
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
+        """Feed `ids` [batch, new] after the cached tokens; `mask` covers cached + new tokens.
+        Returns (logits [batch, new, vocab], the cache after these tokens)."""
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1] :]
+        out = self.run(input_ids=ids, attention_mask=mask, position_ids=positions, **cache)
+        present = {
+            PAST.format(i, kv): out[PRESENT.format(i, kv)]
+            for i in range(self.n_layers)
+            for kv in ("key", "value")
+        }
+        return out["logits"], present
+
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 32,
+        attention_mask=None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Prompt [batch, seq] (left-padded when batched) -> prompt + new tokens, greedy or
+        sampled; the prompt is read once, then each step feeds one token and the cache."""
+        if not self.is_decoder:
+            raise SlimportError("generate needs a decoder model (this folder is an encoder)")
+        ids = np.asarray(input_ids, np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+        rng = np.random.default_rng(seed)
+        done = np.zeros(len(ids), bool)
+        out, feed, cache = ids, ids, self.empty_cache(len(ids))
+        for _ in range(max_new_tokens):
+            logits, cache = self.step(feed, mask, cache)
+            nxt = _choose(logits[:, -1].astype(np.float64), do_sample, temperature, top_k, rng)
+            if eos:
+                nxt = np.where(done, next(iter(eos)), nxt)
+                done |= np.isin(nxt, list(eos))
+            feed = nxt[:, None]
+            out = np.concatenate([out, feed], axis=1)
+            mask = np.concatenate([mask, np.ones_like(feed)], axis=1)
+            if eos and done.all():
+                break
+        return out
+
+
+def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, rng) -> np.ndarray:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(temperature, 1e-6)
+    if top_k:
+        kth = np.sort(logits, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(row), p=row) for row in p])

@@ -1,0 +1,58 @@
+"""Hub tensors as graph initializers, each used exactly once (strict coverage, as in convert/)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from slimport.errors import SlimportError, name_list
+from slimport.runtime.onnx.graph import Graph
+
+
+class Weights:
+    """Reads hub tensors on demand; Linears that the folder holds as integers go to `quantized`
+    (a `QuantizedLinears`), every other one is a float `Gemm`."""
+
+    def __init__(self, hub: dict, where: str, quantized=None):
+        self.hub, self.where, self.quantized = hub, where, quantized
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.hub
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self.hub:
+            raise SlimportError(f"{self.where}: tensor {name!r} is missing for the ONNX graph")
+        self.used.add(name)
+        return self.hub[name].compute().detach().float().numpy()
+
+    def value(self, g: Graph, name: str) -> str:
+        """The initializer `name` (added on first use) as an fp32 graph value."""
+        if name in g.initializers:
+            return g.weight(name, None)  # cached: the array is not read again
+        array = self.array(name)
+        if g.weight_dtype == np.float16 and np.abs(array).max(initial=0) > np.finfo(np.float16).max:
+            raise SlimportError(
+                f"{self.where}: tensor {name!r} holds values beyond float16's range",
+                hint="export with dtype float32",
+            )
+        return g.weight(name, array)
+
+    def optional(self, g: Graph, name: str) -> str | None:
+        return self.value(g, name) if self.has(name) else None
+
+    def linear(self, g: Graph, x: str, prefix: str, trans_b: int = 1) -> str:
+        """`prefix` Linear (hub `prefix.weight` [out, in], optional `prefix.bias`) applied to x."""
+        bias = self.optional(g, prefix + ".bias")
+        if self.quantized is not None and prefix in self.quantized:
+            self.used.add(prefix + ".weight")  # the hub's dequantized view of these integers
+            return self.quantized.emit(g, x, prefix, bias)
+        return g.linear(x, self.value(g, prefix + ".weight"), bias, trans_b)
+
+    def check_all_used(self) -> None:
+        unused = set(self.hub) - self.used
+        if unused:
+            raise SlimportError(
+                f"{self.where}: the ONNX graph has no place for tensor(s) {name_list(unused)}",
+                hint="the config describes a different model than the weights (or a variant "
+                "slimport's ONNX builder does not cover)",
+            )

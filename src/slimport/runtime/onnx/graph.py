@@ -51,7 +51,8 @@ class Graph:
     def tensor(self, name: str, array: np.ndarray) -> str:
         """An initializer named `name` holding `array` exactly (integers, fixed-dtype data)."""
         if name not in self.initializers:
-            self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            array = np.asarray(array, order="C")  # (not ascontiguousarray: it makes scalars 1-D)
+            self.initializers[name] = numpy_helper.from_array(array, name)
         return name
 
     def weight(self, name: str, array: np.ndarray) -> str:

@@ -4,6 +4,7 @@ computes, the KV cache changes nothing, and bad input is refused clearly."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,8 +32,12 @@ def tiny(kind: str, tmp_path):
     enc = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=37, max_position_embeddings=64, **SMALL)  # fmt: skip
     make = {
-        "llama-gqa-tied": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**llama, tie_word_embeddings=True)),
-        "qwen2-bias": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama, tie_word_embeddings=False)),
+        "llama-gqa-tied": lambda: tf.LlamaForCausalLM(
+            tf.LlamaConfig(**llama, tie_word_embeddings=True)
+        ),
+        "qwen2-bias": lambda: tf.Qwen2ForCausalLM(
+            tf.Qwen2Config(**llama, tie_word_embeddings=False)
+        ),
         "gpt2": lambda: tf.GPT2LMHeadModel(
             tf.GPT2Config(vocab_size=99, n_positions=64, n_embd=32, n_layer=2, n_head=4, **SMALL)
         ),
@@ -41,12 +46,27 @@ def tiny(kind: str, tmp_path):
             tf.RobertaConfig(**enc, num_labels=2, pad_token_id=1)
         ),
         "distilbert": lambda: tf.DistilBertModel(
-            tf.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
-                                max_position_embeddings=64, **SMALL)  # fmt: skip
+            tf.DistilBertConfig(
+                vocab_size=99,
+                dim=32,
+                n_layers=2,
+                n_heads=4,
+                hidden_dim=37,
+                max_position_embeddings=64,
+                **SMALL,
+            )  # fmt: skip
         ),
         "distilbert-cls": lambda: tf.DistilBertForSequenceClassification(
-            tf.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
-                                max_position_embeddings=64, num_labels=4, **SMALL)  # fmt: skip
+            tf.DistilBertConfig(
+                vocab_size=99,
+                dim=32,
+                n_layers=2,
+                n_heads=4,
+                hidden_dim=37,
+                max_position_embeddings=64,
+                num_labels=4,
+                **SMALL,
+            )  # fmt: skip
         ),
     }
     return _save(make[kind](), tmp_path / kind)
@@ -54,7 +74,12 @@ def tiny(kind: str, tmp_path):
 
 def _reference(folder, ids, mask):
     """transformers' own output for the folder: logits, or an encoder's last hidden state."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     arch = AutoConfig.from_pretrained(folder).architectures[0]
     cls = (
@@ -80,7 +105,15 @@ def _tokens(vocab: int, shape=(2, 7), seed=1):
 
 @pytest.mark.parametrize(
     "kind",
-    ["llama-gqa-tied", "qwen2-bias", "gpt2", "bert-cls", "roberta-cls", "distilbert", "distilbert-cls"],
+    [
+        "llama-gqa-tied",
+        "qwen2-bias",
+        "gpt2",
+        "bert-cls",
+        "roberta-cls",
+        "distilbert",
+        "distilbert-cls",
+    ],
 )
 def test_fp32_graph_matches_transformers(kind, tmp_path):
     src = tiny(kind, tmp_path)
@@ -151,7 +184,9 @@ def tiny_llama_dir(tmp_path_factory):
         dict(bits=8),  # per-channel: one scale per row, repeated over MatMulNBits blocks
     ],
     ids=lambda o: "w{bits}-g{group_size}-{sym}".format(
-        bits=o["bits"], group_size=o.get("group_size", "ch"), sym="sym" if o.get("symmetric", True) else "asym"
+        bits=o["bits"],
+        group_size=o.get("group_size", "ch"),
+        sym="sym" if o.get("symmetric", True) else "asym",
     ),
 )
 def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path):
@@ -176,7 +211,9 @@ def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path
     assert ops.count("MatMulNBits") == 14 and "Gemm" in ops  # the tied head stays float
     names = {t.name for t in proto.graph.initializer}
     assert "model.layers.0.self_attn.q_proj.weight_packed" in names
-    assert ("model.layers.0.self_attn.q_proj.weight_zero_point" in names) == (not options.get("symmetric", True))
+    assert ("model.layers.0.self_attn.q_proj.weight_zero_point" in names) == (
+        not options.get("symmetric", True)
+    )
 
 
 def test_unsupported_schemes_are_refused(tiny_llama_dir, tmp_path):
@@ -196,16 +233,6 @@ def test_unsupported_schemes_are_refused(tiny_llama_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- folder, errors
-
-
-def test_folder_has_config_tokenizer_and_genai_config(smollm2_hf, tmp_path):
-    report = export_onnx(smollm2_hf, tmp_path / "onnx")
-    files = set(report["files"])
-    assert {"model.onnx", "config.json", "tokenizer.json", "genai_config.json"} <= files
-    genai = json.loads((tmp_path / "onnx/genai_config.json").read_text())
-    d = genai["model"]["decoder"]
-    assert (d["num_key_value_heads"], d["num_attention_heads"], d["head_size"]) == (3, 9, 64)
-    assert genai["search"]["past_present_share_buffer"] is False
 
 
 def test_large_models_write_external_data(tmp_path, monkeypatch):
@@ -245,25 +272,36 @@ def smollm2(smollm2_hf, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("smol") / "onnx"
-    export_onnx(smollm2_hf, out)
+    report = export_onnx(smollm2_hf, out)
     hf = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_hf)
     ids = tok("The capital of France is", return_tensors="np")["input_ids"]
-    return OnnxModel(out), hf, ids
+    return SimpleNamespace(onnx=OnnxModel(out), hf=hf, ids=ids, folder=out, report=report)
+
+
+def test_smollm2_folder_has_config_tokenizer_and_genai_config(smollm2):
+    assert {"model.onnx", "config.json", "tokenizer.json", "genai_config.json"} <= set(
+        smollm2.report["files"]
+    )
+    genai = json.loads((smollm2.folder / "genai_config.json").read_text())
+    d = genai["model"]["decoder"]
+    assert (d["num_key_value_heads"], d["num_attention_heads"], d["head_size"]) == (3, 9, 64)
+    assert genai["search"]["past_present_share_buffer"] is False
 
 
 def test_smollm2_logits_match_transformers(smollm2):
-    m, hf, ids = smollm2
     with torch.no_grad():
-        ref = hf(torch.tensor(ids)).logits.numpy()
-    assert np.abs(m.logits(ids) - ref).max() <= TOL
+        ref = smollm2.hf(torch.tensor(smollm2.ids)).logits.numpy()
+    assert np.abs(smollm2.onnx.logits(smollm2.ids) - ref).max() <= TOL
 
 
 def _greedy(smollm2, n):
-    m, hf, ids = smollm2
+    ids = smollm2.ids
     with torch.no_grad():
-        ref = hf.generate(torch.tensor(ids), max_new_tokens=n, do_sample=False, eos_token_id=None)
-    return m.generate(ids, n).tolist(), ref.tolist()
+        ref = smollm2.hf.generate(
+            torch.tensor(ids), max_new_tokens=n, do_sample=False, eos_token_id=None
+        )
+    return smollm2.onnx.generate(ids, n).tolist(), ref.tolist()
 
 
 def test_smollm2_greedy_tokens_match_transformers(smollm2):
@@ -275,6 +313,21 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2):
 def test_smollm2_64_greedy_tokens_match_transformers(smollm2):
     ours, ref = _greedy(smollm2, 64)
     assert ours == ref
+
+
+def test_onnxruntime_genai_runs_the_folder_with_the_same_greedy_tokens(smollm2):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(smollm2.folder))
+    ids = smollm2.ids[0].tolist()
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    assert theirs == smollm2.onnx.generate(smollm2.ids, 8)[0, len(ids) :].tolist()
 
 
 def test_minilm_hidden_states_match_transformers(minilm_dir, tmp_path):

@@ -73,8 +73,20 @@ def _attention(g, inp: _Inputs, layer, q, k, v, n_heads, n_kv, hd, scale, rope=N
     v = g.op("Transpose", g.reshape(v, inp.shape(g, n_kv, hd)), perm=[0, 2, 1, 3])
     if rope is not None:
         cos, sin = rope  # [batch, seq, hd]
-        k = _rotate(g, k, g.op("Unsqueeze", cos, g.const([1])), g.op("Unsqueeze", sin, g.const([1])), hd // 2)
-        q = _rotate(g, q, g.op("Unsqueeze", cos, g.const([1, 2])), g.op("Unsqueeze", sin, g.const([1, 2])), hd // 2)
+        k = _rotate(
+            g,
+            k,
+            g.op("Unsqueeze", cos, g.const([1])),
+            g.op("Unsqueeze", sin, g.const([1])),
+            hd // 2,
+        )
+        q = _rotate(
+            g,
+            q,
+            g.op("Unsqueeze", cos, g.const([1, 2])),
+            g.op("Unsqueeze", sin, g.const([1, 2])),
+            hd // 2,
+        )
     presents = []
     for kv, new in (("key", k), ("value", v)):
         present = g.op("Concat", PAST.format(layer, kv), new, axis=2)
@@ -97,32 +109,38 @@ def _logits(g: Graph, w: Weights, inp: _Inputs, h: str, head: str, vocab: int) -
 
 
 def _rope_tables(config: dict, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [positions, head_dim] computed by transformers' own rotary module for this
-    config (default, linear, llama3, yarn ... scaling alike), so positions match exactly."""
-    import transformers
-
+    """cos/sin [positions, head_dim] as transformers computes them: the default formula here,
+    scaled variants (linear, llama3, yarn, ...) by transformers' own rotary module."""
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
+    positions = torch.arange(int(cfg["max_position_embeddings"]))
+    if kind == "default":
+        hd = int(cfg["head_dim"])
+        inv_freq = 1.0 / (float(cfg["rope_theta"]) ** (torch.arange(0, hd, 2).float() / hd))
+        freqs = positions.float()[:, None] * inv_freq[None]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().numpy(), emb.sin().numpy()
     if kind == "dynamic":
         raise SlimportError(
             "rope_scaling type 'dynamic' changes with the sequence length: no fixed ONNX table"
         )
+    import transformers
+
     mt = cfg["model_type"]
     module = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
     rotary_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
     hf_config = transformers.AutoConfig.for_model(
         **{k: v for k, v in config.items() if k != "quantization_config"}
     )
-    rotary = rotary_cls(hf_config)
-    positions = torch.arange(int(cfg["max_position_embeddings"]))[None]
     with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+        cos, sin = rotary_cls(hf_config)(torch.zeros(1), positions[None])
     return cos[0].float().numpy(), sin[0].float().numpy()
 
 
 def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
     n_layers, n_heads, n_kv, hd = (
-        int(cfg[k]) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+        int(cfg[k])
+        for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
     )
     hidden, vocab, eps = int(cfg["hidden_size"]), int(cfg["vocab_size"]), float(cfg["rms_norm_eps"])
     act = _act(cfg, "hidden_act")
@@ -154,7 +172,11 @@ def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
 
 def gpt2(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
     n_layers, n_heads = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
-    hidden, vocab, eps = int(cfg["hidden_size"]), int(cfg["vocab_size"]), float(cfg["layer_norm_epsilon"])
+    hidden, vocab, eps = (
+        int(cfg["hidden_size"]),
+        int(cfg["vocab_size"]),
+        float(cfg["layer_norm_epsilon"]),
+    )
     hd = hidden // n_heads
     if cfg.get("reorder_and_upcast_attn"):
         raise SlimportError("GPT-2 reorder_and_upcast_attn=true is not built for ONNX")
@@ -169,14 +191,15 @@ def gpt2(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
         scale = hd**-0.5 if cfg.get("scale_attn_weights", True) else 1.0
         if cfg.get("scale_attn_by_inverse_layer_idx"):
             scale /= i + 1
-        ln = lambda name, x: g.layer_norm(x, w.value(g, name + ".weight"), w.value(g, name + ".bias"), eps)  # noqa: E731
-        qkv = w.linear(g, ln(p + "ln_1", h), p + "attn.c_attn", trans_b=0)  # Conv1D: [in, out]
+        qkv = w.linear(
+            g, w.layer_norm(g, p + "ln_1", h, eps), p + "attn.c_attn", trans_b=0
+        )  # Conv1D: [in, out]
         q, k, v = g.op("Split", qkv, g.const([hidden] * 3), n_out=3, axis=-1)
         ctx = _attention(g, inp, i, q, k, v, n_heads, n_heads, hd, scale)
         h = g.op("Add", h, w.linear(g, ctx, p + "attn.c_proj", trans_b=0))
-        x = g.act(w.linear(g, ln(p + "ln_2", h), p + "mlp.c_fc", trans_b=0), act)
+        x = g.act(w.linear(g, w.layer_norm(g, p + "ln_2", h, eps), p + "mlp.c_fc", trans_b=0), act)
         h = g.op("Add", h, w.linear(g, x, p + "mlp.c_proj", trans_b=0))
-    h = g.layer_norm(h, w.value(g, b + "ln_f.weight"), w.value(g, b + "ln_f.bias"), eps)
+    h = w.layer_norm(g, b + "ln_f", h, eps)
     _logits(g, w, inp, h, b + "wte.weight" if cfg["tie_word_embeddings"] else "lm_head", vocab)
 
 

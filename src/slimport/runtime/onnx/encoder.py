@@ -1,8 +1,8 @@
 """Encoder graphs: BERT, RoBERTa (XLM-R), DistilBERT, bare or with their classification heads.
 
-  inputs   input_ids, attention_mask [batch, seq] int64 (+ token_type_ids for BERT/RoBERTa)
-  outputs  last_hidden_state [batch, seq, hidden]; pooler_output [batch, hidden] when the model
-           has a pooler; logits [batch, labels] (sequence) or [batch, seq, labels] (token heads)
+inputs   input_ids, attention_mask [batch, seq] int64 (+ token_type_ids for BERT/RoBERTa)
+outputs  last_hidden_state [batch, seq, hidden]; pooler_output [batch, hidden] when the model
+         has a pooler; logits [batch, labels] (sequence) or [batch, seq, labels] (token heads)
 """
 
 from __future__ import annotations
@@ -16,8 +16,30 @@ from slimport.runtime.onnx.weights import Weights
 
 # per family: layer prefix, the six Linears (q, k, v, attention out, up, down), the two norms
 _LAYERS = {
-    "bert": ("encoder.layer.{}.", ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),  # fmt: skip
-    "distilbert": ("transformer.layer.{}.", ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2"), ("sa_layer_norm", "output_layer_norm")),  # fmt: skip
+    "bert": (
+        "encoder.layer.{}.",
+        (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ),
+        ("attention.output.LayerNorm", "output.LayerNorm"),
+    ),  # fmt: skip
+    "distilbert": (
+        "transformer.layer.{}.",
+        (
+            "attention.q_lin",
+            "attention.k_lin",
+            "attention.v_lin",
+            "attention.out_lin",
+            "ffn.lin1",
+            "ffn.lin2",
+        ),
+        ("sa_layer_norm", "output_layer_norm"),
+    ),  # fmt: skip
 }
 _LAYERS["roberta"] = _LAYERS["bert"]
 
@@ -51,8 +73,7 @@ def encoder(g: Graph, w: Weights, config: dict, cfg: dict, family: str) -> None:
     if family != "distilbert":
         types = g.input("token_type_ids", INT64, ["batch", "seq"])
         h = g.op("Add", h, g.op("Gather", w.value(g, e + "token_type_embeddings.weight"), types))
-    ln = lambda name, x: g.layer_norm(x, w.value(g, name + ".weight"), w.value(g, name + ".bias"), eps)  # noqa: E731
-    h = g.reshape(ln(e + "LayerNorm", h), [-1, hidden])
+    h = g.reshape(w.layer_norm(g, e + "LayerNorm", h, eps), [-1, hidden])
 
     # padding mask as an additive bias [batch, 1, 1, seq]
     keep = g.op("Cast", g.op("Unsqueeze", mask, g.const([1, 2])), to=9)
@@ -67,9 +88,9 @@ def encoder(g: Graph, w: Weights, config: dict, cfg: dict, family: str) -> None:
         scores = g.op("Add", g.op("Mul", scores, g.const(hd**-0.5, np.float32)), bias)
         ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), vh)
         ctx = g.reshape(g.op("Transpose", ctx, perm=[0, 2, 1, 3]), [-1, hidden])
-        h = ln(p + norms[0], g.op("Add", w.linear(g, ctx, out), h))
+        h = w.layer_norm(g, p + norms[0], g.op("Add", w.linear(g, ctx, out), h), eps)
         x = g.act(w.linear(g, h, up), act)
-        h = ln(p + norms[1], g.op("Add", w.linear(g, x, down), h))
+        h = w.layer_norm(g, p + norms[1], g.op("Add", w.linear(g, x, down), h), eps)
 
     h3 = g.reshape(h, shape(hidden))
     g.output(h3, "last_hidden_state", FLOAT, ["batch", "seq", hidden])
@@ -87,7 +108,9 @@ def encoder(g: Graph, w: Weights, config: dict, cfg: dict, family: str) -> None:
     if head == "linear":  # BERT: the classifier reads the pooler
         logits = w.linear(g, pooled, "classifier")
     elif head == "roberta":
-        logits = w.linear(g, g.op("Tanh", w.linear(g, first, "classifier.dense")), "classifier.out_proj")
+        logits = w.linear(
+            g, g.op("Tanh", w.linear(g, first, "classifier.dense")), "classifier.out_proj"
+        )
     else:  # distil
         logits = w.linear(g, g.op("Relu", w.linear(g, first, "pre_classifier")), "classifier")
     g.output(logits, "logits", FLOAT, ["batch", labels])

@@ -89,7 +89,6 @@ def export_onnx(
             onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)  # fmt: skip
         else:
-            onnx.checker.check_model(proto)
             onnx.save_model(proto, tmp / MODEL_FILE)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files = [MODEL_FILE, *([DATA_FILE] if external else []), "config.json"]
@@ -132,7 +131,9 @@ def genai_config(config: dict, cfg: dict) -> dict:
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": MODEL_FILE,
-                "head_size": int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]),
+                "head_size": int(
+                    cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+                ),
                 "hidden_size": int(cfg["hidden_size"]),
                 "inputs": {
                     "input_ids": "input_ids",
@@ -156,10 +157,19 @@ def genai_config(config: dict, cfg: dict) -> dict:
             "vocab_size": int(cfg["vocab_size"]),
         },
         "search": {
-            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True,
-            "length_penalty": 1.0, "max_length": context, "min_length": 0,
-            "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-            "past_present_share_buffer": False, "repetition_penalty": 1.0,
-            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
         },  # fmt: skip
     }

@@ -103,8 +103,12 @@ class Graph:
 
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
         """x / sqrt(mean(x^2) + eps) * w, as transformers' LlamaRMSNorm (fp32)."""
-        ms = self.op("ReduceMean", self.op("Mul", x, x), axes=[-1], keepdims=1)  # opset 17: attribute
-        inv = self.op("Reciprocal", self.op("Sqrt", self.op("Add", ms, self.const(eps, np.float32))))
+        ms = self.op(
+            "ReduceMean", self.op("Mul", x, x), axes=[-1], keepdims=1
+        )  # opset 17: attribute
+        inv = self.op(
+            "Reciprocal", self.op("Sqrt", self.op("Add", ms, self.const(eps, np.float32)))
+        )
         return self.op("Mul", self.op("Mul", x, inv), weight)
 
     def act(self, x: str, kind: str) -> str:

@@ -57,10 +57,14 @@ class QuantizedLinears:
             )
         self.folder, self.accuracy_level = folder, accuracy_level
         cfg_path = folder / "config.json"
-        ct, s, self.fmt = _scheme_from(cfg_path, json.loads(cfg_path.read_text())["quantization_config"])
+        ct, s, self.fmt = _scheme_from(
+            cfg_path, json.loads(cfg_path.read_text())["quantization_config"]
+        )
         qconfig = _recipe(folder, ct, s)
         w = self.wargs = qconfig.weights
-        what = f"W{w.bits}" + (f"A{qconfig.inputs.bits} {qconfig.activations}" if qconfig.inputs else "")
+        what = f"W{w.bits}" + (
+            f"A{qconfig.inputs.bits} {qconfig.activations}" if qconfig.inputs else ""
+        )
         if qconfig.inputs is not None:
             raise SlimportError(
                 f"{folder}: {what} (quantized activations) has no ONNX export yet; "
@@ -107,7 +111,11 @@ class QuantizedLinears:
         w = self.wargs
         n, k = self._shape(prefix)
         q, scale, zero = _read_linear(self.ckpt, prefix, (n, k), w, self.fmt, self._take)
-        block = w.group_size if w.granularity == "group" else min(CHANNEL_BLOCK, 1 << (k - 1).bit_length())
+        block = (
+            w.group_size
+            if w.granularity == "group"
+            else min(CHANNEL_BLOCK, 1 << (k - 1).bit_length())
+        )
         n_blocks = -(-k // block)
         scale = scale.float().reshape(-1, scale.shape[-1]).expand(n, -1)  # tensor: [1] -> [N, 1]
         zero = zero.to(torch.int32).reshape(-1, zero.shape[-1]).expand(n, -1)
@@ -131,9 +139,7 @@ class QuantizedLinears:
     def emit(self, g: Graph, x: str, prefix: str, bias: str | None) -> str:
         """x [tokens, K] -> [tokens, N] through the integers of Linear `prefix`."""
         arrays, attrs = self.arrays(prefix)
-        names = [
-            None if a is None else g.tensor(f"{prefix}.{key}", a) for key, a in arrays.items()
-        ]
+        names = [None if a is None else g.tensor(f"{prefix}.{key}", a) for key, a in arrays.items()]
         y = g.op(
             "MatMulNBits", x, *names, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **attrs
         )

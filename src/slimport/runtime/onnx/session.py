@@ -22,9 +22,7 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.n_layers = sum(1 for n in self.inputs if n.endswith(".key"))
@@ -41,7 +39,7 @@ class OnnxModel:
         }
 
     def run(self, **feeds) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(None, feeds)))
+        return dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
 
     def logits(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
         """One full forward pass (no cache): `logits`, or an encoder's last_hidden_state."""

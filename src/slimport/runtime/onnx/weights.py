@@ -48,6 +48,11 @@ class Weights:
             return self.quantized.emit(g, x, prefix, bias)
         return g.linear(x, self.value(g, prefix + ".weight"), bias, trans_b)
 
+    def layer_norm(self, g: Graph, prefix: str, x: str, eps: float) -> str:
+        return g.layer_norm(
+            x, self.value(g, prefix + ".weight"), self.optional(g, prefix + ".bias"), eps
+        )
+
     def check_all_used(self) -> None:
         unused = set(self.hub) - self.used
         if unused:

@@ -1,4 +1,4 @@
-"""SmolLM2-135M decode speed: torch fp32 (transformers, KV cache) vs our ONNX exports run by
+"""SmolLM2-135M decode speed: torch fp32 and W4 (transformers, KV cache) vs our ONNX exports run by
 ONNX Runtime (fp32; W4 from a slimport quantized folder, MatMulNBits at accuracy_level 4 and 0),
 plus the W4 graph's logits against our torch quantized model (`load_quantized`).
 
@@ -86,24 +86,30 @@ def main() -> None:
             export_onnx(src, out, accuracy_level=level)
 
     ids = AutoTokenizer.from_pretrained(hf_dir)(PROMPT, return_tensors="np")["input_ids"]
-    runs = {"torch fp32": AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()}
+    qmodel, _ = load_quantized(q_dir)
+    runs = {
+        "torch fp32": AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval(),
+        "torch W4": qmodel,  # our QuantLinear (dequantized weights): the W4 reference
+    }
     runs.update({n: OnnxModel(work / n.replace(" ", "-"), threads=args.threads) for n in exports})
     print(header(" ".join(sys.argv), ("torch", "transformers", "onnx", "onnxruntime")))
     print(
         f"prompt {ids.shape[1]} tokens, {args.new} new tokens, {args.threads} threads, median of {args.repeats}\n"
     )
-    print(f"{'runtime':<14} {'prefill s':>10} {'decode tok/s':>13}  same tokens as torch")
-    ref_tokens = None
+    print(
+        f"{'runtime':<14} {'prefill s':>10} {'decode tok/s':>13}  same tokens as torch (same weights)"
+    )
+    ref_tokens = {}
     for name, m in runs.items():
         fn = torch_decode if name.startswith("torch") else ort_decode
         results = [fn(m, ids, args.new) for _ in range(args.repeats)]
         prefill = statistics.median(r[0] for r in results)
         speed = statistics.median(r[1] for r in results)
         tokens = results[0][2]
-        ref_tokens = ref_tokens or tokens
-        print(f"{name:<14} {prefill:>10.3f} {speed:>13.1f}  {tokens == ref_tokens}")
+        weights = "W4" if "W4" in name else "fp32"
+        ref_tokens.setdefault(weights, tokens)
+        print(f"{name:<14} {prefill:>10.3f} {speed:>13.1f}  {tokens == ref_tokens[weights]}")
 
-    qmodel, _ = load_quantized(q_dir)
     with torch.no_grad():
         ref = qmodel(torch.tensor(ids)).logits.numpy()
     for name in ("ORT W4 acc0", "ORT W4 acc4"):

@@ -71,22 +71,11 @@ def _attention(g, inp: _Inputs, layer, q, k, v, n_heads, n_kv, hd, scale, rope=N
     q = g.op("Transpose", g.reshape(q, inp.shape(g, n_kv, group, hd)), perm=[0, 2, 3, 1, 4])
     k = g.op("Transpose", g.reshape(k, inp.shape(g, n_kv, hd)), perm=[0, 2, 1, 3])
     v = g.op("Transpose", g.reshape(v, inp.shape(g, n_kv, hd)), perm=[0, 2, 1, 3])
-    if rope is not None:
-        cos, sin = rope  # [batch, seq, hd]
-        k = _rotate(
-            g,
-            k,
-            g.op("Unsqueeze", cos, g.const([1])),
-            g.op("Unsqueeze", sin, g.const([1])),
-            hd // 2,
-        )
-        q = _rotate(
-            g,
-            q,
-            g.op("Unsqueeze", cos, g.const([1, 2])),
-            g.op("Unsqueeze", sin, g.const([1, 2])),
-            hd // 2,
-        )
+    if rope is not None:  # cos/sin [batch, seq, hd], broadcast over the head axes
+        cos, sin = rope
+        k_axes, q_axes = g.const([1]), g.const([1, 2])
+        k = _rotate(g, k, g.op("Unsqueeze", cos, k_axes), g.op("Unsqueeze", sin, k_axes), hd // 2)
+        q = _rotate(g, q, g.op("Unsqueeze", cos, q_axes), g.op("Unsqueeze", sin, q_axes), hd // 2)
     presents = []
     for kv, new in (("key", k), ("value", v)):
         present = g.op("Concat", PAST.format(layer, kv), new, axis=2)

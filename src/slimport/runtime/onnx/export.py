@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from slimport.convert.loader import load
 from slimport.errors import SlimportError
 from slimport.io import atomic_dir, tokenizer_files
 from slimport.runtime.onnx import decoder, encoder
@@ -41,7 +42,7 @@ def _quantized(folder: Path, accuracy_level: int) -> QuantizedLinears | None:
 
 
 def build(model, quantized: QuantizedLinears | None, dtype: str = "float32") -> onnx.ModelProto:
-    """The ONNX graph of a hub model (`slimport.api.load(...)`)."""
+    """The ONNX graph of a hub model (`slimport.convert.loader.load(...)`)."""
     family = model.family.name
     if family not in BUILDERS:
         raise SlimportError(
@@ -65,8 +66,6 @@ def export_onnx(
     accuracy_level: int = 4,
 ) -> dict:
     """Export `model_folder` to `out_folder`; returns the report (sizes, graph, timings)."""
-    from slimport.api import load  # moves to slimport.convert.loader
-
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise SlimportError(f"unknown ONNX dtype {dtype!r}", hint="one of: " + ", ".join(DTYPES))

@@ -15,14 +15,14 @@ block_size is our group size. Per-channel and per-tensor scales become equal sca
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from slimport.compress.quant.compressed import PACKED, _read_linear, _recipe, _scheme_from
 from slimport.errors import SlimportError
+from slimport.io import safetensors
+from slimport.io.compressed import PACKED, read_config, read_linear, scheme_from, weight_args
 from slimport.runtime.onnx.graph import MS_DOMAIN, Graph
 
 BITS = (4, 8)  # what MatMulNBits runs on CPU (its 2-bit path is not what our recipes make)
@@ -48,8 +48,6 @@ class QuantizedLinears:
     """The quantized Linears of one compressed-tensors folder (its config.json + safetensors)."""
 
     def __init__(self, folder: Path, accuracy_level: int = 4):
-        from slimport.io import safetensors
-
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise SlimportError(
                 f"accuracy_level={accuracy_level!r}: MatMulNBits takes 0 (unset), 1 (fp32), "
@@ -57,15 +55,13 @@ class QuantizedLinears:
             )
         self.folder, self.accuracy_level = folder, accuracy_level
         cfg_path = folder / "config.json"
-        ct, s, self.fmt = _scheme_from(
-            cfg_path, json.loads(cfg_path.read_text())["quantization_config"]
-        )
-        qconfig = _recipe(folder, ct, s)
-        w = self.wargs = qconfig.weights
+        _, s, self.fmt = scheme_from(cfg_path, read_config(folder)["quantization_config"])
+        w = self.wargs = weight_args(s)
+        a = s.input_activations
         what = f"W{w.bits}" + (
-            f"A{qconfig.inputs.bits} {qconfig.activations}" if qconfig.inputs else ""
+            f"A{a.num_bits} {'dynamic' if a.dynamic else 'static'}" if a is not None else ""
         )
-        if qconfig.inputs is not None:
+        if a is not None:
             raise SlimportError(
                 f"{folder}: {what} (quantized activations) has no ONNX export yet; "
                 "slimport exports weight-only W4/W8 as MatMulNBits",
@@ -110,7 +106,7 @@ class QuantizedLinears:
         """MatMulNBits inputs (B, scales, zero points or None) and attributes of one Linear."""
         w = self.wargs
         n, k = self._shape(prefix)
-        q, scale, zero = _read_linear(self.ckpt, prefix, (n, k), w, self.fmt, self._take)
+        q, scale, zero = read_linear(self.ckpt, prefix, (n, k), w, self.fmt, self._take)
         block = (
             w.group_size
             if w.granularity == "group"

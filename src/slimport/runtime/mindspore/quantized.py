@@ -1,0 +1,192 @@
+"""Integer-held weights in MindSpore: a Dense Cell that keeps int8 (W8) or two-per-byte int4
+(W4) weights with their scales and zero points, and dequantizes inside `construct`.
+
+The arithmetic is compressed-tensors' (what slimport writes): integers q in the signed range
+[-2^(b-1), 2^(b-1)-1], value = (q - zero_point) * scale, one scale per output row and group of
+`group_size` input columns. 4-bit integers are stored offset to unsigned nibbles (u = q + 8,
+low nibble = even column), so dequantizing computes (u - (zero + 8)) * scale: the same float32
+operations on the same exact integers, hence the same weights as torch's dequantized reference.
+
+`dequantize="per_call"` (default) holds only the integers and builds the float weight for each
+call (the memory saving is the point); `"at_load"` dequantizes once and computes like a float
+Dense (fastest on CPU, no saving). MindSpore's fused `WeightQuantBatchMatmul` would take these
+integers directly, but its CPU build refuses it (measured: Ascend only); `_matmul` is the one
+place to call it on Ascend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mindspore as ms
+import torch
+from mindspore import nn, ops
+
+from slimport.errors import SlimportError
+from slimport.runtime.mindspore.base import to_ms
+
+DEQUANTIZE_MODES = ("per_call", "at_load")
+_EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+@dataclass(frozen=True)
+class IntWeight:
+    """One quantized weight as a checkpoint holds it: integers [out, in] (signed, as int8),
+    scale and zero point [out, groups] (groups = 1 for per-channel, or [1] per tensor)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+
+
+@dataclass(frozen=True)
+class IntInput:
+    """Input (activation) quantization of one layer: `dynamic` per token at run time, or static
+    per tensor with the calibrated `scale` and `zero` ([1] each)."""
+
+    bits: int = 8
+    symmetric: bool = False
+    dynamic: bool = True
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+
+
+class QuantDense(nn.Cell):
+    """`nn.Dense` with a weight held as integers; parameters `weight_q`, `weight_scale`,
+    `weight_zero` (and `bias`). Computes x @ dequantized(W).T + b."""
+
+    def __init__(
+        self,
+        weight: IntWeight,
+        bias: torch.Tensor | None = None,
+        dequantize: str = "per_call",
+        inputs: IntInput | None = None,
+        name: str = "dense",
+    ) -> None:
+        super().__init__()
+        if dequantize not in DEQUANTIZE_MODES:
+            raise SlimportError(
+                f"dequantize={dequantize!r}", hint="one of: " + ", ".join(DEQUANTIZE_MODES)
+            )
+        if weight.bits not in (4, 8):
+            raise SlimportError(
+                f"{name}: {weight.bits}-bit weights have no integer layout in the MindSpore runtime",
+                hint="4 and 8 bits are held as integers; load other schemes with dequantize='at_load'",
+            )
+        out_f, in_f = weight.q.shape
+        if weight.bits == 4 and in_f % 2:
+            raise SlimportError(f"{name}: 4-bit packing needs an even input size, not {in_f}")
+        self.in_channels, self.out_channels, self.bits = in_f, out_f, weight.bits
+        self.mode = dequantize
+        scale = weight.scale.float().reshape(out_f, -1) if weight.scale.numel() > 1 else None
+        groups = 1 if scale is None else scale.shape[1]
+        if in_f % groups:
+            raise SlimportError(f"{name}: {in_f} input columns do not split into {groups} groups")
+        self.groups, self.group_size = groups, in_f // groups
+        full = lambda t: t.float().reshape(1, 1).expand(out_f, 1)  # noqa: E731 - per tensor
+        scale = full(weight.scale) if scale is None else scale
+        zero = weight.zero.float()
+        zero = full(zero) if zero.numel() == 1 else zero.reshape(out_f, groups)
+        offset = 8.0 if weight.bits == 4 else 0.0
+        self.weight_scale = ms.Parameter(
+            to_ms(scale.contiguous()), "weight_scale", requires_grad=False
+        )
+        self.weight_zero = ms.Parameter(
+            to_ms((zero + offset).contiguous()), "weight_zero", requires_grad=False
+        )
+        ints = weight.q.to(torch.int8)
+        if weight.bits == 4:
+            u = (ints.to(torch.int16) + 8).to(torch.uint8)
+            ints = u[:, 0::2] | (u[:, 1::2] << 4)
+        self.weight_q = ms.Parameter(to_ms(ints.contiguous()), "weight_q", requires_grad=False)
+        self.has_bias = bias is not None
+        self.bias = (
+            ms.Parameter(to_ms(bias.detach().float().contiguous()), "bias", requires_grad=False)
+            if self.has_bias
+            else None
+        )
+        self.act = "none" if inputs is None else "dynamic" if inputs.dynamic else "static"
+        self.act_symmetric = bool(inputs and inputs.symmetric)
+        bits = inputs.bits if inputs else 8
+        self.qmin, self.qmax = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+        if self.act == "static":
+            if inputs.scale is None or inputs.zero is None:
+                raise SlimportError(f"{name}: static input quantization without a calibrated scale")
+            self.input_scale = ms.Parameter(
+                to_ms(inputs.scale.float().reshape(1)), "input_scale", requires_grad=False
+            )
+            self.input_zero = ms.Parameter(
+                to_ms(inputs.zero.float().reshape(1)), "input_zero", requires_grad=False
+            )
+        self.matmul = ops.MatMul(transpose_b=True)  # never w.T: measured 20x slower on CPU
+        self.weight = None
+        if dequantize == "at_load":
+            self.weight = ms.Parameter(self.dequantized(), "weight", requires_grad=False)
+
+    def dequantized(self) -> ms.Tensor:
+        q = self.weight_q
+        if self.bits == 4:
+            q = q.astype(ms.int32)
+            low = ops.bitwise_and(q, 15)
+            q = ops.stack((low, ops.floor_divide(q - low, 16)), -1)
+        q = q.astype(ms.float32).reshape(self.out_channels, self.groups, self.group_size)
+        w = (q - self.weight_zero.expand_dims(-1)) * self.weight_scale.expand_dims(-1)
+        return w.reshape(self.out_channels, self.in_channels)
+
+    def fake_quantize_input(self, x):
+        """x on the int8 grid and back, as torch's QuantLinear does (exact same float ops)."""
+        if self.act == "static":
+            s, z = self.input_scale, self.input_zero
+        else:  # per token, from this call's ranges
+            lo = ops.clamp(x.min(axis=-1, keepdims=True), max=0.0)
+            hi = ops.clamp(x.max(axis=-1, keepdims=True), min=0.0)
+            if self.act_symmetric:
+                s = ops.maximum(-lo, hi) / ((self.qmax - self.qmin) / 2)
+            else:
+                s = (hi - lo) / (self.qmax - self.qmin)
+            s = ops.select(s == 0, ops.full_like(s, _EPS32), s)
+            z = (
+                ops.zeros_like(s)
+                if self.act_symmetric
+                else ops.clamp(ops.round(self.qmin - lo / s), self.qmin, self.qmax)
+            )
+        q = ops.clamp(ops.round(x / s + z), self.qmin, self.qmax)
+        return (q - z) * s
+
+    def construct(self, x):
+        w = self.weight if self.mode == "at_load" else self.dequantized()
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.act != "none":
+            x = self.fake_quantize_input(x)
+        y = self.matmul(x, w.astype(x.dtype))
+        if self.has_bias:
+            y = y + self.bias.astype(x.dtype)
+        return y.reshape(shape[:-1] + (self.out_channels,))
+
+    def resident_bytes(self) -> int:
+        return sum(p.nbytes for p in self.get_parameters())
+
+    def extend_repr(self) -> str:
+        g = f"g{self.group_size}" if self.groups > 1 else "per-channel"
+        act = "" if self.act == "none" else f", a8 {self.act}"
+        return f"{self.in_channels}->{self.out_channels}, w{self.bits} {g}{act}, dequantize={self.mode}"
+
+
+def replace_dense(root: nn.Cell, path: str, new: nn.Cell) -> None:
+    """Put `new` at the dotted cell path `path` of `root` (parameter names follow the path)."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root
+    for part in parent_path.split(".") if parent_path else ():
+        parent = getattr(parent, part) if not part.isdigit() else parent[int(part)]
+    old = getattr(parent, leaf, None)
+    if not isinstance(old, nn.Dense):
+        raise SlimportError(f"{path}: not a Dense cell of {type(root).__name__}")
+    if (old.in_channels, old.out_channels) != (new.in_channels, new.out_channels):
+        raise SlimportError(
+            f"{path}: quantized weight is {new.out_channels}x{new.in_channels}, "
+            f"the model's Dense is {old.out_channels}x{old.in_channels}"
+        )
+    setattr(parent, leaf, new)
+    new.update_parameters_name(path + ".")

@@ -57,10 +57,17 @@ def test_per_call_holds_only_integers():
     assert cell.resident_bytes() <= 0.2 * 24 * 64 * 4
 
 
-def test_refuses_what_it_cannot_hold():
-    weight, _, _ = _layer(QuantArgs(bits=3, granularity="channel", symmetric=True))
-    with pytest.raises(SlimportError, match="3-bit"):
+def test_three_bits_compute_only_as_float_after_load():
+    weight, ref, _ = _layer(QuantArgs(bits=3, granularity="channel", symmetric=True))
+    with pytest.raises(SlimportError, match="3-bit") as e:
         QuantDense(weight)
+    assert "at_load" in e.value.hint
+    assert np.array_equal(
+        QuantDense(weight, dequantize="at_load").dequantized().asnumpy(), ref.numpy()
+    )
+
+
+def test_refuses_what_it_cannot_hold():
     weight, _, _ = _layer(SCHEMES[0])
     with pytest.raises(SlimportError, match="dequantize"):
         QuantDense(weight, dequantize="never")

@@ -74,9 +74,22 @@ def load(
     mapping: dict[str, str] | str | Path | None = None,
     ignore_mismatched_sizes: bool = False,
     allow_missing: tuple[str, ...] = (),
+    integer_linears: bool = False,
 ) -> Model:
-    """Open `path` and plan it into hub tensors, strictly (see convert.engine)."""
+    """Open `path` and plan it into hub tensors, strictly (see convert.engine).
+
+    A compressed-tensors folder reads as its dequantized float weights; one whose activations
+    are quantized too is refused unless `integer_linears` says the caller computes each
+    quantized Linear from `source.quantized` (as the MindSpore runtime does)."""
     ckpt = open_checkpoint(path, from_format, config)
+    if "quantized_activations" in ckpt.metadata and not integer_linears:
+        ckpt.close()
+        raise SlimportError(
+            f"{ckpt.path}: its activations are quantized too "
+            f"({ckpt.metadata['quantized_activations']}), which float weights cannot carry",
+            hint="run it with load_quantized (torch) or slimport.mindspore's from_pretrained "
+            "(integer weights), or quantize weight-only to take it to another format",
+        )
     renamed = {}
     if mapping is not None:
         mapping = mapping if isinstance(mapping, dict) else load_mapping(mapping)

@@ -44,6 +44,9 @@ class Checkpoint:
     # formats that embed a tokenizer (GGUF) write HF tokenizer files into a folder
     tokenizer_writer: Callable[[Path], list[str]] | None = None
     closer: Callable[[], None] | None = None
+    # integer-held Linears (io.compressed.IntLinear) by module name: a runtime computing with
+    # integers reads these instead of the dequantized `weight` tensors
+    quantized: dict = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return list(self.infos)

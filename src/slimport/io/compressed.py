@@ -197,28 +197,48 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return ((g - z) * s).reshape(q.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class InputArgs:
+    """How a checkpoint's Linear inputs are quantized at run time (int8 static or per token)."""
+
+    bits: int
+    symmetric: bool
+    dynamic: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class IntLinear:
+    """One quantized Linear of a compressed checkpoint, for runtimes that compute with its
+    integers instead of the dequantized weight: `read()` gives (q, scale, zero) as
+    `read_linear` checks them; `input_qparams()` the static input (scale, zero), [1] each."""
+
+    name: str
+    shape: tuple[int, int]
+    weights: WeightArgs
+    inputs: InputArgs | None
+    read: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    input_qparams: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
 def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
     """A compressed-tensors checkpoint read as the float model it computes, for every path that
     reads float checkpoints (MindSpore, GGUF/ONNX export, verify): each quantized Linear's
     `weight` is its dequantized integers (exactly QuantLinear.weight), made lazily when read;
-    the integer, scale and zero-point tensors are consumed. Weight-only schemes: quantized
-    activations have no float-weight equivalent, so those checkpoints are refused."""
+    the integer, scale and zero-point tensors are consumed. `quantized` keeps each Linear's
+    integers for runtimes that compute with them. Quantized activations have no float-weight
+    equivalent: such a view says so in `metadata["quantized_activations"]`, and the hub loader
+    refuses it unless its caller computes with the integers (convert.loader.load)."""
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     _, s, fmt = scheme_from(folder / "config.json", ckpt.config["quantization_config"])
-    if s.input_activations is not None:
-        kind = "dynamic" if s.input_activations.dynamic else "static"
-        raise SlimportError(
-            f"{folder}: its activations are quantized too ({kind} int8 inputs), "
-            "which float weights cannot carry",
-            hint="run it with slimport.compress.quant.compressed.load_quantized (torch), or "
-            "quantize weight-only to take it to another runtime",
-        )
+    a = s.input_activations
+    inputs = None if a is None else InputArgs(a.num_bits, a.symmetric, bool(a.dynamic))
     wargs = weight_args(s)
     suffix = ".weight_scale"
     linears = [n[: -len(suffix)] for n in ckpt.infos if n.endswith(suffix)]
     if not linears:
         raise SlimportError(f"{folder}: compressed-tensors config, but no quantized tensors")
-    parts = {f"{n}.{k}" for n in linears for k in ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point")}  # fmt: skip
+    kinds = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")  # fmt: skip
+    parts = {f"{n}.{k}" for n in linears for k in kinds}
     infos = {k: v for k, v in ckpt.infos.items() if k not in parts}
     for n in linears:
         if fmt == PACKED:
@@ -244,14 +264,35 @@ def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
         module, shape = shapes[name]
         return dequantize(*read_linear(ckpt, module, shape, wargs, fmt, take))
 
+    def input_qparams(n: str) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = take(f"{n}.input_scale", "static input scale").float().reshape(1)
+        zero = (
+            torch.zeros(1)
+            if inputs.symmetric
+            else take(f"{n}.input_zero_point", "static input zero point").float().reshape(1)
+        )
+        return scale, zero
+
+    quantized = {
+        n: IntLinear(
+            n,
+            shapes[f"{n}.weight"][1],
+            wargs,
+            inputs,
+            lambda n=n: read_linear(ckpt, n, shapes[f"{n}.weight"][1], wargs, fmt, take),
+            (lambda n=n: input_qparams(n)) if inputs is not None and not inputs.dynamic else None,
+        )
+        for n in linears
+    }
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     what = f"W{wargs.bits} " + (
         f"g{wargs.group_size}" if wargs.granularity == "group" else f"per-{wargs.granularity}"
     )
+    metadata = {**ckpt.metadata, "dequantized_from": f"compressed-tensors {fmt} ({what})"}
+    if inputs is not None:
+        metadata["quantized_activations"] = (
+            f"{'dynamic' if inputs.dynamic else 'static'} int{inputs.bits} inputs"
+        )
     return dataclasses.replace(
-        ckpt,
-        infos=infos,
-        loader=load,
-        config=config,
-        metadata={**ckpt.metadata, "dequantized_from": f"compressed-tensors {fmt} ({what})"},
+        ckpt, infos=infos, loader=load, config=config, metadata=metadata, quantized=quantized
     )

@@ -9,8 +9,6 @@ error listing the names, never a suffix match or a silent skip.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 import warnings
@@ -20,7 +18,6 @@ from typing import Any, ClassVar
 
 import mindspore as ms
 import numpy as np
-import torch
 from mindspore import nn
 
 from slimport.compress import api as quant_api
@@ -28,22 +25,8 @@ from slimport.convert import engine, loader
 from slimport.errors import SlimportError, name_list
 from slimport.io.base import atomic_dir
 from slimport.io.mindspore_ckpt import write
-
-
-def _init_numpy_bridge() -> None:
-    """MindSpore 2.10's wheel is built against NumPy 1.x: under NumPy 2 its first op that parses
-    Python arguments fails once (SystemError, "Numpy init failed"); later calls work. Take that
-    one failure here, at import, not in a user's first forward."""
-    with contextlib.suppress(SystemError), contextlib.redirect_stderr(io.StringIO()):
-        ms.ops.reshape(ms.Tensor(np.zeros(1, np.float32)), (1,))
-
-
-# On CPU, MindSpore's asynchronous PyNative dispatch stalls ~3 ms per op on small machines
-# (stories260K forward 700 ms vs 22 ms synchronous); the choice only takes effect before the
-# first op runs, so make it here, before _init_numpy_bridge's op.
-if ms.get_context("device_target") == "CPU":
-    ms.set_context(pynative_synchronize=True)
-_init_numpy_bridge()
+from slimport.runtime.mindspore.bridge import _torch_dtype, from_ms, to_ms
+from slimport.runtime.mindspore.quantized import DEQUANTIZE_MODES, hold_integer_linears
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 _FORMAT_FLAGS = {
@@ -116,6 +99,8 @@ class PreTrainedCell(nn.Cell):
         dtype: str | ms.Type = "float32",
         config: str | Path | None = None,
         quantization_config: Any = None,
+        calib_data: str | Path | None = None,
+        dequantize: str = "per_call",
         **config_kwargs: Any,
     ) -> PreTrainedCell:
         """Load any checkpoint slimport reads; the source format is detected unless a flag says it.
@@ -123,21 +108,35 @@ class PreTrainedCell(nn.Cell):
         `config_kwargs` override config attributes, as in transformers (`num_labels=3` sizes a
         new classifier on a bare encoder checkpoint). `quantization_config` (a
         QuantizationConfig, a recipe dict or a YAML recipe path) quantizes the checkpoint first,
-        as `slimport quantize` does, and loads the quantized weights; its report is
-        `model.quantization_report`. A compressed-tensors folder loads as it is (weight-only)."""
+        as `slimport quantize` does (on `calib_data` when the recipe calibrates), and loads the
+        quantized weights; its report is `model.quantization_report`. A compressed-tensors folder
+        loads with integer-held weights (QuantDense): `dequantize="per_call"` keeps only the
+        integers (the memory saving), `"at_load"` float weights (fastest on CPU); quantized
+        inputs (W8A8) are computed as torch's QuantLinear does."""
+        if dequantize not in DEQUANTIZE_MODES:
+            raise SlimportError(
+                f"dequantize={dequantize!r}", hint="one of: " + ", ".join(DEQUANTIZE_MODES)
+            )
         if quantization_config is not None:
             return cls._from_quantized(
-                path, quantization_config, config, dict(
+                path, quantization_config, config, calib_data, dict(
                     from_pt=from_pt, from_tf=from_tf, from_gguf=from_gguf,
                     layer_norm_eps=layer_norm_eps, ignore_mismatched_sizes=ignore_mismatched_sizes,
-                    custom_layer_mapping=custom_layer_mapping, dtype=dtype, **config_kwargs,
+                    custom_layer_mapping=custom_layer_mapping, dtype=dtype, dequantize=dequantize,
+                    **config_kwargs,
                 ),
             )  # fmt: skip
+        if calib_data is not None:
+            raise SlimportError(
+                "calib_data without quantization_config: there is nothing to calibrate",
+                hint="pass quantization_config=... too, or drop calib_data",
+            )
         model = loader.load(
             path,
             config=config,
             mapping=custom_layer_mapping,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
+            integer_linears=True,
         )
         try:
             _check_format_flags(model, from_pt=from_pt, from_tf=from_tf, from_gguf=from_gguf)
@@ -164,7 +163,7 @@ class PreTrainedCell(nn.Cell):
                     cfg[key] = layer_norm_eps
             cell = cls(cfg)
             ms_dtype = _ms_dtype(dtype)
-            report = cell._load_hub(model, ms_dtype, ignore_mismatched_sizes)
+            report = cell._load_hub(model, ms_dtype, ignore_mismatched_sizes, dequantize)
             for key, o in overrides.items():
                 o["effect_max_abs"] = cell._override_effect(model, key, o["source"], ms_dtype)
                 warnings.warn(
@@ -179,7 +178,17 @@ class PreTrainedCell(nn.Cell):
             model.source.close()
 
     @classmethod
-    def _from_quantized(cls, path, recipe, config, kwargs: dict) -> PreTrainedCell:
+    def _from_quantized(cls, path, recipe, config, calib_data, kwargs: dict) -> PreTrainedCell:
+        recipe = quant_api.make_config(
+            recipe, **({"calib_data": str(calib_data)} if calib_data else {})
+        )
+        if recipe.needs_calibration and not recipe.calib_data:
+            raise SlimportError(
+                "this quantization_config calibrates on data (static activations, SmoothQuant, "
+                "GPTQ or AWQ), and no calib_data was given",
+                hint="pass calib_data=PATH (.txt, .tsv or .jsonl of task text, never the test "
+                "split) to from_pretrained",
+            )
         source = loader.load(path, config=config)
         try:
             flags = {k: kwargs.pop(k) for k in ("from_pt", "from_tf", "from_gguf")}
@@ -209,7 +218,11 @@ class PreTrainedCell(nn.Cell):
         )
 
     def _load_hub(
-        self, model: loader.Model, ms_dtype, ignore_mismatched_sizes: bool = False
+        self,
+        model: loader.Model,
+        ms_dtype,
+        ignore_mismatched_sizes: bool = False,
+        dequantize: str = "per_call",
     ) -> LoadReport:
         planned = self.plan_parameters(model)
         expected = {p.name: p for p in self.get_parameters()}
@@ -231,6 +244,9 @@ class PreTrainedCell(nn.Cell):
                 + "; ".join(shape_bad[:6]),
                 hint="the config does not describe this checkpoint",
             )
+        held, held_notes = set(), []
+        if model.source.quantized:
+            planned, held, held_notes = hold_integer_linears(self, model, planned, dequantize)
         params = {}
         for t in planned:
             value = t.compute()
@@ -239,7 +255,9 @@ class PreTrainedCell(nn.Cell):
         not_loaded, unused = ms.load_param_into_net(self, params, strict_load=True)
         new = self.newly_initialized(model) | mismatched
         fresh = sorted(n for n in not_loaded if n in new)
-        not_loaded = [n for n in not_loaded if not self.is_buffer(n) and n not in new]
+        not_loaded = [
+            n for n in not_loaded if not self.is_buffer(n) and n not in new and n not in held
+        ]
         if not_loaded or unused:
             raise SlimportError(
                 f"{model.source.path}: strict loading into {type(self).__name__} failed: "
@@ -253,10 +271,10 @@ class PreTrainedCell(nn.Cell):
             )
         if ms_dtype != ms.float32:
             for p in self.get_parameters():
-                if p.dtype == ms.float32:
+                if p.dtype == ms.float32 and p.name not in held:  # scales stay float32
                     p.set_dtype(ms_dtype)
             self.to_float(ms_dtype)
-        notes = list(model.notes)
+        notes = list(model.notes) + held_notes
         if mismatched and ignore_mismatched_sizes:
             notes.append(
                 "re-initialised, shape differs from the checkpoint: " + "; ".join(shape_bad)
@@ -374,23 +392,3 @@ def _ms_dtype(dtype: str | ms.Type) -> ms.Type:
             hint="use float32 or float16 on CPU; bfloat16 runs on Ascend",
         )
     return dtype
-
-
-def to_ms(t: torch.Tensor, dtype=ms.float32) -> ms.Tensor:
-    """torch -> MindSpore without loss (bf16 goes through float32, exactly representable)."""
-    if t.dtype == torch.bfloat16:
-        return ms.Tensor(t.float().numpy()).astype(ms.bfloat16 if dtype == ms.bfloat16 else dtype)
-    arr = t.numpy()
-    out = ms.Tensor(arr)
-    return out if not t.is_floating_point() or out.dtype == dtype else out.astype(dtype)
-
-
-def from_ms(p) -> torch.Tensor:
-    if p.dtype == ms.bfloat16:
-        return torch.from_numpy(p.float().asnumpy()).to(torch.bfloat16)
-    return torch.from_numpy(p.asnumpy())
-
-
-def _torch_dtype(d) -> torch.dtype:
-    return {ms.float32: torch.float32, ms.float16: torch.float16, ms.bfloat16: torch.bfloat16,
-            ms.int32: torch.int32, ms.int64: torch.int64}[d]  # fmt: skip

@@ -23,7 +23,8 @@ import torch
 from mindspore import nn, ops
 
 from slimport.errors import SlimportError
-from slimport.runtime.mindspore.base import to_ms
+from slimport.io.compressed import dequantize as dequantize_weight
+from slimport.runtime.mindspore.bridge import to_ms
 
 DEQUANTIZE_MODES = ("per_call", "at_load")
 _EPS32 = float(torch.finfo(torch.float32).eps)
@@ -69,16 +70,44 @@ class QuantDense(nn.Cell):
             raise SlimportError(
                 f"dequantize={dequantize!r}", hint="one of: " + ", ".join(DEQUANTIZE_MODES)
             )
+        out_f, in_f = weight.q.shape
+        self.in_channels, self.out_channels, self.bits = in_f, out_f, weight.bits
+        self.mode = dequantize
+        if dequantize == "at_load":  # the float weight once (io's dequantize: the same float ops)
+            w = dequantize_weight(weight.q, weight.scale, weight.zero)
+            self.weight = ms.Parameter(to_ms(w.contiguous()), "weight", requires_grad=False)
+        else:
+            self._hold_integers(weight, name)
+        self.has_bias = bias is not None
+        self.bias = (
+            ms.Parameter(to_ms(bias.detach().float().contiguous()), "bias", requires_grad=False)
+            if self.has_bias
+            else None
+        )
+        self.act = "none" if inputs is None else "dynamic" if inputs.dynamic else "static"
+        self.act_symmetric = bool(inputs and inputs.symmetric)
+        bits = inputs.bits if inputs else 8
+        self.qmin, self.qmax = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+        if self.act == "static":
+            if inputs.scale is None or inputs.zero is None:
+                raise SlimportError(f"{name}: static input quantization without a calibrated scale")
+            self.input_scale = ms.Parameter(
+                to_ms(inputs.scale.float().reshape(1)), "input_scale", requires_grad=False
+            )
+            self.input_zero = ms.Parameter(
+                to_ms(inputs.zero.float().reshape(1)), "input_zero", requires_grad=False
+            )
+        self.matmul = ops.MatMul(transpose_b=True)  # never w.T: measured 20x slower on CPU
+
+    def _hold_integers(self, weight: IntWeight, name: str) -> None:
+        out_f, in_f = weight.q.shape
         if weight.bits not in (4, 8):
             raise SlimportError(
                 f"{name}: {weight.bits}-bit weights have no integer layout in the MindSpore runtime",
                 hint="4 and 8 bits are held as integers; load other schemes with dequantize='at_load'",
             )
-        out_f, in_f = weight.q.shape
         if weight.bits == 4 and in_f % 2:
             raise SlimportError(f"{name}: 4-bit packing needs an even input size, not {in_f}")
-        self.in_channels, self.out_channels, self.bits = in_f, out_f, weight.bits
-        self.mode = dequantize
         scale = weight.scale.float().reshape(out_f, -1) if weight.scale.numel() > 1 else None
         groups = 1 if scale is None else scale.shape[1]
         if in_f % groups:
@@ -100,31 +129,10 @@ class QuantDense(nn.Cell):
             u = (ints.to(torch.int16) + 8).to(torch.uint8)
             ints = u[:, 0::2] | (u[:, 1::2] << 4)
         self.weight_q = ms.Parameter(to_ms(ints.contiguous()), "weight_q", requires_grad=False)
-        self.has_bias = bias is not None
-        self.bias = (
-            ms.Parameter(to_ms(bias.detach().float().contiguous()), "bias", requires_grad=False)
-            if self.has_bias
-            else None
-        )
-        self.act = "none" if inputs is None else "dynamic" if inputs.dynamic else "static"
-        self.act_symmetric = bool(inputs and inputs.symmetric)
-        bits = inputs.bits if inputs else 8
-        self.qmin, self.qmax = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-        if self.act == "static":
-            if inputs.scale is None or inputs.zero is None:
-                raise SlimportError(f"{name}: static input quantization without a calibrated scale")
-            self.input_scale = ms.Parameter(
-                to_ms(inputs.scale.float().reshape(1)), "input_scale", requires_grad=False
-            )
-            self.input_zero = ms.Parameter(
-                to_ms(inputs.zero.float().reshape(1)), "input_zero", requires_grad=False
-            )
-        self.matmul = ops.MatMul(transpose_b=True)  # never w.T: measured 20x slower on CPU
-        self.weight = None
-        if dequantize == "at_load":
-            self.weight = ms.Parameter(self.dequantized(), "weight", requires_grad=False)
 
     def dequantized(self) -> ms.Tensor:
+        if self.mode == "at_load":
+            return self.weight
         q = self.weight_q
         if self.bits == 4:
             q = q.astype(ms.int32)
@@ -155,7 +163,7 @@ class QuantDense(nn.Cell):
         return (q - z) * s
 
     def construct(self, x):
-        w = self.weight if self.mode == "at_load" else self.dequantized()
+        w = self.dequantized()
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.act != "none":
@@ -169,7 +177,13 @@ class QuantDense(nn.Cell):
         return sum(p.nbytes for p in self.get_parameters())
 
     def extend_repr(self) -> str:
-        g = f"g{self.group_size}" if self.groups > 1 else "per-channel"
+        g = (
+            ""
+            if self.mode == "at_load"
+            else f"g{self.group_size}"
+            if self.groups > 1
+            else "per-channel"
+        )
         act = "" if self.act == "none" else f", a8 {self.act}"
         return f"{self.in_channels}->{self.out_channels}, w{self.bits} {g}{act}, dequantize={self.mode}"
 
@@ -188,5 +202,68 @@ def replace_dense(root: nn.Cell, path: str, new: nn.Cell) -> None:
             f"{path}: quantized weight is {new.out_channels}x{new.in_channels}, "
             f"the model's Dense is {old.out_channels}x{old.in_channels}"
         )
+    short = {id(p): p.name for p in new.get_parameters()}
     setattr(parent, leaf, new)
-    new.update_parameters_name(path + ".")
+    for p in new.get_parameters():  # setattr prefixes the leaf only: name the full path
+        p.name = f"{path}.{short[id(p)]}"
+
+
+def hold_integer_linears(
+    cell: nn.Cell, model, planned: list, dequantize: str
+) -> tuple[list, set[str], list[str]]:
+    """Replace the Dense cells of `cell` whose checkpoint Linear is quantized by QuantDense
+    cells holding its integers (`model.source.quantized`, io.compressed.IntLinear), before the
+    float parameters load. Returns the plan without those weights, the QuantDense parameter
+    names (set here, not by the float load) and notes for the load report.
+
+    A Linear whose MindSpore weight is not its checkpoint weight renamed (a Tie, a transpose)
+    cannot take the integers as they are: weight-only, it loads the dequantized float weight and
+    the notes say so; with quantized inputs that would drop the input quantization, so it is an
+    error."""
+    quantized = model.source.quantized
+    hub_of = {
+        p.sources[0]: h
+        for h, p in model.hub.items()
+        if len(p.sources) == 1 and not p.ops and p.sources[0].endswith(".weight")
+    }
+    by_source = {t.sources[0]: t for t in planned if len(t.sources) == 1 and not t.ops}
+    held: set[str] = set()
+    replaced: set[str] = set()
+    kept_float: list[str] = []
+    schemes: set[str] = set()
+    for name, lin in quantized.items():
+        target = by_source.get(hub_of.get(f"{name}.weight"))
+        if target is None or not target.name.endswith(".weight"):
+            if lin.inputs is not None:
+                raise SlimportError(
+                    f"{model.source.path}: {name} is quantized with int8 inputs, but its "
+                    "MindSpore weight is not the checkpoint weight as it is",
+                    hint="quantize weight-only, or protect this Linear (--protect)",
+                )
+            kept_float.append(name)
+            continue
+        path = target.name[: -len(".weight")]
+        q, scale, zero = lin.read()
+        inputs = None
+        if lin.inputs is not None:
+            s_, z_ = lin.input_qparams() if lin.input_qparams else (None, None)
+            inputs = IntInput(lin.inputs.bits, lin.inputs.symmetric, lin.inputs.dynamic, s_, z_)
+        has_bias = any(t.name == f"{path}.bias" for t in planned)
+        new = QuantDense(
+            IntWeight(q, scale, zero, lin.weights.bits),
+            torch.zeros(q.shape[0]) if has_bias else None,
+            dequantize,
+            inputs,
+            name=f"{model.source.path}: {name}",
+        )
+        replace_dense(cell, path, new)
+        held |= {p.name for p in new.get_parameters() if not p.name.endswith(".bias")}
+        replaced.add(target.name)
+        schemes.add(new.extend_repr().split(", ", 1)[1])
+    notes = [f"{len(replaced)} Linear layers hold their integers ({'; '.join(sorted(schemes))})"]
+    if kept_float:
+        notes.append(
+            "dequantized to float (their MindSpore weight is not the checkpoint's as it is): "
+            + ", ".join(kept_float)
+        )
+    return [t for t in planned if t.name not in replaced], held, notes

@@ -165,7 +165,7 @@ def test_the_seeds_one_liner(sst2_classifier, shared):
     fp32 = AutoModelForSequenceClassification.from_pretrained(sst2_classifier)
     texts, _ = read_labeled(shared / "data/sst2/dev.tsv")
     tok = AutoTokenizer.from_pretrained(sst2_classifier)
-    enc = tok(texts[:128], padding=True, return_tensors="pt")
+    enc = tok(texts[:64], padding=True, return_tensors="pt")
     agree = (_ms_logits(model, enc).argmax(-1) == _ms_logits(fp32, enc).argmax(-1)).mean()
     print(f"\nseeds' one-liner W8A8 static (ema) in MindSpore: agreement with fp32 {agree:.4f}")
     assert agree >= 0.95  # measured 0.98-0.99 on the full dev set (BENCHMARKS.md)

@@ -40,6 +40,8 @@ def inspect(
         }
         if "gguf_types" in ckpt.metadata:
             info["gguf_types"] = ckpt.metadata["gguf_types"]
+        if ckpt.quantized:
+            info.update(_quantized_summary(ckpt))
         try:
             raw = model_config(ckpt)
             family, cfg = arch.resolve(raw, str(ckpt.path))
@@ -53,3 +55,41 @@ def inspect(
         except SlimportError as e:
             info.update(family=None, architecture_error=e.message)
     return info
+
+
+def _quantized_summary(ckpt) -> dict:
+    """A compressed-tensors folder as stored: the scheme, which modules hold integers and what
+    they cost in bytes and bits per parameter (the view's `infos` are the float equivalents)."""
+    q = ckpt.quantized
+    weights = {f"{n}.weight" for n in q}
+    params = sum(lin.shape[0] * lin.shape[1] for lin in q.values())
+    packed = sum(lin.stored_bytes for lin in q.values())
+    floats = {n: i for n, i in ckpt.infos.items() if n not in weights}
+    float_bytes = sum(nbytes(i) for i in floats.values())
+    kinds = Counter(n.rsplit(".", 1)[-1] for n in q)
+    dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in floats.values())
+    return {
+        "bytes": packed + float_bytes,
+        "dtypes": {**dict(dtypes), f"{next(iter(q.values())).scheme} packed": len(q)},
+        "quantization": {
+            "scheme": next(iter(q.values())).scheme,
+            "stored_as": ckpt.metadata.get("dequantized_from", ""),
+            "quantized_linears": len(q),
+            "quantized_parameters": params,
+            "packed_bytes": packed,
+            "bits_per_parameter": round(8 * packed / params, 3),
+            "modules": dict(sorted(kinds.items())),
+            "float_parameters": sum(_numel(i) for i in floats.values()),
+            "float_bytes": float_bytes,
+            "bits_per_parameter_overall": round(
+                8 * (packed + float_bytes) / ckpt.num_parameters, 3
+            ),
+        },
+    }
+
+
+def _numel(info) -> int:
+    n = 1
+    for d in info.shape:
+        n *= d
+    return n

@@ -27,9 +27,9 @@ def _inspect(args) -> int:
         return 0
     width = max(len(k) for k in info)
     for key, value in info.items():
-        if key == "config":
+        if key in ("config", "quantization"):
             for k, v in value.items():
-                print(f"{'config.' + k:<{width + 8}} {v}")
+                print(f"{key + '.' + k:<{width + 8}} {v}")
         elif key == "skipped":
             print(
                 f"{key:<{width + 8}} {len(value)} tensor(s)"

@@ -197,6 +197,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return ((g - z) * s).reshape(q.shape)
 
 
+def _nbytes(info: TensorInfo) -> int:
+    n = info.dtype.itemsize
+    for d in info.shape:
+        n *= d
+    return n
+
+
 @dataclasses.dataclass(frozen=True)
 class InputArgs:
     """How a checkpoint's Linear inputs are quantized at run time (int8 static or per token)."""
@@ -218,6 +225,14 @@ class IntLinear:
     inputs: InputArgs | None
     read: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     input_qparams: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    stored_bytes: int = 0  # integers, scales and zero points as the file holds them
+
+    @property
+    def scheme(self) -> str:
+        w, a = self.weights, self.inputs
+        g = f"g{w.group_size}" if w.granularity == "group" else f"per-{w.granularity}"
+        act = "" if a is None else f"A{a.bits} {'dynamic' if a.dynamic else 'static'}"
+        return f"W{w.bits}{act} {g} {'sym' if w.symmetric else 'asym'}"
 
 
 def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
@@ -281,6 +296,7 @@ def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
             inputs,
             lambda n=n: read_linear(ckpt, n, shapes[f"{n}.weight"][1], wargs, fmt, take),
             (lambda n=n: input_qparams(n)) if inputs is not None and not inputs.dynamic else None,
+            sum(_nbytes(ckpt.infos[f"{n}.{k}"]) for k in kinds if f"{n}.{k}" in ckpt.infos),
         )
         for n in linears
     }

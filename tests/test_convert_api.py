@@ -21,11 +21,22 @@ def llama_dir(stories260k, tmp_path_factory):
 
 
 def test_every_subcommand_has_help(capsys):
-    for cmd in ("inspect", "convert", "verify", "generate", "demo"):
+    """Walks the parser's own subcommands, so a new one is checked without editing this test."""
+    import argparse
+
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(sub.choices) >= 8  # inspect convert verify generate quantize eval finetune demo
+    for cmd, sp in sub.choices.items():
+        assert sp.get_default("fn") is not None, f"{cmd} has no handler"
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
-        assert e.value.code == 0
-        assert "usage: slimport " + cmd in capsys.readouterr().out
+        assert e.value.code == 0, cmd
+        assert capsys.readouterr().out.startswith("usage: slimport " + cmd), cmd
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--help"])
+    top = capsys.readouterr().out
+    assert e.value.code == 0 and all(cmd in top for cmd in sub.choices)
 
 
 def test_inspect_reports_format_family_and_counts(stories260k, capsys):

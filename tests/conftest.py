@@ -54,21 +54,14 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_transformers(smollm2_gguf):
-    """transformers' own GGUF loading of SmolLM2 (slow, so once per session), and how long it took.
-
-    transformers and the Llama classes are imported before the clock starts, so `seconds` is the
-    loading work itself (what a conversion has to beat), not Python imports.
-    """
-    import time
+    """transformers' own GGUF loading of SmolLM2 (slow, so once per session)."""
     from types import SimpleNamespace
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401 - warm imports
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    seconds = time.perf_counter() - t0
     tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    return SimpleNamespace(model=model.eval(), tokenizer=tokenizer, seconds=seconds)
+    return SimpleNamespace(model=model.eval(), tokenizer=tokenizer)
 
 
 @pytest.fixture(params=["pynative", "graph"])

@@ -14,10 +14,9 @@ from slimport.errors import SlimportError
 from slimport.evaluate.classification import sst2_accuracy
 from slimport.evaluate.perplexity import perplexity
 
-# SmolLM2-135M fp32 (our GGUF -> HF conversion), wiki.test.raw read whole, 512-token windows.
-# 16 windows: 36.0768 (the issue's number, measured independently by the lead); 4 windows below.
+# SmolLM2-135M fp32 (our GGUF -> HF conversion), wiki.test.raw read whole, 16 windows of 512
+# tokens: 36.0768, the issue's number, measured independently by the lead (the slow test below).
 PPL_16x512 = 36.0768
-PPL_4x512 = 30.2263
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +59,13 @@ def test_smollm2_wikitext_perplexity_matches_transformers_loss(smollm2, smollm2_
         return out
 
     result = perplexity(with_transformers_loss, smollm2_windows, progress=False)
-    assert result["perplexity"] == pytest.approx(PPL_4x512, abs=0.01)
     assert (result["windows"], result["seq_len"], result["tokens"]) == (4, 512, 4 * 511)
     assert len(result["nll"]) == 4 and result["seconds"] > 0
     # transformers' shifted cross-entropy (float32) gives the same per-window NLLs
     assert result["nll"] == pytest.approx(theirs, abs=2e-5)
     assert result["perplexity"] == pytest.approx(math.exp(sum(theirs) / 4), rel=1e-5)
+    # a trained 135M model on English prose: far below uniform (49152) and unigram (~1000) levels
+    assert 10 < result["perplexity"] < 100
 
 
 @pytest.mark.slow

@@ -12,6 +12,20 @@ from slimport.compress import api
 from slimport.compress.quant.compressed import load_quantized
 from slimport.evaluate.classification import sst2_accuracy
 
+# Bounds, and the CPU spread they leave room for. One dev sentence is 1/872 = 0.11 points, and
+# which sentences flip under 8-bit rounding depends on the CPU's float kernels. W8A8 static +
+# SmoothQuant, agreement with fp32 (accuracy drop): 0.9943 (0.11 points) on the Xeon (AVX-512)
+# this was written on, with 1 or 2 threads; 0.9908 (0.23) with torch forced to its AVX2 kernels
+# there (ATEN_CPU_CAPABILITY=avx2); 0.9874 (0.35) on an AMD EPYC (AVX2, issue #12). A spread
+# of 0.7 points in agreement and 0.25 in accuracy; dynamic W8A8 and static mse did not move
+# (0.9966 and 0.9885 under both kernel sets). The bounds sit below the worst measured value
+# by more than that spread (agreement 0.98: 0.74 points under the AMD run; a drop of at most
+# 1 point: 0.65 points of room), so they catch a broken quantizer (tens of points), not a
+# kernel's last bit. BENCHMARKS.md has the product numbers.
+W8A8_MIN_AGREEMENT = 0.98
+W8A8_MAX_DROP = 0.01
+W4_MAX_DROP = 0.015
+
 
 @pytest.fixture(scope="module")
 def sst2(shared, sst2_classifier):
@@ -37,49 +51,56 @@ def _quantized_accuracy(sst2, classifier, shared, out, **options) -> dict:
     return result
 
 
-def test_w8a8_dynamic_costs_at_most_half_a_point_and_agrees_99_percent(
+def test_w8a8_dynamic_costs_under_a_point_and_agrees_98_percent(
     sst2, sst2_classifier, shared, tmp_path
 ):
+    """Measured: accuracy -0.11 points, agreement 0.9966 (AVX-512 and AVX2 kernels alike)."""
     fp32 = sst2[2]["accuracy"]
     r = _quantized_accuracy(
         sst2, sst2_classifier, shared, tmp_path / "w8a8", bits=8, activations="dynamic"
     )
-    assert r["accuracy"] >= fp32 - 0.005
-    assert r["agreement"] >= 0.99
+    assert r["accuracy"] >= fp32 - W8A8_MAX_DROP
+    assert r["agreement"] >= W8A8_MIN_AGREEMENT
 
 
-def test_w8a8_static_costs_at_most_half_a_point(sst2, sst2_classifier, shared, tmp_path):
-    """Static per-tensor activation ranges alone: the accuracy target holds; agreement stays short
-    of 99% (98.85% measured here, 98.4-98.9% on the full classifier: BENCHMARKS.md), which
-    SmoothQuant closes (next test)."""
-    fp32 = sst2[2]["accuracy"]
-    r = _quantized_accuracy(
-        sst2, sst2_classifier, shared, tmp_path / "w8a8", bits=8, activations="static",
-        observer="mse",
-    )  # fmt: skip
-    assert r["accuracy"] >= fp32 - 0.005
-    assert r["agreement"] >= 0.985
-
-
-def test_w8a8_static_with_smoothquant_meets_both_targets(sst2, sst2_classifier, shared, tmp_path):
+def test_w8a8_static_with_smoothquant_costs_under_a_point(sst2, sst2_classifier, shared, tmp_path):
     """SmoothQuant (alpha 0.8) moves the LayerNorm outputs' outlier channels into the q/k/v and
-    FFN-in weights, so one static range per tensor fits: 99.43% agreement measured here (99.08%
-    on the full classifier; BENCHMARKS.md), against 98.85% without it."""
+    FFN-in weights, so one static range per tensor fits. Measured: the spread above, against
+    0.9885 without SmoothQuant (mse observer, the slow test below). That gap is inside the CPU
+    spread, so no test compares the two here; test_quantize.py does, on SmolLM2's perplexity,
+    where the gap is large."""
     fp32 = sst2[2]["accuracy"]
     r = _quantized_accuracy(
         sst2, sst2_classifier, shared, tmp_path / "w8a8sq", bits=8, activations="static",
         observer="percentile", smoothquant=0.8,
     )  # fmt: skip
-    assert r["accuracy"] >= fp32 - 0.005
-    assert r["agreement"] >= 0.99
+    assert r["accuracy"] >= fp32 - W8A8_MAX_DROP
+    assert r["agreement"] >= W8A8_MIN_AGREEMENT
 
 
+@pytest.mark.slow  # 265-486 s on the busy 2-core machine (the mse grid search); the SmoothQuant
+# test keeps a static W8A8 real-model check in CI
+def test_w8a8_static_costs_under_a_point(sst2, sst2_classifier, shared, tmp_path):
+    """Static per-tensor activation ranges alone (mse observer). Measured: accuracy 0.00 points
+    (+0.23 with AVX2 kernels), agreement 0.9885 under both (98.4-98.9% on the full classifier:
+    BENCHMARKS.md)."""
+    fp32 = sst2[2]["accuracy"]
+    r = _quantized_accuracy(
+        sst2, sst2_classifier, shared, tmp_path / "w8a8", bits=8, activations="static",
+        observer="mse",
+    )  # fmt: skip
+    assert r["accuracy"] >= fp32 - W8A8_MAX_DROP
+    assert r["agreement"] >= W8A8_MIN_AGREEMENT
+
+
+@pytest.mark.slow  # 192 s on the busy 2-core machine; test_quantize.py keeps W4 GPTQ (SmolLM2) in CI
 def test_w4_g128_gptq_weight_only_costs_at_most_1_5_points(sst2, sst2_classifier, shared, tmp_path):
+    """Measured: accuracy -0.23 points, agreement 0.9885: 1.27 points of room."""
     fp32 = sst2[2]["accuracy"]
     r = _quantized_accuracy(
         sst2, sst2_classifier, shared, tmp_path / "w4", bits=4, group_size=128, method="gptq"
     )
-    assert r["accuracy"] >= fp32 - 0.015
+    assert r["accuracy"] >= fp32 - W4_MAX_DROP
 
 
 def test_the_classifier_head_is_protected_by_default(sst2_classifier, shared, tmp_path):

@@ -71,14 +71,14 @@ def graph():
 
 # --------------------------------------------------------------------- SmolLM2-135M (real)
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf, tmp_path_factory):
-    """SmolLM2 converted once to an HF folder; its tokenizer, chat prompts LEFT padded; our
-    model and transformers' (fp32, plus its fp64 logits: the rounding noise of the reference)."""
+def smol(smollm2_hf):
+    """SmolLM2 converted once to an HF folder (the session's); its tokenizer, chat prompts LEFT
+    padded; our model and transformers' (fp32, plus its fp64 logits: the reference's rounding
+    noise)."""
     from transformers import AutoModelForCausalLM as HFAuto
     from transformers import AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("smollm2") / "hf"
-    api.convert(smollm2_gguf, folder, to="hf", progress=False)
+    folder = smollm2_hf
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
     ids, mask = (a.astype(np.int64) for a in encode_prompts(tok, list(PROMPTS), chat=True))

@@ -107,7 +107,8 @@ def test_smollm2_w4_runs_in_mindspore_as_in_torch(smollm2_hf, tmp_path):
     ours = AutoModelForCausalLM.from_pretrained(out)(ms.Tensor(ids.input_ids.numpy())).logits
     d = maxdiff(ours, ref)
     print(f"\nSmolLM2 W4 g64 asym in MindSpore vs torch (quantized both): logits max|Δ| {d:.2e}")
-    assert d <= 1.5e-4  # the fp32 bound of the float model (test_ms_llama): same arithmetic
+    # measured 6.2e-5 to 7.1e-5 (torch 1 or 2 threads, AVX-512 or AVX2 kernels): 2x room
+    assert d <= 1.5e-4
     assert (ours.asnumpy().argmax(-1) == ref.argmax(-1)).all()
 
 

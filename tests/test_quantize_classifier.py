@@ -126,7 +126,7 @@ def test_static_ranges_come_from_the_sentences_not_from_their_padding(
 
     from slimport.compress import pipeline
     from slimport.compress.calibration import calibration_inputs
-    from slimport.runtime.text import load_tokenizer
+    from slimport.io.hf import load_tokenizer
 
     config = api.make_config(
         bits=8, activations="static", calib_data=str(shared / "data/sst2/train.tsv"),

@@ -130,7 +130,7 @@ def test_static_ranges_come_from_the_sentences_not_from_their_padding(
 
     config = api.make_config(
         bits=8, activations="static", calib_data=str(shared / "data/sst2/train.tsv"),
-        num_samples=64, seq_len=128,
+        num_samples=32, seq_len=128,
     )  # fmt: skip
     tok = load_tokenizer(sst2_classifier)
     assert tok.padding_side == "left"  # the generation default, which must not leak in here
@@ -150,9 +150,12 @@ def test_static_ranges_come_from_the_sentences_not_from_their_padding(
 
     a, b = input_scales(batched, tmp_path / "batched"), input_scales(single, tmp_path / "single")
     assert a.keys() == b.keys() and len(a) == 6 * 6 + 1  # every block Linear and the pooler
+    later = max(abs(float(a[k]) / float(b[k]) - 1) for k in a if ".layer.0." not in k)
+    print(f"\nstatic ranges batched vs one sentence per batch, blocks 1-5: max rel {later:.2e}")
     for k in a:
         # block 0 sees identical inputs (with padding in, its ranges move by percents). Later
         # blocks inherit batched attention's last-bit rounding, which static quantization
-        # carries across rounding boundaries: measured up to 1.6% on a range maximum.
+        # carries across rounding boundaries: measured 0.11% with these 32 sentences (AVX-512
+        # or AVX2 kernels), up to 1.6% with 64.
         rel = 1e-5 if ".layer.0." in k else 5e-2
         assert abs(float(a[k]) - float(b[k])) <= rel * float(b[k]), k

@@ -1,0 +1,373 @@
+"""A compressed-tensors folder -> a transformers model whose quantized Linears hold only integers.
+
+The model is built with its parameters on the meta device; every tensor then comes straight from
+the safetensors file, one at a time: floats become the model's parameters (in the compute dtype),
+each quantized Linear's integers, scales and zero points become a PackedLinear. So memory while
+loading is about the packed model plus the largest tensor, and nothing keeps a float copy of a
+quantized weight. The fp32 compute path equals the dequantized reference
+(`compress.quant.compressed.load_quantized`) exactly; bf16 runs the CPU weight-only kernels.
+
+Optionally the token embedding is quantized at load (int8 per row, or 4-bit asymmetric groups
+of 32, round to nearest), and a head tied to it computes on the same integers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimport.compress.quant import primitives as P
+from slimport.compress.quant.config import QuantArgs
+from slimport.errors import SlimportError, name_list
+from slimport.runtime.torch.packed import InputQuant, PackedEmbedding, PackedLinear, PackedWeight
+
+PACKED, INT = "pack-quantized", "int-quantized"
+FORMATS = (PACKED, INT, "naive-quantized")  # naive = the int layout, older writers
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# load-time embedding quantization: int8 symmetric per row, 4-bit asymmetric groups of 32
+EMBEDDINGS = {
+    "int8": QuantArgs(8, True, "channel"),
+    "int4": QuantArgs(4, False, "group", 32),
+}
+SUFFIXES = ("weight_packed", "weight_shape", "weight", "weight_scale", "weight_zero_point", "bias",
+            "input_scale", "input_zero_point")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """The one quantization scheme of a checkpoint's Linears."""
+
+    format: str
+    weights: QuantArgs
+    inputs: QuantArgs | None
+
+    def __str__(self) -> str:
+        w, a = self.weights, self.inputs
+        g = f"g{w.group_size}" if w.granularity == "group" else f"per-{w.granularity}"
+        act = "" if a is None else f" A{a.bits} {'dynamic' if a.dynamic else 'static'}"
+        return f"W{w.bits} {g} {'sym' if w.symmetric else 'asym'}{act} ({self.format})"
+
+
+def scheme_of(path: Path, config: dict) -> Scheme:
+    """config.json's quantization_config -> Scheme, or a SlimportError saying what is unsupported."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        raise SlimportError(
+            f"{path}: not a compressed-tensors model (no compressed-tensors quantization_config)",
+            hint="load_packed reads folders written by `slimport quantize` or llm-compressor",
+        )
+
+    def unsupported(what: str):
+        return SlimportError(
+            f"{path}: compressed-tensors {what} is not supported by the packed runtime",
+            hint="it runs integer weights of 3-8 bits (per tensor, row or group), optionally with "
+            "int8 static per-tensor or dynamic per-token inputs, one scheme for all Linears",
+        )
+
+    if qc.get("sparsity_config") or qc.get("transform_config") or qc.get("kv_cache_scheme"):
+        raise unsupported("sparsity / transforms / KV-cache quantization")
+    if qc.get("quantization_status") != "compressed":
+        raise unsupported(f"quantization_status {qc.get('quantization_status')!r}")
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise unsupported(f"a config with {len(groups)} schemes")
+    (s,) = groups.values()
+    fmt = s.get("format") or qc.get("format")
+    w, a = s.get("weights") or {}, s.get("input_activations")
+    if fmt not in FORMATS:
+        raise unsupported(f"format {fmt!r}")
+    strategy = w.get("strategy")
+    if (
+        w.get("type") != "int"
+        or not 3 <= (w.get("num_bits") or 0) <= 8
+        or strategy not in ("tensor", "channel", "group")
+        or (strategy == "group" and not w.get("group_size"))
+    ):
+        raise unsupported(f"weight scheme {w}")
+    if s.get("output_activations"):
+        raise unsupported("output activation quantization")
+    weights = QuantArgs(w["num_bits"], bool(w.get("symmetric")), strategy, w.get("group_size"))
+    inputs = None
+    if a:
+        static = a.get("strategy") == "tensor" and not a.get("dynamic")
+        dynamic = a.get("strategy") == "token" and a.get("dynamic") is True
+        if a.get("type") != "int" or a.get("num_bits") != 8 or not (static or dynamic):
+            raise unsupported(f"input activation scheme {a}")
+        inputs = QuantArgs(8, bool(a.get("symmetric")), a["strategy"], None, dynamic=dynamic)
+    return Scheme(fmt, weights, inputs)
+
+
+class Checkpoint:
+    """The tensors of model.safetensors (or its shards), each read once, when asked for, into
+    memory of its own (io.safetensors' positioned reads: no whole-file mmap, which would both
+    grow RSS by the file while loading and leave kernels reading a file mapping)."""
+
+    def __init__(self, folder: Path) -> None:
+        from slimport.io import safetensors
+
+        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+        if not (index.is_file() or single.is_file()):
+            raise SlimportError(f"{folder}: no model.safetensors (or shard index)")
+        self.path = folder
+        self._ckpt = safetensors.read(index if index.is_file() else single)
+        self.unread = set(self._ckpt.infos)
+        self.nbytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ckpt.infos
+
+    def names(self) -> list[str]:
+        return list(self._ckpt.infos)
+
+    def take(self, name: str, what: str = "tensor") -> torch.Tensor:
+        if name not in self._ckpt.infos:
+            raise SlimportError(
+                f"{self.path}: tensor {name!r} is missing ({what})",
+                hint="the checkpoint is incomplete or was written with another scheme",
+            )
+        self.unread.discard(name)
+        return self._ckpt.load(name)
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no init); buffers
+    stay real: RoPE frequencies and position ids are computed in __init__ and absent from
+    checkpoints (what accelerate's init_empty_weights(include_buffers=False) does)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _build_model(folder: Path, config: dict) -> nn.Module:
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise SlimportError(
+            f"{folder / 'config.json'}: architectures {config.get('architectures')!r} is not a "
+            "transformers model class"
+        )
+    rest = {k: v for k, v in config.items() if k != "quantization_config"}
+    try:
+        hf_config = transformers.AutoConfig.for_model(**rest)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SlimportError(
+            f"{folder / 'config.json'}: cannot build a {arch} config ({e})"
+        ) from None
+    with parameters_on_meta(), no_init_weights():
+        return cls(hf_config)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _packed_linear(ckpt: Checkpoint, name: str, lin: nn.Linear, s: Scheme, dtype) -> PackedLinear:
+    """The PackedLinear of quantized Linear `name` from its checkpoint tensors, checked."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    w = s.weights
+    n, k = lin.weight.shape
+    if w.granularity == "group" and k % w.group_size:
+        raise SlimportError(f"{name}: {k} input features are not a multiple of group size {w.group_size}")  # fmt: skip
+    groups = k // w.group_size if w.granularity == "group" else 1
+    if s.format == PACKED:
+        packed = ckpt.take(f"{name}.weight_packed", "packed weight")
+        stored = ckpt.take(f"{name}.weight_shape", "weight shape").tolist()
+        if stored != [n, k] or packed.dtype != torch.int32:
+            raise SlimportError(f"{ckpt.path}: {name}.weight_packed is {stored} {packed.dtype}, the model needs [{n}, {k}] int32")  # fmt: skip
+        q = unpack_from_int32(packed, w.bits, torch.Size(stored))
+        del packed
+    else:
+        q = ckpt.take(f"{name}.weight", "int8 weight")
+        if list(q.shape) != [n, k] or q.dtype != torch.int8:
+            raise SlimportError(f"{ckpt.path}: {name}.weight is {list(q.shape)} {q.dtype}, the model needs [{n}, {k}] int8")  # fmt: skip
+    want = [1] if w.granularity == "tensor" else [n, groups]
+    scale = ckpt.take(f"{name}.weight_scale", "weight scales")
+    if list(scale.shape) != want:
+        raise SlimportError(f"{ckpt.path}: {name}.weight_scale has shape {list(scale.shape)}, expected {want}")  # fmt: skip
+    zero = None
+    if f"{name}.weight_zero_point" in ckpt:
+        zero = ckpt.take(f"{name}.weight_zero_point")
+        if s.format == PACKED and w.granularity != "tensor" and zero.dtype == torch.int32:
+            zero = unpack_from_int32(zero, w.bits, torch.Size(want), packed_dim=0)
+        if list(zero.shape) != want:
+            raise SlimportError(f"{ckpt.path}: {name}.weight_zero_point has shape {list(zero.shape)}, expected {want}")  # fmt: skip
+        zero = None if w.symmetric and not zero.any() else zero.expand(n, groups)
+    elif not w.symmetric:
+        ckpt.take(f"{name}.weight_zero_point", "weight zero points of an asymmetric scheme")
+    weight = PackedWeight(q, scale.float().expand(n, groups), zero, w.bits, dtype)
+    del q
+    bias = ckpt.take(f"{name}.bias", "bias").to(dtype) if lin.bias is not None else None
+    inputs = None
+    if s.inputs is not None:
+        if s.inputs.dynamic:
+            inputs = InputQuant(s.inputs)
+        else:
+            iscale = ckpt.take(f"{name}.input_scale", "static input scale")
+            izero = (
+                torch.zeros(1)
+                if s.inputs.symmetric
+                else ckpt.take(f"{name}.input_zero_point", "input zero point")
+            )
+            inputs = InputQuant(s.inputs, iscale, izero)
+    return PackedLinear(weight, bias, inputs)
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor, ckpt: Checkpoint, dtype) -> None:
+    """Put a float checkpoint tensor where the model has it (its parameters are still meta)."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        module = None
+    slot = None
+    if module is not None:
+        slot = module._parameters if attr in module._parameters else None
+        slot = module._buffers if slot is None and attr in module._buffers else slot
+    if slot is None:
+        raise SlimportError(f"{ckpt.path}: tensor {name!r} is not part of {type(model).__name__}")
+    have = slot[attr]
+    if have is not None and tuple(have.shape) != tuple(value.shape):
+        raise SlimportError(f"{ckpt.path}: {name} has shape {list(value.shape)}, {type(model).__name__} needs {list(have.shape)}")  # fmt: skip
+    if value.is_floating_point():
+        value = value.to(dtype)
+    if slot is module._parameters:
+        value = nn.Parameter(value, requires_grad=False)
+    slot[attr] = value
+
+
+def _embedding_name(model: nn.Module) -> str | None:
+    emb = model.get_input_embeddings()
+    return next((n for n, m in model.named_modules() if m is emb), None)
+
+
+def _quantize_embedding(model, name: str, weight: torch.Tensor, how: str, dtype) -> PackedWeight:
+    """Replace the token embedding by a PackedEmbedding quantized from `weight` (round to nearest)."""
+    args = EMBEDDINGS[how]
+    q, scale, zero = P.rtn(weight.float(), args)
+    packed = PackedWeight(q, scale, None if args.symmetric else zero, args.bits, dtype)
+    old = model.get_submodule(name)
+    _set_module(model, name, PackedEmbedding(packed, getattr(old, "padding_idx", None)))
+    return packed
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, each storage counted once (ties share)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _fill(model: nn.Module, ckpt: Checkpoint, scheme: Scheme, dtype, embeddings) -> None:
+    """Every checkpoint tensor into the meta-built model, once: quantized Linears (those with a
+    weight_scale) become PackedLinears, the rest are assigned; ties restored; nothing left meta."""
+    quantized = sorted({n.rpartition(".")[0] for n in ckpt.names() if n.endswith(".weight_scale")})
+    if not quantized:
+        raise SlimportError(f"{ckpt.path}: compressed-tensors config, but no quantized tensors")
+    modules = dict(model.named_modules())
+    for name in quantized:
+        lin = modules.get(name)
+        if not isinstance(lin, nn.Linear):
+            what = "absent" if lin is None else type(lin).__name__
+            raise SlimportError(f"{ckpt.path}: {name} holds quantized tensors, but in {type(model).__name__} it is {what}, not a Linear")  # fmt: skip
+        _set_module(model, name, _packed_linear(ckpt, name, lin, scheme, dtype))
+
+    emb_name = _embedding_name(model) if embeddings else None
+    tied_head = None
+    for name in sorted(ckpt.unread):
+        if name.rpartition(".")[0] in quantized:
+            raise SlimportError(f"{ckpt.path}: unexpected tensor {name!r} for the {scheme.format} scheme")  # fmt: skip
+        value = ckpt.take(name)
+        if emb_name is not None and name == f"{emb_name}.weight":
+            tied_head = _quantize_embedding(model, emb_name, value, embeddings, dtype)
+        else:
+            _assign(model, name, value, ckpt, dtype)
+        del value
+
+    head = model.get_output_embeddings()
+    if head is not None and isinstance(head, nn.Linear) and head.weight.is_meta:
+        if not getattr(model.config, "tie_word_embeddings", False):
+            raise SlimportError(f"{ckpt.path}: the output head's weight is missing and not tied")
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        if tied_head is not None:  # the head computes on the embedding's integers
+            _set_module(model, head_name, PackedLinear(tied_head, None))
+        else:
+            head.weight = model.get_input_embeddings().weight
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise SlimportError(f"{ckpt.path}: tensor(s) missing from the checkpoint: {name_list(missing)}")  # fmt: skip
+
+
+def load_packed(
+    path: str | Path,
+    compute_dtype: str = "float32",
+    embeddings: str | None = None,
+) -> tuple[nn.Module, dict]:
+    """A compressed-tensors folder -> (transformers model with PackedLinear modules, info).
+
+    compute_dtype: "float32" (exact: equals the dequantized reference) or "bfloat16" (the CPU
+    int8/int4 weight-only kernels; every float tensor held in bf16). embeddings: None (as stored),
+    "int8" or "int4" (quantize the token embedding at load; a tied head shares its integers).
+    info: scheme, kernels per module, file_bytes, resident_bytes (parameters + buffers).
+    """
+    folder = Path(path)
+    if compute_dtype not in DTYPES:
+        raise SlimportError(f"compute_dtype {compute_dtype!r} is not supported", hint="float32 or bfloat16")  # fmt: skip
+    if embeddings not in (None, *EMBEDDINGS):
+        raise SlimportError(f"embeddings {embeddings!r} is not supported", hint="None, int8 or int4")  # fmt: skip
+    if not folder.is_dir():
+        raise SlimportError(f"{folder}: model folder not found")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SlimportError(f"{folder}: no config.json, not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise SlimportError(f"{config_path}: cannot read ({e})") from None
+    scheme = scheme_of(config_path, config)
+    dtype = DTYPES[compute_dtype]
+    ckpt = Checkpoint(folder)
+    try:
+        model = _build_model(folder, config)
+        _fill(model, ckpt, scheme, dtype, embeddings)
+    finally:
+        ckpt.close()
+    model.config.dtype = dtype
+    packed = [m.packed for m in model.modules() if isinstance(m, PackedLinear)]
+    info = {
+        "scheme": str(scheme),
+        "compute_dtype": compute_dtype,
+        "embeddings": embeddings,
+        "kernels": dict(Counter(p.kernel or "dequantize" for p in packed)),
+        "layouts": dict(Counter(p.layout for p in packed)),
+        "file_bytes": ckpt.nbytes,
+        "resident_bytes": resident_bytes(model),
+    }
+    return model.eval(), info

@@ -14,6 +14,8 @@ of 32, round to nearest), and a head tied to it computes on the same integers.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -132,10 +134,28 @@ class Checkpoint:
                 hint="the checkpoint is incomplete or was written with another scheme",
             )
         self.unread.discard(name)
+        _release_freed_memory()
         return self._ckpt.load(name)
 
     def close(self) -> None:
         self._ckpt.close()
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand the transient buffers freed so far (fp32 copies, unpacked integers) back to the OS:
+    glibc keeps freed heap chunks, and after loading SmolLM2 W4 in bf16 RSS grew by 356 MB for
+    116 MB of model without this, 143 MB with it (peak 449 -> 241 MB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextlib.contextmanager

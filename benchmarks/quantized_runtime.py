@@ -41,6 +41,8 @@ import torch, transformers
 from transformers import AutoModelForCausalLM
 import transformers.models.llama.modeling_llama
 spec = json.loads(sys.argv[1])
+if spec.get("threads"):
+    torch.set_num_threads(spec["threads"])
 if spec["kind"].startswith("torchao"):
     import torchao.quantization, torchao.prototype.quantization.int4.inference_workflow
 from slimport.runtime.torch.quantized import load_packed
@@ -162,22 +164,32 @@ def main() -> None:
     p.add_argument("--w8", type=Path, help="a W8 compressed-tensors folder (default: RTN)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's)")
     p.add_argument("--only", nargs="*", help="run only configurations whose name contains one of these")  # fmt: skip
     args = p.parse_args()
     hf, w4, w8 = folders(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth()
     file_bytes = {
         str(d): sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (hf, w4, w8)
     }
     print(header("python " + " ".join(map(shlex.quote, sys.argv)), ("torch", "transformers", "torchao")))  # fmt: skip
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_tokens} tokens, {args.new_tokens} new (greedy)")  # fmt: skip
+    print(f"threads {args.threads or 'torch default'}; read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_tokens} tokens, {args.new_tokens} new (greedy)")  # fmt: skip
     cols = f"{'configuration':32} {'file MB':>8} {'resident MB':>11} {'RSS +MB':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'ceiling tok/s':>13}  greedy = ref"  # fmt: skip
     print(cols)
     results = {}
     for name, spec, ref in configurations(hf, w4, w8):
         if args.only and not any(s in name for s in args.only):
             continue
-        spec = {**spec, "prompt": args.prompt_tokens, "new": args.new_tokens}
+        spec = {
+            **spec,
+            "prompt": args.prompt_tokens,
+            "new": args.new_tokens,
+            "threads": args.threads,
+        }
         run = subprocess.run(
             [sys.executable, "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True,
             env={"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},

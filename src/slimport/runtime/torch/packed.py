@@ -15,7 +15,7 @@ and computes x @ W.T for x [M, K] in the compute dtype:
   bfloat16, M small   aten's weight-only kernels: _weight_int8pack_mm (8 bits, one scale per
                       row) and _weight_int4pack_mm_for_cpu (<= 4 bits, groups of 32..256 or a
                       multiple, N % 16 == 0); they are fast only with bf16 activations
-  bfloat16, M large   dequantize this layer transiently, dense GEMM (beats the kernels at prefill)
+  bfloat16, M large   dequantize this layer transiently, fp32 GEMM (beats the kernels at prefill)
   anything else       dequantize per call (other group sizes, N % 16 != 0, odd K)
 """
 
@@ -30,9 +30,11 @@ from slimport.compress.quant import primitives as P
 from slimport.compress.quant.config import QuantArgs
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
-# From this many rows (tokens) on, dequantizing the layer once and running a dense GEMM beats the
-# weight-only kernels, whose cost grows linearly with M (benchmarks/quantized_runtime.py).
-PREFILL_ROWS = 32
+# From this many rows (tokens) on, dequantizing the layer once and running a dense fp32 GEMM beats
+# the weight-only kernels, whose cost grows linearly with M. Measured on SmolLM2's 1536x576 and
+# 576x1536 (Xeon AVX-512, 1 thread, busy machine): int4 kernel 6.7 / 14 / 28 ms at M = 128 / 256
+# / 512, dequantize-to-fp32 + GEMM 10-19 / 16-21 / 25-27 ms: they cross near M = 256-512.
+PREFILL_ROWS = 256
 
 
 @functools.cache
@@ -89,6 +91,11 @@ def _int4pack_rows(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor, lay
     cols = torch.arange(k)
     index = start[:, None] + cols[None, :] * width[:, None] + byte[:, None]
     return (flat[index] >> shift[:, None].to(torch.uint8)) & 15
+
+
+def _per_column(t: torch.Tensor, group: int) -> torch.Tensor:
+    """[rows, groups] -> [rows, groups * group]: each group's value repeated over its columns."""
+    return t.repeat_interleave(group, dim=1) if group > 1 else t
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -172,20 +179,21 @@ class PackedWeight(nn.Module):
         return _unpack_nibbles(q) if self.layout == "nibbles" else q
 
     def _dequantize(self, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        # scales widened to one per column first: elementwise ops on contiguous [N, K] tensors
+        # run 4x faster than the same ops broadcasting [N, G, 1] over [N, G, K/G]
         q = self._ints(rows)
-        m, k = q.shape
         if self.layout == "int4pack":
-            g = self.kernel_group
             sz = self.scales_and_zeros if rows is None else self.scales_and_zeros[:, rows]
-            sz = sz.transpose(0, 1).float()[:, :, None, :]  # [rows, K/g, 1, 2]
-            w = (q.view(m, -1, g).float() - 8) * sz[..., 0] + sz[..., 1]
-            return w.reshape(m, k).to(dtype)
+            s, z = sz.transpose(0, 1).to(dtype).unbind(-1)  # [rows, K/g]
+            g = self.kernel_group
+            # (u - 8) * s + z in one pass: u * s + (z - 8 s)
+            return torch.addcmul(_per_column(z - 8 * s, g), q.to(dtype), _per_column(s, g))
         scale = self.scale if rows is None else self.scale[rows]
-        w = q.view(m, scale.shape[1], -1).float()
+        w = q.float()
         if self.zero is not None:
             zero = self.zero if rows is None else self.zero[rows]
-            w = w - zero.float()[:, :, None]
-        return (w * scale.float()[:, :, None]).reshape(m, k).to(dtype)
+            w = w - _per_column(zero.float(), self.group)
+        return (w * _per_column(scale.float(), self.group)).to(dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [N, K] (transient: nothing keeps it)."""
@@ -198,7 +206,9 @@ class PackedWeight(nn.Module):
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] @ W.T -> [M, N]."""
         if self.kernel is None or x.shape[0] >= PREFILL_ROWS:
-            return nn.functional.linear(x, self.dequantize(x.dtype))
+            # fp32 GEMM: on AVX-512 CPUs without AMX a bf16 GEMM is ~2x slower than fp32
+            y = nn.functional.linear(x.float(), self.dequantize(torch.float32))
+            return y.to(x.dtype)
         x = x.to(self.dtype).contiguous()
         if self.kernel == "int4":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -17,6 +17,7 @@ and computes x @ W.T for x [M, K] in the compute dtype:
                       multiple, N % 16 == 0); they are fast only with bf16 activations
   bfloat16, M large   dequantize this layer transiently, fp32 GEMM (beats the kernels at prefill)
   anything else       dequantize per call (other group sizes, N % 16 != 0, odd K)
+  int8 inputs (W8A8)  torch._int_mm on the integers, zero points folded in (any dtype, exact)
 """
 
 from __future__ import annotations
@@ -221,6 +222,29 @@ class PackedWeight(nn.Module):
             y = (y.float() - x.float().sum(-1, keepdim=True) * zs).to(y.dtype)
         return y
 
+    @property
+    def int_mm_fits(self) -> bool:
+        """8-bit integers, one scale per row, shapes torch._int_mm takes."""
+        n, k = self.shape
+        return self.layout == "int8" and self.group == k and n % 8 == 0 and k % 8 == 0
+
+    def int_mm(self, qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor) -> torch.Tensor:
+        """(qx - zx) sx @ ((q - z) s).T for quantized inputs, in fp32: an int8 GEMM (oneDNN,
+        VNNI) with the zero points folded in as int32 corrections, exact until the last
+        scaling. Measured on SmolLM2 shapes (1 thread): 0.45 ms vs 2.5 ms fp32 dense and 16 ms
+        dequantize-per-call at M = 32; 47 us vs 320 us for _weight_int8pack_mm at M = 1."""
+        k = self.shape[1]
+        q = self.qweight
+        xi, zi = qx.to(torch.int8), zx.to(torch.int32)
+        acc = torch._int_mm(xi, q.T)
+        if zi.any():
+            acc -= zi * q.sum(1, dtype=torch.int32)
+        if self.zero is not None:
+            zw = self.zero.view(1, -1).to(torch.int32)
+            acc -= xi.sum(1, keepdim=True, dtype=torch.int32) * zw
+            acc += k * zi * zw
+        return acc.float() * sx.float() * self.scale.view(1, -1).float()
+
     def extra_repr(self) -> str:
         n, k = self.shape
         g = "row" if self.group == k else f"g{self.group}"
@@ -238,11 +262,16 @@ class InputQuant(nn.Module):
         self.register_buffer("scale", None if scale is None else scale.float().reshape(1))
         self.register_buffer("zero", None if zero is None else zero.float().reshape(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(integers as floats, scale, zero point) of x [M, K]: per row when dynamic."""
         if self.args.dynamic:
-            return P.dynamic_fake_quantize(x, self.args)
-        s, z = self.scale.to(x.dtype), self.zero.to(x.dtype)
-        return P.dequantize(P.quantize(x, s, z, self.args.bits), s, z)
+            scale, zero = P.qparams(*P.minmax(x, self.args), self.args.bits, self.args.symmetric)
+        else:
+            scale, zero = self.scale.to(x.dtype), self.zero.to(x.dtype)
+        return P.quantize(x, scale, zero, self.args.bits), scale, zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return P.dequantize(*self.integers(x))
 
 
 class PackedLinear(nn.Module):
@@ -260,12 +289,20 @@ class PackedLinear(nn.Module):
         self.inputs = inputs
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    @property
+    def path(self) -> str:
+        """How this layer computes: int_mm, int4, int8 (aten kernels) or dequantize."""
+        if self.inputs is not None and self.packed.int_mm_fits:
+            return "int_mm"
+        return self.packed.kernel or "dequantize"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        if self.inputs is not None:
-            x = self.inputs(x)
-        y = self.packed.mm(x)
+        if self.path == "int_mm":
+            y = self.packed.int_mm(*self.inputs.integers(x)).to(x.dtype)
+        else:
+            y = self.packed.mm(x if self.inputs is None else self.inputs(x))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

@@ -380,13 +380,13 @@ def load_packed(
     finally:
         ckpt.close()
     model.config.dtype = dtype
-    packed = [m.packed for m in model.modules() if isinstance(m, PackedLinear)]
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     info = {
         "scheme": str(scheme),
         "compute_dtype": compute_dtype,
         "embeddings": embeddings,
-        "kernels": dict(Counter(p.kernel or "dequantize" for p in packed)),
-        "layouts": dict(Counter(p.layout for p in packed)),
+        "kernels": dict(Counter(m.path for m in layers)),
+        "layouts": dict(Counter(m.packed.layout for m in layers)),
         "file_bytes": ckpt.nbytes,
         "resident_bytes": resident_bytes(model),
     }

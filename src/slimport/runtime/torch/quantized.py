@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +26,15 @@ from torch import nn
 from slimport.compress.quant import primitives as P
 from slimport.compress.quant.config import QuantArgs
 from slimport.errors import SlimportError, name_list
+from slimport.io.compressed import WeightArgs, read_config, read_linear, scheme_from, weight_args
 from slimport.runtime.torch.packed import InputQuant, PackedEmbedding, PackedLinear, PackedWeight
 
-PACKED, INT = "pack-quantized", "int-quantized"
-FORMATS = (PACKED, INT, "naive-quantized")  # naive = the int layout, older writers
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # load-time embedding quantization: int8 symmetric per row, 4-bit asymmetric groups of 32
 EMBEDDINGS = {
     "int8": QuantArgs(8, True, "channel"),
     "int4": QuantArgs(4, False, "group", 32),
 }
-SUFFIXES = ("weight_packed", "weight_shape", "weight", "weight_scale", "weight_zero_point", "bias",
-            "input_scale", "input_zero_point")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -46,7 +42,7 @@ class Scheme:
     """The one quantization scheme of a checkpoint's Linears."""
 
     format: str
-    weights: QuantArgs
+    weights: WeightArgs
     inputs: QuantArgs | None
 
     def __str__(self) -> str:
@@ -56,53 +52,13 @@ class Scheme:
         return f"W{w.bits} {g} {'sym' if w.symmetric else 'asym'}{act} ({self.format})"
 
 
-def scheme_of(path: Path, config: dict) -> Scheme:
-    """config.json's quantization_config -> Scheme, or a SlimportError saying what is unsupported."""
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
-        raise SlimportError(
-            f"{path}: not a compressed-tensors model (no compressed-tensors quantization_config)",
-            hint="load_packed reads folders written by `slimport quantize` or llm-compressor",
-        )
-
-    def unsupported(what: str):
-        return SlimportError(
-            f"{path}: compressed-tensors {what} is not supported by the packed runtime",
-            hint="it runs integer weights of 3-8 bits (per tensor, row or group), optionally with "
-            "int8 static per-tensor or dynamic per-token inputs, one scheme for all Linears",
-        )
-
-    if qc.get("sparsity_config") or qc.get("transform_config") or qc.get("kv_cache_scheme"):
-        raise unsupported("sparsity / transforms / KV-cache quantization")
-    if qc.get("quantization_status") != "compressed":
-        raise unsupported(f"quantization_status {qc.get('quantization_status')!r}")
-    groups = qc.get("config_groups") or {}
-    if len(groups) != 1:
-        raise unsupported(f"a config with {len(groups)} schemes")
-    (s,) = groups.values()
-    fmt = s.get("format") or qc.get("format")
-    w, a = s.get("weights") or {}, s.get("input_activations")
-    if fmt not in FORMATS:
-        raise unsupported(f"format {fmt!r}")
-    strategy = w.get("strategy")
-    if (
-        w.get("type") != "int"
-        or not 3 <= (w.get("num_bits") or 0) <= 8
-        or strategy not in ("tensor", "channel", "group")
-        or (strategy == "group" and not w.get("group_size"))
-    ):
-        raise unsupported(f"weight scheme {w}")
-    if s.get("output_activations"):
-        raise unsupported("output activation quantization")
-    weights = QuantArgs(w["num_bits"], bool(w.get("symmetric")), strategy, w.get("group_size"))
-    inputs = None
-    if a:
-        static = a.get("strategy") == "tensor" and not a.get("dynamic")
-        dynamic = a.get("strategy") == "token" and a.get("dynamic") is True
-        if a.get("type") != "int" or a.get("num_bits") != 8 or not (static or dynamic):
-            raise unsupported(f"input activation scheme {a}")
-        inputs = QuantArgs(8, bool(a.get("symmetric")), a["strategy"], None, dynamic=dynamic)
-    return Scheme(fmt, weights, inputs)
+def scheme_of(folder: Path) -> tuple[dict, Scheme]:
+    """(config.json, its one quantization scheme), or a SlimportError saying what is unsupported."""
+    config = read_config(folder)
+    _, s, fmt = scheme_from(folder / "config.json", config["quantization_config"])
+    a = s.input_activations
+    inputs = None if a is None else QuantArgs(8, a.symmetric, a.strategy, None, bool(a.dynamic))
+    return config, Scheme(fmt, weight_args(s), inputs)
 
 
 class Checkpoint:
@@ -206,39 +162,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _packed_linear(ckpt: Checkpoint, name: str, lin: nn.Linear, s: Scheme, dtype) -> PackedLinear:
     """The PackedLinear of quantized Linear `name` from its checkpoint tensors, checked."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    w = s.weights
     n, k = lin.weight.shape
-    if w.granularity == "group" and k % w.group_size:
-        raise SlimportError(f"{name}: {k} input features are not a multiple of group size {w.group_size}")  # fmt: skip
-    groups = k // w.group_size if w.granularity == "group" else 1
-    if s.format == PACKED:
-        packed = ckpt.take(f"{name}.weight_packed", "packed weight")
-        stored = ckpt.take(f"{name}.weight_shape", "weight shape").tolist()
-        if stored != [n, k] or packed.dtype != torch.int32:
-            raise SlimportError(f"{ckpt.path}: {name}.weight_packed is {stored} {packed.dtype}, the model needs [{n}, {k}] int32")  # fmt: skip
-        q = unpack_from_int32(packed, w.bits, torch.Size(stored))
-        del packed
-    else:
-        q = ckpt.take(f"{name}.weight", "int8 weight")
-        if list(q.shape) != [n, k] or q.dtype != torch.int8:
-            raise SlimportError(f"{ckpt.path}: {name}.weight is {list(q.shape)} {q.dtype}, the model needs [{n}, {k}] int8")  # fmt: skip
-    want = [1] if w.granularity == "tensor" else [n, groups]
-    scale = ckpt.take(f"{name}.weight_scale", "weight scales")
-    if list(scale.shape) != want:
-        raise SlimportError(f"{ckpt.path}: {name}.weight_scale has shape {list(scale.shape)}, expected {want}")  # fmt: skip
-    zero = None
-    if f"{name}.weight_zero_point" in ckpt:
-        zero = ckpt.take(f"{name}.weight_zero_point")
-        if s.format == PACKED and w.granularity != "tensor" and zero.dtype == torch.int32:
-            zero = unpack_from_int32(zero, w.bits, torch.Size(want), packed_dim=0)
-        if list(zero.shape) != want:
-            raise SlimportError(f"{ckpt.path}: {name}.weight_zero_point has shape {list(zero.shape)}, expected {want}")  # fmt: skip
-        zero = None if w.symmetric and not zero.any() else zero.expand(n, groups)
-    elif not w.symmetric:
-        ckpt.take(f"{name}.weight_zero_point", "weight zero points of an asymmetric scheme")
-    weight = PackedWeight(q, scale.float().expand(n, groups), zero, w.bits, dtype)
+    q, scale, zero = read_linear(ckpt, name, (n, k), s.weights, s.format, ckpt.take)
+    groups = scale.shape[-1] if scale.dim() == 2 else 1  # per tensor: one scale for every row
+    zero = None if s.weights.symmetric else zero.expand(n, groups)
+    weight = PackedWeight(q, scale.float().expand(n, groups), zero, s.weights.bits, dtype)
     del q
     bias = ckpt.take(f"{name}.bias", "bias").to(dtype) if lin.bias is not None else None
     inputs = None
@@ -364,14 +292,7 @@ def load_packed(
         raise SlimportError(f"embeddings {embeddings!r} is not supported", hint="None, int8 or int4")  # fmt: skip
     if not folder.is_dir():
         raise SlimportError(f"{folder}: model folder not found")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise SlimportError(f"{folder}: no config.json, not a Hugging Face model folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise SlimportError(f"{config_path}: cannot read ({e})") from None
-    scheme = scheme_of(config_path, config)
+    config, scheme = scheme_of(folder)
     dtype = DTYPES[compute_dtype]
     ckpt = Checkpoint(folder)
     try:

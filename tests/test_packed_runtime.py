@@ -297,14 +297,15 @@ def test_smollm2_w4_packed_equals_the_reference_and_is_small(smollm2_hf, smollm2
     assert top1 >= 0.75  # bf16 through 30 blocks; measured 0.9+ on this prompt
 
 
+# VmRSS / VmHWM of the process itself (ru_maxrss would carry the forking pytest's size over exec)
 RSS_SCRIPT = """
-import resource, sys, torch, transformers.models.llama.modeling_llama
+import sys, torch, transformers.models.llama.modeling_llama
 from slimport.runtime.torch.quantized import load_packed
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-before = rss()
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+before = status("VmRSS")
 model, info = load_packed(sys.argv[1], sys.argv[2])
-print(before, rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, info["resident_bytes"])
+print(before, status("VmRSS"), status("VmHWM"), info["resident_bytes"])
 """
 
 

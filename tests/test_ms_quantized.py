@@ -19,6 +19,7 @@ from slimport.compress.quant.compressed import load_quantized
 from slimport.compress.quant.config import QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
 from slimport.errors import SlimportError
+from slimport.io.hf import load_tokenizer
 from slimport.runtime.mindspore.auto import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -96,20 +97,54 @@ def test_quantization_config_quantizes_on_the_way_in(sst2_classifier, tmp_path):
     )  # it did quantize
 
 
-def test_smollm2_w4_runs_in_mindspore_as_in_torch(smollm2_hf, tmp_path):
-    out = tmp_path / "w4"
+@pytest.fixture(scope="module")
+def smollm2_w4(smollm2_hf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2-w4") / "q"
     quant_api.quantize(smollm2_hf, out, progress=False, bits=4, group_size=64, symmetric=False)
-    tok = AutoTokenizer.from_pretrained(smollm2_hf)
+    return out
+
+
+def test_smollm2_w4_runs_in_mindspore_as_in_torch(smollm2_hf, smollm2_w4):
+    tok = load_tokenizer(smollm2_hf)  # pads on the left, for batched generation
     ids = tok(["The capital of France is", "Quantization keeps"], padding=True, return_tensors="pt")
-    reference, _ = load_quantized(out)
+    reference, _ = load_quantized(smollm2_w4)
     with torch.no_grad():
         ref = reference(input_ids=ids.input_ids).logits.numpy()
-    ours = AutoModelForCausalLM.from_pretrained(out)(ms.Tensor(ids.input_ids.numpy())).logits
+        want = reference.generate(
+            **ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+        ).numpy()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_w4)
+    assert sum(isinstance(c, QuantDense) for _, c in model.cells_and_names()) == 30 * 7
+    ours = model(ms.Tensor(ids.input_ids.numpy())).logits
     d = maxdiff(ours, ref)
-    print(f"\nSmolLM2 W4 g64 asym in MindSpore vs torch (quantized both): logits max|Δ| {d:.2e}")
+    print(f"\nSmolLM2 W4 g64 asym in MindSpore vs torch: logits max|Δ| {d:.2e}")
     # measured 6.2e-5 to 7.1e-5 (torch 1 or 2 threads, AVX-512 or AVX2 kernels): 2x room
     assert d <= 1.5e-4
     assert (ours.asnumpy().argmax(-1) == ref.argmax(-1)).all()
+    # the KV-cache generation loop on integer-held weights: the same greedy tokens as torch
+    got = model.generate(
+        ids.input_ids.numpy(), attention_mask=ids.attention_mask.numpy(), max_new_tokens=6
+    )
+    assert (np.asarray(got) == want).all()
+
+
+def test_generation_on_integer_weights_in_both_modes(tmp_path, mode):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp32")
+    out = tmp_path / "w4"
+    quant_api.quantize(tmp_path / "fp32", out, progress=False, bits=4, group_size=32)
+    reference, _ = load_quantized(out)
+    ids = torch.tensor([[0, 5, 17, 3, 44], [1, 9, 2, 60, 7]])
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(c, QuantDense) for _, c in model.cells_and_names()) == 2 * 7
+    got = model.generate(ids.numpy(), max_new_tokens=10, eos_token_id=[])
+    assert (np.asarray(got) == want.numpy()).all()
 
 
 def test_a_quantized_folder_converts_to_its_dequantized_float_weights(sst2_w4, tmp_path):

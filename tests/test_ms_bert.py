@@ -23,10 +23,12 @@ from slimport.runtime.mindspore.auto import AutoModel, AutoModelForSequenceClass
 from slimport.runtime.mindspore.bert import (
     BertForSequenceClassification,
     BertModel,
-    DistilBertForSequenceClassification,
-    DistilBertModel,
     RobertaForSequenceClassification,
     RobertaModel,
+)
+from slimport.runtime.mindspore.distilbert import (
+    DistilBertForSequenceClassification,
+    DistilBertModel,
 )
 
 ATOL = 1e-5

@@ -15,7 +15,7 @@ REGISTRY: dict[str, dict[str, str]] = {
         "bert": "bert:BertModel",
         "roberta": "bert:RobertaModel",
         "xlm-roberta": "bert:RobertaModel",
-        "distilbert": "bert:DistilBertModel",
+        "distilbert": "distilbert:DistilBertModel",
         "gpt2": "gpt2:GPT2Model",
         "llama": "llama:LlamaModel",
         "mistral": "llama:LlamaModel",
@@ -31,7 +31,7 @@ REGISTRY: dict[str, dict[str, str]] = {
         "bert": "bert:BertForSequenceClassification",
         "roberta": "bert:RobertaForSequenceClassification",
         "xlm-roberta": "bert:RobertaForSequenceClassification",
-        "distilbert": "bert:DistilBertForSequenceClassification",
+        "distilbert": "distilbert:DistilBertForSequenceClassification",
     },
 }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from slimport.arch import bert, gpt2, llama
-from slimport.arch.rules import Family
+from slimport.arch.rules import Family, fill
 from slimport.errors import SlimportError
 
 FAMILIES: tuple[Family, ...] = (
@@ -44,3 +44,47 @@ def resolve(config: dict | None, where: str) -> tuple[Family, dict]:
         return family, family.normalize(config)
     except KeyError as e:
         raise SlimportError(f"{where}: config lacks required key {e}") from None
+
+
+def guess_config(partial: dict, shapes: dict[str, tuple[int, ...]], where: str) -> dict:
+    """A config for a checkpoint that has none (an exported ONNX graph): the family, model type
+    and class whose hub tensors match `shapes` best, with the keys `partial` (read from the
+    graph) lacks taken from the tensor shapes (vocabulary, positions, type vocabulary, ...)."""
+    best, best_score = None, None
+    for family in FAMILIES:
+        for cand in family.candidates(partial):
+            try:
+                cfg = _unified(family, cand, shapes)
+                expected = family.hub_tensors(family.normalize(cfg))
+            except (KeyError, ValueError, TypeError, ZeroDivisionError, SlimportError):
+                continue
+            hit = sum(expected.get(n) == tuple(s) for n, s in shapes.items())
+            score = 2 * hit - len(expected) - len(shapes)
+            if best_score is None or score > best_score:
+                best, best_score = cfg, score
+    if best is None:
+        raise SlimportError(f"{where}: no model family matches the tensors of the graph",
+                            hint="pass the model's config.json with --config FILE")  # fmt: skip
+    return best
+
+
+def _unified(family: Family, cand: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """`cand` plus the config keys the family's hub shapes read off the tensors; derived keys
+    (ones `normalize` computes, such as kv_dim) are not config keys and stay out."""
+    cfg = dict(cand)
+    norm = family.normalize(cfg)
+    for t in family.hub:
+        try:
+            if t.when is not None and not t.when(norm):
+                continue
+            name = fill(t.name, norm, 0)
+        except (KeyError, IndexError, ValueError):
+            continue
+        if name not in shapes or len(shapes[name]) != len(t.shape):
+            continue
+        for dim, size in zip(t.shape, shapes[name]):
+            if isinstance(dim, str) and dim not in cfg:
+                probe = family.normalize({**cfg, dim: -1})
+                if probe.get(dim) == -1:  # a key normalize keeps: a real config key
+                    cfg[dim] = int(size)
+    return cfg

@@ -377,6 +377,23 @@ BERT_DIALECTS = {
     "keras": _derive(BERT_HUB, _keras_name),
 }
 
+def variants(partial: dict) -> list[dict]:
+    """Every class of the config's model types, with and without the pooler (an exporter
+    drops the pooler when the graph does not output it)."""
+    types = [partial["model_type"]] if "model_type" in partial else list(_BARE)
+    return [
+        {**partial, "model_type": t, "architectures": [a], "add_pooling_layer": pool}
+        for t in types
+        for a in _ARCHS
+        if a.startswith(_BARE[t].removesuffix("Model"))
+        for pool in (True, False)
+    ]
+
+
+def _variants_of(*types: str):
+    return lambda partial: [v for v in variants(partial) if v["model_type"] in types]
+
+
 FAMILY = Family(
     name="bert",
     model_types=("bert",),
@@ -386,6 +403,7 @@ FAMILY = Family(
     ignorable=_IGNORABLE,
     config_from={"gguf": config_from_gguf},
     config_to={"gguf": config_to_gguf},
+    variants=_variants_of("bert"),
 )
 
 # Same tensors as BERT. No GGUF: llama.cpp drops RoBERTa's first padding_idx + 1 position rows,
@@ -397,6 +415,7 @@ ROBERTA = Family(
     dialects=dict(BERT_DIALECTS),
     normalize=normalize,
     ignorable=_IGNORABLE,
+    variants=_variants_of("roberta", "xlm-roberta"),
 )
 
 # No GGUF: llama.cpp writes DistilBERT as a `bert` GGUF without token types, which reads back

@@ -178,4 +178,9 @@ FAMILY = Family(
     normalize=normalize,
     config_from={"gguf": gguf_config.config_from_gguf},
     config_to={"gguf": gguf_config.config_to_gguf},
+    variants=lambda p: [
+        {**p, "model_type": t, "tie_word_embeddings": tie}
+        for t in ("llama", "mistral", "qwen2")
+        for tie in (False, True)
+    ],
 )

@@ -152,12 +152,20 @@ class Family:
     ignorable: tuple[str, ...] = ()  # regexes of known leftovers (position_ids, inv_freq, ...)
     config_from: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
     config_to: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
+    # configs a checkpoint without one might have (model type, class, ...): see arch.guess_config
+    variants: Callable[[dict], list[dict]] | None = None
 
     def __post_init__(self) -> None:
         self.dialects = {
             "hf": tuple(rule(t.name, t.name, when=t.when) for t in self.hub),
             **self.dialects,
         }
+
+    def candidates(self, partial: dict) -> list[dict]:
+        """Configs to try for a checkpoint that came without one (`partial`: what it shows)."""
+        if self.variants is not None:
+            return self.variants(partial)
+        return [{**partial, "model_type": t} for t in self.model_types]
 
     def hub_tensors(self, cfg: dict) -> dict[str, tuple[int, ...]]:
         """Every hub tensor this config has, with its expected shape."""

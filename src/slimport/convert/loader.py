@@ -64,6 +64,9 @@ def model_config(ckpt: Checkpoint) -> dict | None:
                 f"{ckpt.path}: reading {gguf_arch!r} GGUF files is not supported yet"
             )
         return family.config_from["gguf"]({**ckpt.metadata, "__tensors__": list(ckpt.infos)})
+    if "inferred_config" in ckpt.metadata:  # an exported graph: config from shapes and constants
+        shapes = {n: i.shape for n, i in ckpt.infos.items()}
+        return arch.guess_config(ckpt.metadata["inferred_config"], shapes, str(ckpt.path))
     return None
 
 
@@ -112,6 +115,14 @@ def load(
         notes.append(f"user mapping renamed {len(renamed)} tensor(s)")
     if prefixed:
         notes.append(f"the checkpoint stores the bare base model: read with prefix {prefixed!r}")
+    if ckpt.metadata.get("graph_named"):
+        notes.append(
+            f"{len(ckpt.metadata['graph_named'])} anonymous ONNX initializer(s) named after the "
+            f"modules using them; {len(ckpt.metadata['graph_transposed'])} MatMul weight(s) "
+            "stored [in, out] read transposed to [out, in]"
+        )
+    if ckpt.config is None and "inferred_config" in ckpt.metadata:
+        notes.append("config inferred from the ONNX graph (pass --config to override)")
     if "dequantized_from" in ckpt.metadata:
         notes.append(f"weights dequantized from {ckpt.metadata['dequantized_from']}")
     return Model(ckpt, family, dict(raw), cfg, dialect, hub, ignored + ckpt.skipped, notes)

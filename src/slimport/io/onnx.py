@@ -4,7 +4,9 @@
 tensors stored inside the .onnx are decoded one at a time (`numpy_helper.to_array`) and external
 ones are read straight from their data file with one positioned read each. Integer constants the
 PyTorch exporter creates (`onnx::Reshape_12` shapes and the like) are not weights: they go to
-`skipped`. Float initializers keep their names, whatever the exporter called them.
+`skipped`. A graph `torch.onnx.export` wrote has anonymous Linear weights: they are named after
+the module that uses them and presented in hub layout `[out, in]` (see io/onnx_graph.py), and the
+config the graph implies goes to `metadata["inferred_config"]` for arch to complete.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo, release_freed_memory
 from slimport.io.formats import FORMATS
+from slimport.io.onnx_graph import Graph, Role, is_anonymous, roles
+from slimport.io.onnx_graph import config as graph_config
+
+_SMALL = 256  # initializers up to this many elements are decoded for the graph analysis
 
 DTYPES = {
     TensorProto.FLOAT: torch.float32,
@@ -51,6 +57,7 @@ def read(path: Path) -> Checkpoint:
             hint="the file is damaged; export or fetch it again",
         ) from None
     infos, protos, skipped = {}, {}, []
+    raw_infos = infos
     for t in model.graph.initializer:
         if t.data_type not in DTYPES:
             raise SlimportError(
@@ -66,6 +73,11 @@ def read(path: Path) -> Checkpoint:
         infos[t.name] = TensorInfo(shape, dtype)
         protos[t.name] = t
     skipped += [s.values.name for s in model.graph.sparse_initializer]
+    graph = Graph(model.graph, _small_constants(model))
+    named = _graph_names(graph, infos)
+    if named is not None:
+        skipped += [n for n in infos if n not in {r.source for r in named.values()}]
+        infos = {hf: _hub_info(infos[r.source], r) for hf, r in named.items()}
     if not infos:
         raise SlimportError(f"{path}: ONNX model has no initializers (weights)")
     metadata = {
@@ -73,10 +85,21 @@ def read(path: Path) -> Checkpoint:
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         **{p.key: p.value for p in model.metadata_props},
     }
+    if named is not None:
+        metadata["inferred_config"] = graph_config(graph, {n: i.shape for n, i in infos.items()})
+        metadata["graph_named"] = sorted(hf for hf, r in named.items() if is_anonymous(r.source))
+        metadata["graph_transposed"] = sorted(hf for hf, r in named.items() if r.transposed)
 
     def load(name: str) -> torch.Tensor:
+        if named is None:
+            return load_initializer(name)
+        role = named[name]
+        t = load_initializer(role.source)
+        return t.t().contiguous() if role.transposed else t  # exporter's [in, out] -> [out, in]
+
+    def load_initializer(name: str) -> torch.Tensor:
         release_freed_memory()  # tensors the caller dropped since the last load
-        t, info = protos[name], infos[name]
+        t, info = protos[name], raw_infos[name]
         if uses_external_data(t):
             return _read_external(path, t, info)
         try:
@@ -91,6 +114,38 @@ def read(path: Path) -> Checkpoint:
     return Checkpoint(
         path, "onnx", infos, load, FORMATS["onnx"].dialects, metadata=metadata, skipped=skipped
     )
+
+
+def _graph_names(graph: Graph, infos: dict[str, TensorInfo]) -> dict[str, Role] | None:
+    """HF name -> initializer, for a graph with anonymous weights the graph tells the role of;
+    None for a graph whose initializers are named already (nothing is renamed then)."""
+    anonymous = [n for n, i in infos.items() if is_anonymous(n) and i.dtype.is_floating_point]
+    if not anonymous:
+        return None
+    found = roles(graph)
+    found = {hf: r for hf, r in found.items() if r.source in infos}
+    if not any(is_anonymous(r.source) for r in found.values()):
+        return None
+    # named tensors no node claims under their own name (buffers such as inv_freq) stay as they are
+    for n in infos:
+        if not is_anonymous(n) and n not in found:
+            found[n] = Role(n, False)
+    return found
+
+
+def _hub_info(info: TensorInfo, role: Role) -> TensorInfo:
+    return TensorInfo(info.shape[::-1], info.dtype) if role.transposed else info
+
+
+def _small_constants(model) -> dict[str, np.ndarray]:
+    out = {}
+    for t in model.graph.initializer:
+        if not uses_external_data(t) and int(np.prod(t.dims, dtype=np.int64)) <= _SMALL:
+            try:
+                out[t.name] = numpy_helper.to_array(t)
+            except Exception:  # an undecodable constant only hides what it would have told
+                continue
+    return out
 
 
 def _external(path: Path, t: TensorProto) -> tuple[Path, int, int | None]:

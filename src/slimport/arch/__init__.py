@@ -82,7 +82,7 @@ def _unified(family: Family, cand: dict, shapes: dict[str, tuple[int, ...]]) -> 
             continue
         if name not in shapes or len(shapes[name]) != len(t.shape):
             continue
-        for dim, size in zip(t.shape, shapes[name]):
+        for dim, size in zip(t.shape, shapes[name], strict=True):
             if isinstance(dim, str) and dim not in cfg:
                 probe = family.normalize({**cfg, dim: -1})
                 if probe.get(dim) == -1:  # a key normalize keeps: a real config key

@@ -377,6 +377,7 @@ BERT_DIALECTS = {
     "keras": _derive(BERT_HUB, _keras_name),
 }
 
+
 def variants(partial: dict) -> list[dict]:
     """Every class of the config's model types, with and without the pooler (an exporter
     drops the pooler when the graph does not output it)."""

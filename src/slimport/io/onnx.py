@@ -126,9 +126,10 @@ def _graph_names(graph: Graph, infos: dict[str, TensorInfo]) -> dict[str, Role] 
     found = {hf: r for hf, r in found.items() if r.source in infos}
     if not any(is_anonymous(r.source) for r in found.values()):
         return None
-    # named tensors no node claims under their own name (buffers such as inv_freq) stay as they are
+    # module buffers no node claims under their own name (inv_freq) stay as they are; dotless
+    # names are the dynamo exporter's folded values (`expand`, `new_ones`), not module tensors
     for n in infos:
-        if not is_anonymous(n) and n not in found:
+        if not is_anonymous(n) and "." in n and n not in found:
             found[n] = Role(n, False)
     return found
 

@@ -163,7 +163,9 @@ def config(g: Graph, named: dict[str, tuple[int, ...]]) -> dict:
         prefix = max({p for p, _ in layers}, key=lambda p: sum(q == p for q, _ in layers))
         cfg["num_hidden_layers"] = 1 + max(i for p, i in layers if p == prefix)
         block = f"{prefix}.0."
-        downs = [s[1] for k, s in named.items() if k.startswith(block) and len(s) == 2 and s[0] == hidden]
+        downs = [
+            s[1] for k, s in named.items() if k.startswith(block) and len(s) == 2 and s[0] == hidden
+        ]
         if downs:
             cfg["intermediate_size"] = max(downs)
     cfg.update(_heads(g, hidden))
@@ -220,7 +222,11 @@ def _norm_eps(g: Graph) -> dict:
                 eps = g.const(add.input[1]) if add.op_type == "Add" else None
                 if eps is not None and eps.size == 1 and src is not None and src.op_type == "Pow":
                     pre = g.producer.get(src.input[0])
-                    key = "layer_norm_eps" if pre is not None and pre.op_type == "Sub" else "rms_norm_eps"
+                    key = (
+                        "layer_norm_eps"
+                        if pre is not None and pre.op_type == "Sub"
+                        else "rms_norm_eps"
+                    )
                     return {key: _round(float(eps.reshape(-1)[0]))}
     return {}
 
@@ -239,7 +245,9 @@ def _rope_theta(g: Graph) -> float | None:
     """RoPE base from the `inv_freq = theta ** (-i / (d/2))` table (a buffer initializer, or a
     Constant node where TorchScript folded it): the one geometric series starting at 1."""
     values = [*g.small.values()]
-    values += [v for n in g.g.node if n.op_type == "Constant" and (v := g.const(n.output[0])) is not None]
+    values += [
+        v for n in g.g.node if n.op_type == "Constant" and (v := g.const(n.output[0])) is not None
+    ]
     for v in values:
         f = np.asarray(v, dtype=np.float64).reshape(-1)
         if v.dtype.kind != "f" or f.size < 2 or abs(f[0] - 1.0) > 1e-6 or not 0 < f[1] < 1:

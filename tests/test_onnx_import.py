@@ -1,0 +1,168 @@
+"""ONNX files as `torch.onnx.export` writes them (anonymous [in, out] MatMul weights, no
+config.json) convert to Hugging Face models that compute what ONNX Runtime computes on the
+original file; `inspect` names the family and the config read off the graph."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from slimport import api
+
+ort = pytest.importorskip("onnxruntime")
+TOL = 1e-5
+EXPORTERS = ("torchscript", "dynamo")
+IDS = np.array([[5, 17, 3, 42, 8, 11, 29, 2, 64]], dtype=np.int64)
+
+
+def _tiny(kind: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    llama = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)  # fmt: skip
+    if kind == "llama":  # norms stay at ones: the exporters store them once (deduplicated)
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**llama))
+    model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama))
+    with torch.no_grad():  # distinct biases and norms, so a swapped name changes the output
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _exported(name: str, make, exporter: str):
+    """`make()`'s model exported, kept in $SLIMPORT_CACHE (the dynamo exporter takes half a
+    minute a model); the key holds the torch and transformers versions that wrote it."""
+    import transformers
+
+    from slimport.finetune import cache_root
+
+    key = f"{name}-{exporter}-torch{torch.__version__}-tf{transformers.__version__}"
+    folder = cache_root() / "onnx-exports" / key
+    if not (folder / "model.onnx").exists():
+        tmp = folder.with_name(f".{key}.{os.getpid()}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _export(make(), tmp / "model.onnx", exporter)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return folder / "model.onnx"
+
+
+def _export(model, path, exporter: str) -> None:
+    """Export like users do: input_ids and attention_mask with dynamic batch and length."""
+    cls = type(model)
+
+    class Exported(cls):  # same module tree (names), a plain forward for the exporters
+        def forward(self, input_ids, attention_mask):
+            return cls.forward(self, input_ids=input_ids, attention_mask=attention_mask)[0]
+
+    model.eval().__class__ = Exported
+    ids = torch.from_numpy(IDS)
+    args = (ids, torch.ones_like(ids))
+    names = ["input_ids", "attention_mask"]
+    if exporter == "dynamo":
+        dims = {0: "batch", 1: "sequence"}
+        torch.onnx.export(model, args, path, input_names=names, dynamo=True,
+                          dynamic_shapes=(dims, dims), verbose=False)  # fmt: skip
+    else:
+        axes = {n: {0: "batch", 1: "sequence"} for n in names}
+        torch.onnx.export(model, args, path, input_names=names, dynamo=False, dynamic_axes=axes)
+    model.__class__ = cls
+    assert not (path.parent / "config.json").exists()
+
+
+def _ort(path) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input_ids": IDS, "attention_mask": np.ones_like(IDS)})[0]
+
+
+def _hf(folder, auto: str) -> np.ndarray:
+    import transformers as tf
+
+    model = getattr(tf, auto).from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(IDS), attention_mask=torch.ones(IDS.shape))
+    return out[0].numpy()
+
+
+def _roundtrip(path, tmp_path, auto: str) -> tuple[float, dict, dict]:
+    out = tmp_path / "hf"
+    report = api.convert(path, out, to="hf", progress=False)
+    delta = float(np.abs(_hf(out, auto) - _ort(path)).max())
+    return delta, report, json.loads((out / "config.json").read_text())
+
+
+@pytest.fixture(scope="module", params=EXPORTERS)
+def minilm_onnx(request, minilm_dir):
+    from transformers import BertModel
+
+    def make():  # as sentence-transformers exports it: the encoder, no pooler
+        return BertModel.from_pretrained(minilm_dir, add_pooling_layer=False)
+
+    return _exported("minilm", make, request.param)
+
+
+def test_minilm_export_converts_without_config(minilm_onnx, tmp_path):
+    delta, report, config = _roundtrip(minilm_onnx, tmp_path, "BertModel")
+    print(f"{minilm_onnx.parent.name}: last_hidden_state max |d| vs ORT {delta:.2e}")
+    assert delta <= TOL
+    assert report["family"] == "bert" and report["source_format"] == "onnx"
+    assert any("named after the modules" in n for n in report["notes"])
+    assert any("config inferred from the ONNX graph" in n for n in report["notes"])
+    assert {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "intermediate_size", "vocab_size", "max_position_embeddings",
+                                   "layer_norm_eps", "hidden_act")} == {
+        "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+        "intermediate_size": 1536, "vocab_size": 30522, "max_position_embeddings": 512,
+        "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decoder_export_converts_without_config(kind, exporter, tmp_path):
+    path = _exported(kind, lambda: _tiny(kind), exporter)
+    source = _tiny(kind)
+    delta, report, config = _roundtrip(path, tmp_path, "AutoModelForCausalLM")
+    print(f"{kind} {exporter}: logits max |d| vs ORT {delta:.2e}")
+    assert delta <= TOL
+    assert report["family"] == "llama" and config["model_type"] == kind
+    want = source.config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act"):  # fmt: skip
+        assert config[key] == getattr(want, key), key
+    assert config["rope_theta"] == 5000.0
+
+
+def test_inspect_names_family_and_config(minilm_onnx, capsys):
+    from slimport.cli import main
+
+    assert main(["inspect", str(minilm_onnx)]) == 0
+    out = capsys.readouterr().out
+    assert "family" in out and " bert" in out
+    assert "config.hidden_size" in out and "384" in out
+    assert "config.num_attention_heads" in out
+
+
+def test_explicit_config_overrides_the_graph(minilm_onnx, minilm_dir, tmp_path):
+    cfg = json.loads((minilm_dir / "config.json").read_text())
+    cfg["layer_norm_eps"] = 1e-5  # a value the graph does not show: it must win
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    info = api.inspect(minilm_onnx, config=tmp_path / "config.json")
+    assert info["family"] == "bert" and info["config"]["layer_norm_eps"] == 1e-5
+
+
+def test_config_beside_the_file_wins(minilm_onnx, minilm_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(minilm_onnx.parent, folder)  # the dynamo exporter writes model.onnx.data
+    cfg = json.loads((minilm_dir / "config.json").read_text())
+    cfg["layer_norm_eps"] = 1e-7
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert api.inspect(folder)["config"]["layer_norm_eps"] == 1e-7

@@ -9,6 +9,7 @@ import os
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -166,3 +167,39 @@ def test_config_beside_the_file_wins(minilm_onnx, minilm_dir, tmp_path):
     cfg["layer_norm_eps"] = 1e-7
     (folder / "config.json").write_text(json.dumps(cfg))
     assert api.inspect(folder)["config"]["layer_norm_eps"] == 1e-7
+
+
+def test_classifier_with_pooler_from_an_old_opset(tmp_path):
+    """Opset 14: LayerNorm decomposed (ReduceMean, Sub, Pow, Sqrt, Div) and GELU as Erf; the
+    pooler and the classifier head are recovered with the encoder."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64, num_labels=3,
+                        layer_norm_eps=1e-7)  # fmt: skip
+    model = tf.BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "src" / "model.onnx"
+    path.parent.mkdir()
+    ids = torch.from_numpy(IDS)
+    cls = type(model)
+
+    class Exported(cls):
+        def forward(self, input_ids, attention_mask):
+            return cls.forward(self, input_ids=input_ids, attention_mask=attention_mask)[0]
+
+    model.__class__ = Exported
+    torch.onnx.export(model, (ids, torch.ones_like(ids)), path, dynamo=False, opset_version=14,
+                      input_names=["input_ids", "attention_mask"],
+                      dynamic_axes={"input_ids": {1: "s"}, "attention_mask": {1: "s"}})  # fmt: skip
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "LayerNormalization" not in ops and "Erf" in ops
+    delta, report, config = _roundtrip(path, tmp_path, "BertForSequenceClassification")
+    print(f"bert-cls opset 14: logits max |d| vs ORT {delta:.2e}")
+    assert delta <= TOL
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["layer_norm_eps"] == 1e-7 and config["hidden_act"] == "gelu"
+    assert config["num_labels"] == 3  # read off the classifier shape

@@ -203,3 +203,20 @@ def test_classifier_with_pooler_from_an_old_opset(tmp_path):
     assert config["architectures"] == ["BertForSequenceClassification"]
     assert config["layer_norm_eps"] == 1e-7 and config["hidden_act"] == "gelu"
     assert config["num_labels"] == 3  # read off the classifier shape
+
+
+def test_graph_without_module_scopes_is_refused_clearly(tmp_path):
+    """Node names and scopes stripped (a graph simplifier's output): the roles are unknown, so
+    nothing is guessed; the user is told to pass the config."""
+    from slimport.errors import SlimportError
+
+    model = onnx.load(str(_exported("llama", lambda: _tiny("llama"), "torchscript")))
+    for n in model.graph.node:
+        n.name = ""
+        del n.metadata_props[:]
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    info = api.inspect(tmp_path / "model.onnx")
+    assert info["family"] is None and "no model config found" in info["architecture_error"]
+    with pytest.raises(SlimportError, match="--config"):
+        api.convert(tmp_path / "model.onnx", tmp_path / "out", to="hf", progress=False)
+    assert not (tmp_path / "out").exists()

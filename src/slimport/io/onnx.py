@@ -57,7 +57,6 @@ def read(path: Path) -> Checkpoint:
             hint="the file is damaged; export or fetch it again",
         ) from None
     infos, protos, skipped = {}, {}, []
-    raw_infos = infos
     for t in model.graph.initializer:
         if t.data_type not in DTYPES:
             raise SlimportError(
@@ -73,12 +72,15 @@ def read(path: Path) -> Checkpoint:
         infos[t.name] = TensorInfo(shape, dtype)
         protos[t.name] = t
     skipped += [s.values.name for s in model.graph.sparse_initializer]
-    graph = Graph(model.graph, _small_constants(model))
-    named = _graph_names(graph, infos)
+    graph = named = None
+    if any(is_anonymous(n) and i.dtype.is_floating_point for n, i in infos.items()):
+        graph = Graph(model.graph, _small_constants(model))  # an exporter's graph: ask it
+        named = _graph_names(graph, infos)
+    tensors = infos  # what the checkpoint presents: HF names in hub layout when `named`
     if named is not None:
         skipped += [n for n in infos if n not in {r.source for r in named.values()}]
-        infos = {hf: _hub_info(infos[r.source], r) for hf, r in named.items()}
-    if not infos:
+        tensors = {hf: _hub_info(infos[r.source], r) for hf, r in named.items()}
+    if not tensors:
         raise SlimportError(f"{path}: ONNX model has no initializers (weights)")
     metadata = {
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
@@ -86,7 +88,7 @@ def read(path: Path) -> Checkpoint:
         **{p.key: p.value for p in model.metadata_props},
     }
     if named is not None:
-        metadata["inferred_config"] = graph_config(graph, {n: i.shape for n, i in infos.items()})
+        metadata["inferred_config"] = graph_config(graph, {n: i.shape for n, i in tensors.items()})
         metadata["graph_named"] = sorted(hf for hf, r in named.items() if is_anonymous(r.source))
         metadata["graph_transposed"] = sorted(hf for hf, r in named.items() if r.transposed)
 
@@ -99,7 +101,7 @@ def read(path: Path) -> Checkpoint:
 
     def load_initializer(name: str) -> torch.Tensor:
         release_freed_memory()  # tensors the caller dropped since the last load
-        t, info = protos[name], raw_infos[name]
+        t, info = protos[name], infos[name]
         if uses_external_data(t):
             return _read_external(path, t, info)
         try:
@@ -112,16 +114,13 @@ def read(path: Path) -> Checkpoint:
         return torch.from_numpy(np.array(arr, copy=True)).view(info.dtype).reshape(info.shape)
 
     return Checkpoint(
-        path, "onnx", infos, load, FORMATS["onnx"].dialects, metadata=metadata, skipped=skipped
+        path, "onnx", tensors, load, FORMATS["onnx"].dialects, metadata=metadata, skipped=skipped
     )
 
 
 def _graph_names(graph: Graph, infos: dict[str, TensorInfo]) -> dict[str, Role] | None:
-    """HF name -> initializer, for a graph with anonymous weights the graph tells the role of;
-    None for a graph whose initializers are named already (nothing is renamed then)."""
-    anonymous = [n for n, i in infos.items() if is_anonymous(n) and i.dtype.is_floating_point]
-    if not anonymous:
-        return None
+    """HF name -> initializer, when the graph tells the role of its anonymous weights; None when
+    it does not (no module scopes on the nodes): the initializers are then read as named."""
     found = roles(graph)
     found = {hf: r for hf, r in found.items() if r.source in infos}
     if not any(is_anonymous(r.source) for r in found.values()):

@@ -219,7 +219,8 @@ def _norm_eps(g: Graph) -> dict:
         if n.op_type == "ReduceMean":
             src = g.producer.get(n.input[0])
             for add in g.consumers.get(n.output[0], []):
-                eps = g.const(add.input[1]) if add.op_type == "Add" else None
+                other = [i for i in add.input if i != n.output[0]]
+                eps = g.const(other[0]) if add.op_type == "Add" and other else None
                 if eps is not None and eps.size == 1 and src is not None and src.op_type == "Pow":
                     pre = g.producer.get(src.input[0])
                     key = (

@@ -30,7 +30,11 @@ def _tiny(kind: str):
                  rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)  # fmt: skip
     if kind == "llama":  # norms stay at ones: the exporters store them once (deduplicated)
         return tf.LlamaForCausalLM(tf.LlamaConfig(**llama))
-    model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama))
+    if kind == "gpt2":  # fused qkv (Conv1D c_attn, [in, out] by design), tied lm_head
+        gpt2 = dict(vocab_size=99, n_positions=64, n_embd=32, n_layer=2, n_head=4, use_cache=False)
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(**gpt2))
+    else:
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama))
     with torch.no_grad():  # distinct biases and norms, so a swapped name changes the output
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -140,6 +144,20 @@ def test_decoder_export_converts_without_config(kind, exporter, tmp_path):
                 "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act"):  # fmt: skip
         assert config[key] == getattr(want, key), key
     assert config["rope_theta"] == 5000.0
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_gpt2_fused_qkv_export_converts_without_config(exporter, tmp_path):
+    path = _exported("gpt2", lambda: _tiny("gpt2"), exporter)
+    delta, report, config = _roundtrip(path, tmp_path, "AutoModelForCausalLM")
+    print(f"gpt2 {exporter}: logits max |d| vs ORT {delta:.2e}")
+    assert delta <= TOL
+    assert report["family"] == "gpt2"
+    # heads seen through the Split of the fused projection; the exporter's anonymous lm_head
+    # (the transposed embedding) reads as an untied head, which computes the same logits
+    assert (config["n_embd"], config["n_layer"], config["n_head"], config["n_positions"]) == (
+        32, 2, 4, 64)  # fmt: skip
+    assert config["activation_function"] == "gelu_new"
 
 
 def test_inspect_names_family_and_config(minilm_onnx, capsys):

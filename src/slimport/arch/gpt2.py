@@ -188,6 +188,23 @@ def config_from_gguf(meta: dict) -> dict:
     return cfg
 
 
+# the usual config keys (what a graph shows) -> GPT2Config's own names
+_OWN_KEYS = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
+             "num_attention_heads": "n_head", "intermediate_size": "n_inner",
+             "layer_norm_eps": "layer_norm_epsilon", "hidden_act": "activation_function"}  # fmt: skip
+
+
+def variants(partial: dict) -> list[dict]:
+    """Both classes, tied or not, with the usual keys renamed to GPT2Config's."""
+    own = {_OWN_KEYS.get(k, k): v for k, v in partial.items() if k != "num_key_value_heads"}
+    return [
+        {**own, "model_type": "gpt2", "architectures": [a], "tie_word_embeddings": tie}
+        for a in _BASES
+        for tie in (True, False)
+        if tie or a != "GPT2Model"
+    ]
+
+
 FAMILY = Family(
     name="gpt2",
     model_types=("gpt2",),
@@ -197,4 +214,5 @@ FAMILY = Family(
     ignorable=(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",),
     config_from={"gguf": config_from_gguf},
     config_to={"gguf": config_to_gguf},
+    variants=variants,
 )

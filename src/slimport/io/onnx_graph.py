@@ -92,6 +92,23 @@ class Graph:
             return None if v is None else np.reshape(v, -1) if node.op_type == "Unsqueeze" else v
         return None
 
+    def reads(self, name: str, source: str | None, hops: int = 4) -> bool:
+        """Whether tensor `name` is `source` seen through a few views (Reshape, Cast, ...)."""
+        for _ in range(hops + 1):
+            if name == source:
+                return True
+            node = self.producer.get(name)
+            if node is None or node.op_type not in (
+                "Reshape",
+                "Cast",
+                "Unsqueeze",
+                "Squeeze",
+                "Flatten",
+            ):
+                return False
+            name = node.input[0]
+        return False
+
     def shape_tail(self, name: str) -> list[int | None]:
         """The entries of a Reshape's shape input, None where computed from the input."""
         v = self.const(name)
@@ -115,7 +132,8 @@ def roles(g: Graph) -> dict[str, Role]:
         where, source = scope(node), g.source.get(init, init)
         # a named initializer is a parameter only if named like one (not `rotary_emb.inv_freq`)
         if where and (is_anonymous(source) and kind == "weight" or source.endswith("." + kind)):
-            out.setdefault(f"{where}.{kind}", Role(source, transposed))
+            # a named parameter is stored as its module holds it (GPT-2's Conv1D: [in, out])
+            out.setdefault(f"{where}.{kind}", Role(source, transposed and is_anonymous(source)))
 
     for n in g.g.node:
         ins = list(n.input)
@@ -153,8 +171,8 @@ def config(g: Graph, named: dict[str, tuple[int, ...]]) -> dict:
     """
     cfg: dict = {}
     ids = next((i.name for i in g.g.input if i.type.tensor_type.elem_type in (6, 7)), None)
-    for n in g.g.node:
-        if n.op_type == "Gather" and n.input[0] in g.inits and ids in n.input[1:]:
+    for n in g.g.node:  # the token embedding: the table the first integer input indexes
+        if n.op_type == "Gather" and n.input[0] in g.inits and g.reads(n.input[1], ids):
             cfg["vocab_size"], cfg["hidden_size"] = (int(d) for d in g.inits[n.input[0]])
             break
     hidden = cfg.get("hidden_size")
@@ -179,21 +197,30 @@ def config(g: Graph, named: dict[str, tuple[int, ...]]) -> dict:
 
 def _heads(g: Graph, hidden: int | None) -> dict:
     """Head counts from the Reshape `[batch, seq, heads, head_dim]` after the first block's
-    projections: the widest is the query, the narrowest the key/value (grouped-query)."""
-    counts = []
+    projections: the widest is the query, the narrowest the key/value (grouped-query). A fused
+    QKV projection reaches its Reshapes through a Split, which divides its width."""
+    counts: list[tuple[int, int]] = []
     for n in g.g.node:
-        if n.op_type != "MatMul" or n.input[1] not in g.inits:
+        if n.op_type not in ("MatMul", "Gemm") or n.input[1] not in g.inits:
             continue
-        out, width = n.output[0], g.inits[n.input[1]][-1]
-        nxt = g.consumers.get(out, [])
-        if len(nxt) == 1 and nxt[0].op_type == "Add":  # through the bias
-            out, nxt = nxt[0].output[0], g.consumers.get(nxt[0].output[0], [])
-        for r in nxt:
-            if r.op_type != "Reshape":
-                continue
-            shape = g.shape_tail(r.input[1])
-            if len(shape) == 4 and shape[-1] and shape[-1] > 0 and width % shape[-1] == 0:
-                counts.append((width // shape[-1], shape[-1]))
+        w = g.inits[n.input[1]]
+        trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+        front = [(n.output[0], w[0] if trans_b else w[-1])]
+        for _ in range(4):  # bias Add, views, the Split of a fused projection
+            step = []
+            for name, width in front:
+                for c in g.consumers.get(name, []):
+                    if c.op_type == "Split":
+                        step += [(o, width // len(c.output)) for o in c.output]
+                    elif c.op_type == "Reshape" and c.input[0] == name:
+                        shape = g.shape_tail(c.input[1])
+                        if len(shape) == 4 and (shape[-1] or 0) > 0 and width % shape[-1] == 0:
+                            counts.append((width // shape[-1], shape[-1]))
+                        else:
+                            step.append((c.output[0], width))
+                    elif c.op_type in ("Add", "Cast"):
+                        step.append((c.output[0], width))
+            front = step
         if len(counts) >= 3:  # q, k, v of the first block
             break
     if not counts:

@@ -144,6 +144,7 @@ def test_decoder_export_converts_without_config(kind, exporter, tmp_path):
                 "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act"):  # fmt: skip
         assert config[key] == getattr(want, key), key
     assert config["rope_theta"] == 5000.0
+    assert config["tie_word_embeddings"] is False  # a trained lm_head is no copy of the table
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -153,8 +154,11 @@ def test_gpt2_fused_qkv_export_converts_without_config(exporter, tmp_path):
     print(f"gpt2 {exporter}: logits max |d| vs ORT {delta:.2e}")
     assert delta <= TOL
     assert report["family"] == "gpt2"
-    # heads seen through the Split of the fused projection; the exporter's anonymous lm_head
-    # (the transposed embedding) reads as an untied head, which computes the same logits
+    # heads seen through the Split of the fused projection; the exporter's anonymous lm_head is
+    # the embedding transposed, bit for bit: tied again, not kept as a copy
+    assert "lm_head.weight is the embedding transposed: tied" in report["notes"]
+    assert config.get("tie_word_embeddings", True) is True
+    assert "lm_head.weight" not in {t["target"] for t in report["tensors"]}
     assert (config["n_embd"], config["n_layer"], config["n_head"], config["n_positions"]) == (
         32, 2, 4, 64)  # fmt: skip
     assert config["activation_function"] == "gelu_new"

@@ -121,6 +121,8 @@ def load(
             f"modules using them; {len(ckpt.metadata['graph_transposed'])} MatMul weight(s) "
             "stored [in, out] read transposed to [out, in]"
         )
+    if "graph_tied" in ckpt.metadata:
+        notes.append(f"{ckpt.metadata['graph_tied']} is the embedding transposed: tied")
     if ckpt.config is None and "inferred_config" in ckpt.metadata:
         notes.append("config inferred from the ONNX graph (pass --config to override)")
     if "dequantized_from" in ckpt.metadata:

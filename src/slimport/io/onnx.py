@@ -113,6 +113,15 @@ def read(path: Path) -> Checkpoint:
             arr = arr.view(f"u{arr.dtype.itemsize}")
         return torch.from_numpy(np.array(arr, copy=True)).view(info.dtype).reshape(info.shape)
 
+    if named is not None and (tied := _tied_copy(named, tensors, load)) is not None:
+        # the exporter wrote the tied output projection as a transposed copy of the embedding
+        skipped.append(named.pop(tied).source)
+        del tensors[tied]
+        metadata["inferred_config"]["tie_word_embeddings"] = True
+        metadata["graph_named"].remove(tied)
+        metadata["graph_transposed"].remove(tied)
+        metadata["graph_tied"] = tied
+
     return Checkpoint(
         path, "onnx", tensors, load, FORMATS["onnx"].dialects, metadata=metadata, skipped=skipped
     )
@@ -131,6 +140,19 @@ def _graph_names(graph: Graph, infos: dict[str, TensorInfo]) -> dict[str, Role] 
         if not is_anonymous(n) and "." in n and n not in found:
             found[n] = Role(n, False)
     return found
+
+
+def _tied_copy(named: dict[str, Role], tensors: dict[str, TensorInfo], load) -> str | None:
+    """The anonymous transposed weight that equals an embedding table, bit for bit (a tied
+    `lm_head`): TorchScript and dynamo both store `embedding.T` as a constant of its own."""
+    tables = [n for n, r in named.items() if not r.transposed and len(tensors[n].shape) == 2]
+    for hf, r in named.items():
+        if not (r.transposed and is_anonymous(r.source)):
+            continue
+        for table in (t for t in tables if tensors[t] == tensors[hf]):
+            if torch.equal(load(hf), load(table)):
+                return hf
+    return None
 
 
 def _hub_info(info: TensorInfo, role: Role) -> TensorInfo:

@@ -9,8 +9,8 @@ subprocess through `slimport.compress.pipeline.quantize`. Per method: peak RSS o
 and seconds. The issue's target: peak RSS <= 1.5 GB whatever the model size.
 
 `--stages` also measures the peak RSS inside each pipeline stage (materialize, quantize_block and
-its _collect / Hessian / gptq / QuantLinear steps, run_block, _block_tensors, shard write, free,
-_rest) by wrapping those functions in the subprocess and resetting the kernel's high-water mark
+its collect / Hessian / gptq / QuantLinear steps, run_block, module_tensors, shard write, free,
+_tail) by wrapping those functions in the subprocess and resetting the kernel's high-water mark
 (/proc/self/clear_refs) on entering each, and prints the highest: that is where memory is held.
 
     .venv/bin/python benchmarks/quant_memory.py                      # both methods, all cores
@@ -81,15 +81,15 @@ if sys.argv[5] == "1":
         (pipeline, "capture_inputs", "capture_inputs", none),
         (pipeline.Skeleton, "materialize", "Skeleton.materialize", lambda a: a[2]),
         (pipeline, "quantize_block", "quantize_block", lambda a: a[1]),
-        (pipeline, "_collect", "quantize_block/_collect (stats)", none),
+        (pipeline, "collect", "quantize_block/collect (stats)", none),
         (gptq_mod.Hessian, "value", "quantize_block/Hessian.value", lambda a: a[0].in_features),
         (gptq_mod, "gptq", "quantize_block/gptq()", lambda a: "x".join(map(str, a[0].shape))),
         (modules.QuantLinear, "from_linear", "quantize_block/QuantLinear.from_linear", none),
         (pipeline, "run_block", "run_block (next inputs)", none),
-        (pipeline, "_block_tensors", "_block_tensors", lambda a: a[1]),
+        (pipeline, "module_tensors", "module_tensors", lambda a: a[1]),
         (slimport.io.safetensors, "write", "safetensors.write (shard)", lambda a: a[0].name),
         (pipeline.Skeleton, "free", "Skeleton.free", none),
-        (pipeline, "_rest", "_rest (embeddings, norm, head)", none),
+        (pipeline, "_tail", "_tail (norm, head)", none),
     ]:
         wrap(owner, name, label, detail)
 method = sys.argv[3]

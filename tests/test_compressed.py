@@ -12,23 +12,22 @@ from torch import nn
 
 pytest.importorskip("compressed_tensors")
 
-from slimport.compress.quant import primitives as P  # noqa: E402
+from slimport.compress.pipeline import quantize_  # noqa: E402
 from slimport.compress.quant.compressed import (  # noqa: E402
     RECIPE_FILE,
     checkpoint_format,
     linear_tensors,
     load_quantized,
-    save_quantized,
     scheme,
 )
 from slimport.compress.quant.config import QuantizationConfig  # noqa: E402
 from slimport.compress.quant.modules import QuantLinear  # noqa: E402
-from slimport.compress.quant.observers import make_observer  # noqa: E402
+from slimport.compress.writer import save_quantized  # noqa: E402
 from slimport.errors import SlimportError  # noqa: E402
 
 SCHEMES = {
     "w4g64-asym": dict(bits=4, group_size=64, symmetric=False),
-    "w4g64-sym": dict(bits=4, group_size=64),
+    "w4g64-sym": dict(bits=4, group_size=64, symmetric=True),
     "w8-channel": dict(bits=8),
     "w8a8-static": dict(bits=8, activations="static"),
     "w8a8-dynamic": dict(bits=8, activations="dynamic"),
@@ -37,32 +36,8 @@ TOL = 1e-5
 
 
 def quantize(model: nn.Module, qc: QuantizationConfig, calib: dict | None = None) -> nn.Module:
-    """Stand-in for the quantization pipeline: RTN every unprotected nn.Linear; static input
-    scales from one calibration forward with the recipe's observer."""
-    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-        if qc.is_protected(name):
-            continue
-        q, s, z = P.rtn(lin.weight.detach().float(), qc.weights)
-        parent, _, attr = name.rpartition(".")
-        setattr(
-            model.get_submodule(parent),
-            attr,
-            QuantLinear.from_linear(lin, q, s, z, qc.weights, qc.inputs),
-        )
-    if qc.activations == "static":
-        quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        observers = {n: make_observer(qc.observer, qc.inputs) for n in quantized}
-        hooks = [
-            m.register_forward_pre_hook(lambda mod, args, o=observers[n]: o.update(args[0]))
-            for n, m in quantized.items()
-        ]
-        with torch.no_grad():
-            model(**calib)
-        for h in hooks:
-            h.remove()
-        for n, m in quantized.items():
-            m.set_input_qparams(*observers[n].qparams())
-    return model.eval()
+    """The pipeline, in memory (static input ranges calibrated on `calib`)."""
+    return quantize_(model, qc, None if calib is None else [calib])
 
 
 @torch.no_grad()
@@ -309,9 +284,9 @@ def test_three_bit_weights_pack_densely(tmp_path):
     3 words); transformers unpacks them to the same weights."""
     from transformers import AutoModelForCausalLM
 
-    qc = QuantizationConfig(bits=3, group_size=32, method="gptq")  # RTN integers stand in
+    qc = QuantizationConfig(bits=3, group_size=32, method="gptq")
     batch = tokens(256)
-    model = quantize(tiny_llama(), qc)
+    model = quantize(tiny_llama(), qc, calib=batch)
     save_quantized(model, tmp_path / "q", qc)
     up = linear_tensors("up", model.model.layers[0].mlp.up_proj, qc)
     assert up["up.weight_packed"].shape == (256, 128 * 3 // 32)
@@ -340,7 +315,7 @@ def test_config_json_alone_is_enough_to_reload(tmp_path):
 
 @pytest.fixture(scope="module")
 def w4_folder(tmp_path_factory):
-    qc = QuantizationConfig(bits=4, group_size=64)
+    qc = QuantizationConfig(bits=4, group_size=64, symmetric=True)
     folder = tmp_path_factory.mktemp("w4") / "q"
     save_quantized(quantize(tiny_llama(), qc), folder, qc)
     return folder

@@ -166,13 +166,61 @@ def test_nan_weights_are_refused_naming_the_tensor(smollm2_hf, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_family_without_quantizable_linears_is_refused(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_a_family_without_a_compression_layout_is_refused():
+    from slimport.arch.layout import layout_for
 
-    src = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(src)
-    with pytest.raises(SlimportError, match="'gpt2' models is not supported"):
-        api.quantize(src, tmp_path / "out", progress=False)
+    with pytest.raises(SlimportError, match=r"'t5' models is not supported.*") as e:
+        layout_for("t5")
+    assert "gpt2" in e.value.hint and "distilbert" in e.value.hint
+
+
+def test_algorithms_are_typed_modifiers_and_the_flat_spelling_maps_onto_them():
+    from slimport.compress.modifiers import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
+
+    flat = api.make_config(bits=4, group_size=64, method="awq+gptq", gptq={"damp": 0.05})
+    typed = api.make_config(bits=4, group_size=64, modifiers=[AWQConfig(), GPTQConfig(damp=0.05)])
+    assert flat.modifiers == typed.modifiers == [AWQConfig(), GPTQConfig(damp=0.05)]
+    assert flat == typed and typed.method == "awq+gptq" and typed.gptq["damp"] == 0.05
+    yaml_form = api.make_config({"modifiers": [{"smoothquant": {"alpha": 0.8}}, "gptq"]})
+    assert yaml_form.modifiers == [SmoothQuantConfig(0.8), GPTQConfig()]
+    assert (yaml_form.method, yaml_form.smoothquant) == ("gptq", 0.8)
+    assert api.make_config(method="awq").modifiers == [AWQConfig(), RTNConfig()]
+    # what a config writes is what it reads back
+    assert api.make_config(typed.to_dict()) == typed
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"gptq": {"dmap": 0.1}}, "unknown gptq option(s): dmap"),
+        ({"awq": {"grid": 20, "clipping": True}}, "unknown awq option(s): clipping"),
+        ({"modifiers": ["gptq", "rtn"]}, "rounds the weights exactly once"),
+        ({"modifiers": ["gptq", "awq"]}, "must come before the weights are rounded"),
+        ({"modifiers": [{"sparsegpt": {}}]}, "unknown quantization method 'sparsegpt'"),
+        ({"method": "gptq", "modifiers": ["awq"]}, "method disagree with `modifiers`"),
+    ],
+)
+def test_bad_modifiers_are_named(options, message):
+    with pytest.raises(SlimportError, match=re.escape(message)) as e:
+        api.make_config(**options)
+    if "option(s)" in message:
+        assert "damp" in e.value.hint or "max_tokens" in e.value.hint  # the valid keys
+
+
+def test_four_bit_defaults_to_asymmetric_eight_bit_to_symmetric(tmp_path):
+    from slimport.cli import build_parser
+
+    assert api.make_config(bits=4, group_size=64).weights.symmetric is False
+    assert api.make_config(bits=8).weights.symmetric is True
+    assert api.make_config(bits=4, symmetric=True).weights.symmetric is True
+    # an 8-bit recipe turned 4-bit by an option gets the 4-bit default
+    recipe = tmp_path / "w8.yaml"
+    recipe.write_text("quantization:\n  bits: 8\n")
+    assert api.make_config(recipe, bits=4).weights.symmetric is False
+    parser = build_parser()
+    for flags, want in [([], None), (["--symmetric"], True), (["--asymmetric"], False)]:
+        args = parser.parse_args(["quantize", "m", "o", "--bits", "4", *flags])
+        assert args.symmetric is want
 
 
 def test_cli_quantize_prints_sizes_and_writes_the_report(smollm2_hf, tmp_path, capsys):

@@ -133,15 +133,22 @@ def load_for_eval(path: str | Path, task: str):
             f"{path}: not a Hugging Face model folder (no config.json)",
             hint="convert it first: slimport convert SRC OUT --to hf",
         )
+    from slimport.arch.layout import is_causal_lm
+
     causal = task == "wikitext2"
-    heads = ("ForCausalLM", "LMHeadModel") if causal else ("ForSequenceClassification",)
+    head = "CausalLM" if causal else "SequenceClassification"
     try:
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError) as e:
         raise SlimportError(f"{path / 'config.json'}: not a valid config ({e})") from None
-    if architectures and not any(a.endswith(heads) for a in architectures):
+    fits = (
+        is_causal_lm({"architectures": architectures})
+        if causal
+        else any(a.endswith("ForSequenceClassification") for a in architectures)
+    )
+    if architectures and not fits:
         raise SlimportError(
-            f"{path}: a {', '.join(architectures)}, which has no {heads[0][3:]} head for {task}",
+            f"{path}: a {', '.join(architectures)}, which has no {head} head for {task}",
             hint="sst2 needs a fine-tuned classifier (slimport finetune); wikitext2 a causal LM",
         )
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from slimport.arch.layout import is_causal_lm
 from slimport.compress import pipeline
-from slimport.compress.calibration import calibration_inputs, is_causal_lm
-from slimport.compress.quant.config import QuantizationConfig
+from slimport.compress.calibration import calibration_inputs
+from slimport.compress.quant.config import QuantizationConfig, ours, read_recipe
 from slimport.convert.loader import model_config
 from slimport.errors import SlimportError
 from slimport.io.auto import open_checkpoint
@@ -22,15 +23,21 @@ CLI_OPTIONS = (
 def make_config(
     recipe: str | Path | dict | QuantizationConfig | None = None, **options
 ) -> QuantizationConfig:
-    """A recipe (YAML file, dict in our or the seeds' form, or a config) with options on top."""
+    """A recipe (YAML file, dict in our or the seeds' form, or a config) with options on top.
+    Options the recipe leaves unset keep their defaults' logic (`bits=4` on an 8-bit recipe
+    without `symmetric` gets the 4-bit default)."""
     if isinstance(recipe, QuantizationConfig):
         base = recipe.to_dict()
     elif isinstance(recipe, dict):
-        base = QuantizationConfig.from_dict(recipe).to_dict()
+        base = ours(recipe)
+        QuantizationConfig.from_dict(base)  # the recipe alone must be valid
     elif recipe is not None:
-        base = QuantizationConfig.from_yaml(recipe).to_dict()
+        base = read_recipe(recipe)
+        QuantizationConfig.from_yaml(recipe)
     else:
         base = {}
+    if options.keys() & {"method", "smoothquant", "gptq", "awq"}:
+        base.pop("modifiers", None)  # the options' flat spelling of the algorithms wins
     if options.get("group_size") and "granularity" not in options:
         options["granularity"] = "group"
     return QuantizationConfig.from_dict({**base, **options})

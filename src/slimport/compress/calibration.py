@@ -11,10 +11,6 @@ from slimport.data import calibration_batches, read_texts
 from slimport.errors import SlimportError
 
 
-def is_causal_lm(config: dict) -> bool:
-    return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
-
-
 def calibration_inputs(
     tokenizer, path: str | Path, config: QuantizationConfig, causal: bool, batch_size: int = 8
 ) -> list[dict]:

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slimport.arch.layout import is_causal_lm
 from slimport.errors import SlimportError
 from slimport.evaluate.parity import checkpoint_diff_stats, delta
-from slimport.runtime.torch.runner import CAUSAL, Outputs, TorchRunner, describe
+from slimport.runtime.torch.runner import Outputs, TorchRunner, describe
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, there was"
 
@@ -34,7 +35,7 @@ class MindSporeRunner:
 
         ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
         _, _, arch = describe(path)
-        self.causal = arch.endswith(CAUSAL)
+        self.causal = is_causal_lm({"architectures": [arch]})
         auto = (
             sms.AutoModelForCausalLM
             if self.causal

@@ -18,10 +18,8 @@ QuantizationConfig dump; `slimport_quantization.json` beside it keeps our full r
 
 from __future__ import annotations
 
-import copy
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,10 +27,9 @@ from torch import nn
 
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
+from slimport.compress.skeleton import linearize
 from slimport.errors import SlimportError, name_list
 from slimport.io import safetensors
-from slimport.io.auto import tokenizer_files
-from slimport.io.base import Ready, atomic_dir
 from slimport.io.compressed import (
     INT,
     PACKED,
@@ -201,115 +198,6 @@ def _storage_key(t: torch.Tensor):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
 
-def _quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def _tensors(
-    model: nn.Module, qconfig: QuantizationConfig
-) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """(name, tensor to write, fp32 bytes it stands for), in state-dict order, ties written once."""
-    quantized = _quantized_modules(model)
-    seen: set = set()
-    done: set[str] = set()
-    for name, t in model.state_dict().items():
-        owner = name.rpartition(".")[0]
-        if owner in quantized:
-            if owner not in done:
-                done.add(owner)
-                m = quantized[owner]
-                fp32 = m.weight.numel() * 4 + (0 if m.bias is None else m.bias.numel() * 4)
-                for i, (k, v) in enumerate(linear_tensors(owner, m, qconfig).items()):
-                    yield k, v, fp32 if i == 0 else 0
-            continue
-        key = _storage_key(t)
-        if key in seen:  # tied to a tensor already written (lm_head <- embed_tokens)
-            continue
-        seen.add(key)
-        yield name, t.detach(), t.numel() * 4 if t.is_floating_point() else t.nbytes
-
-
-def _float_linears(model: nn.Module, quantized: dict[str, QuantLinear]) -> list[str]:
-    """Names of the Linear modules left in float (the `ignore` list), checking that every
-    quantized module stands where the model class has an nn.Linear of that shape: the class
-    names compressed-tensors targets are those of a freshly built model (GPT-2's Conv1D is not
-    a Linear, so a quantized Conv1D could not be loaded back)."""
-    try:
-        with torch.device("meta"):
-            skeleton = type(model)(copy.deepcopy(model.config))
-    except Exception:  # an exotic class we cannot rebuild: trust the model as it is
-        skeleton = model
-    linears = {n: m for n, m in skeleton.named_modules() if isinstance(m, (nn.Linear, QuantLinear))}
-    for name, m in quantized.items():
-        ref = linears.get(name)
-        if ref is None or (
-            isinstance(ref, nn.Linear)
-            and tuple(ref.weight.shape) != (m.out_features, m.in_features)
-        ):
-            what = (
-                "absent"
-                if name not in dict(skeleton.named_modules())
-                else type(skeleton.get_submodule(name)).__name__
-            )
-            raise SlimportError(
-                f"{name}: compressed-tensors stores quantized nn.Linear modules, but in "
-                f"{type(model).__name__} this module is {what}",
-                hint="leave it unquantized (add it to `protect`)",
-            )
-    return [n for n in linears if n not in quantized]
-
-
-def config_json(model: nn.Module, qconfig: QuantizationConfig) -> dict:
-    """config.json of the quantized model: the model's config + the compressed-tensors block."""
-    quantized = _quantized_modules(model)
-    config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
-    if config.get("tie_word_embeddings") and isinstance(model.get_output_embeddings(), QuantLinear):
-        # a quantized head can no longer share the embedding's float matrix
-        config["tie_word_embeddings"] = False
-    config["quantization_config"] = quantization_config(qconfig, _float_linears(model, quantized))
-    return config
-
-
-def save_quantized(
-    model: nn.Module,
-    folder: str | Path,
-    qconfig: QuantizationConfig,
-    tokenizer_dir: str | Path | None = None,
-) -> dict:
-    """A quantized transformers model -> a compressed-tensors Hugging Face folder, atomically."""
-    quantized = _quantized_modules(model)
-    if not quantized:
-        raise SlimportError(
-            "the model has no quantized Linear modules to save", hint="quantize it first"
-        )
-    if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
-        raise SlimportError("save_quantized needs a transformers model (with a .config)")
-    tok = []
-    if tokenizer_dir is not None:
-        if not Path(tokenizer_dir).is_dir():
-            raise SlimportError(f"{tokenizer_dir}: tokenizer folder not found")
-        tok = tokenizer_files(Path(tokenizer_dir))
-    config = config_json(model, qconfig)
-    planned, before = [], 0
-    for name, value, fp32 in _tensors(model, qconfig):
-        planned.append(Ready(name, value))
-        before += fp32
-    with atomic_dir(Path(folder)) as tmp:
-        files = safetensors.write_sharded(tmp, planned)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / RECIPE_FILE).write_text(json.dumps(qconfig.to_dict(), indent=2) + "\n")
-        for f in tok:
-            (tmp / f.name).write_bytes(f.read_bytes())
-    return {
-        "bytes_before": before,
-        "bytes_after": sum(p.value.nbytes for p in planned),
-        "quantized_linears": len(quantized),
-        "format": checkpoint_format(qconfig),
-        "files": [*files, "config.json", RECIPE_FILE, *(f.name for f in tok)],
-    }
-
-
 # ---------------------------------------------------------------- loading (reading: io.compressed)
 
 
@@ -398,6 +286,11 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, QuantizationConfig]:
     ckpt = safetensors.read(index if index.is_file() else single)
     try:
         model = _build_model(folder, config)
+        # GPT-2's Conv1D layers were quantized as the Linears they compute (skeleton.linearize)
+        scaled = {
+            n.removesuffix(".weight_scale") for n in ckpt.infos if n.endswith(".weight_scale")
+        }
+        linearize(model, scaled)
         _load_into(model, ckpt, ct, s, fmt, qconfig)
     finally:
         ckpt.close()

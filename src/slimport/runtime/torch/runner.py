@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slimport.arch.layout import is_causal_lm
 from slimport.convert.loader import convert, model_config
 from slimport.io import open_checkpoint
-
-CAUSAL = ("ForCausalLM", "LMHeadModel")
 
 
 def describe(path: str | Path) -> tuple[str, Path, str]:
@@ -39,7 +38,7 @@ class TorchRunner:
         path = Path(path)
         self.note = ""
         fmt, weights, arch = describe(path)
-        self.causal = arch.endswith(CAUSAL)
+        self.causal = is_causal_lm({"architectures": [arch]})
         cls = (
             AutoModelForCausalLM
             if self.causal

@@ -335,14 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("model", help="checkpoint file or folder (any format `slimport inspect` reads)")
     sp.add_argument("out", help="output folder")
-    sp.add_argument("--recipe", help="YAML recipe (QuantizationConfig fields)")
+    sp.add_argument("--recipe", help="YAML recipe (QuantizationConfig fields, or `modifiers:`)")
     sp.add_argument("--bits", type=int, choices=(16, 8, 4, 3))
     sp.add_argument("--method", choices=METHODS)
     sp.add_argument("--group-size", type=int, help="per-group weight scales of this many columns")
     sp.add_argument("--granularity", choices=GRANULARITIES)
     sym = sp.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    sym.add_argument(
+        "--symmetric",
+        dest="symmetric",
+        action="store_true",
+        default=None,
+        help="symmetric weight grid (default: asymmetric below 8 bits, symmetric at 8)",
+    )
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                     help="weight zero points (the default below 8 bits)")  # fmt: skip
     sp.add_argument(
         "--activations", choices=("static", "dynamic"), help="also quantize Linear inputs to 8 bits"
     )

@@ -1,5 +1,5 @@
 """What compression needs to know about a family, as data: where its blocks are, which layers can
-trade scales, which Linears hold several projections, which heads stay float.
+trade scales, which Linears AWQ leaves unclipped, which heads stay float.
 
 One `CompressLayout` per model type. The pipeline reads nothing family-specific from anywhere else:
 supporting a family's compression is adding its row here. Names are relative to one block (or,
@@ -32,15 +32,16 @@ class CompressLayout:
                function. Only producers whose output feeds nothing but these consumers qualify
                (pre-norm Llama's norms yes; post-norm BERT's LayerNorms, which also feed the
                residual, no; nothing across a GELU).
-    fused      Linears that compute several projections at once (GPT-2's c_attn = q|k|v).
-    no_clip    Linears whose weight AWQ does not clip: q and k (and anything fused with them),
-               whose errors the softmax amplifies (as AutoAWQ does).
+    no_clip    Linears whose weight AWQ does not clip: q and k (and a fused q|k|v), whose errors
+               the softmax amplifies (as AutoAWQ does).
     heads      output heads a default recipe leaves in float: nothing downstream fixes their error.
+
+    Linears that share one input (q/k/v, gate/up) need no table: the pipeline sees them fed the
+    very same tensor and GPTQ stacks them on one Hessian.
     """
 
     blocks: str
     smoothing: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    fused: tuple[str, ...] = ()
     no_clip: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
 
@@ -64,14 +65,14 @@ BERT = CompressLayout(
 )
 GPT2 = CompressLayout(
     blocks="h",
+    # not c_attn -> c_proj (only c_attn's v third feeds it) nor c_fc -> c_proj (a GELU between)
     smoothing=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
-    fused=("attn.c_attn",),
-    no_clip=("attn.c_attn",),
+    no_clip=("attn.c_attn",),  # q|k|v in one Conv1D
     heads=("lm_head", "score"),
 )
 DISTILBERT = CompressLayout(
     blocks="transformer.layer",
-    smoothing=(("attention.v_lin", ("attention.out_lin",)),),
+    smoothing=(("attention.v_lin", ("attention.out_lin",)),),  # post-norm, like BERT
     no_clip=("attention.q_lin", "attention.k_lin"),
     heads=("classifier", "vocab_projector"),
 )

@@ -41,7 +41,7 @@ from slimport.compress.capture import (
 from slimport.compress.handlers import BlockWork, handler_for
 from slimport.compress.quant.config import DEFAULT_PROTECT, QuantizationConfig
 from slimport.compress.skeleton import Skeleton, check_finite, find_blocks, join, linearize
-from slimport.compress.writer import FolderWriter, ignore_list, module_tensors
+from slimport.compress.writer import FolderWriter, ignore_list, linear_shapes, module_tensors
 from slimport.convert.loader import convert
 from slimport.errors import SlimportError
 from slimport.io.auto import open_checkpoint
@@ -111,7 +111,7 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
             hint="pass --calib-data FILE (text, .tsv or .jsonl) with enough tokens",
         )
     sk = Skeleton(source)
-    shapes = _linear_shapes(sk.model)
+    shapes = linear_shapes(sk.model)
     if not shapes:
         raise SlimportError(f"{sk.source.source.path}: the model has no Linear layers to quantize")
     for p in config.protect:
@@ -187,17 +187,6 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
     finally:
         sk.close()
     return report
-
-
-def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Every Linear (and Conv1D, the Linear it computes) of a model: name -> [out, in]."""
-    out = {}
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            out[n] = tuple(m.weight.shape)
-        elif type(m).__name__ == "Conv1D":
-            out[n] = tuple(m.weight.shape[::-1])
-    return out
 
 
 def _nbytes(shape, dtype) -> int:

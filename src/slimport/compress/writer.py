@@ -46,18 +46,24 @@ def module_tensors(module: nn.Module, prefix: str, qconfig: QuantizationConfig) 
     return [Ready(n, t.contiguous()) for n, t in out.items()]
 
 
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every Linear of a model, a Conv1D as the Linear it computes: name -> [out, in]."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            out[n] = tuple(m.weight.shape)
+        elif type(m).__name__ == CONV1D:
+            out[n] = tuple(m.weight.shape[::-1])
+        elif isinstance(m, QuantLinear):
+            out[n] = (m.out_features, m.in_features)
+    return out
+
+
 def ignore_list(reference: nn.Module, quantized: dict[str, tuple[int, int]]) -> list[str]:
     """The Linears of `reference` (the model class as built, meta is fine) left in float, after
     checking every quantized module (name -> [out, in]) stands where the class has a Linear (or
     a Conv1D, its transpose) of that shape."""
-    linears = {}
-    for n, m in reference.named_modules():
-        if isinstance(m, nn.Linear):
-            linears[n] = tuple(m.weight.shape)
-        elif type(m).__name__ == CONV1D:
-            linears[n] = tuple(m.weight.shape[::-1])
-        elif isinstance(m, QuantLinear):
-            linears[n] = (m.out_features, m.in_features)
+    linears = linear_shapes(reference)
     for name, shape in quantized.items():
         if linears.get(name) != shape:
             what = (

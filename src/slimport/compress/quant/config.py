@@ -9,6 +9,8 @@ from pathlib import Path
 
 from slimport.arch.layout import output_heads
 from slimport.compress.modifiers import (
+    AWQConfig,
+    GPTQConfig,
     Modifier,
     SmoothQuantConfig,
     StaticInputsConfig,
@@ -18,8 +20,6 @@ from slimport.compress.modifiers import (
 )
 from slimport.errors import SlimportError
 
-# awq+gptq: AWQ's activation-aware channel scales, then GPTQ's error-compensating rounding
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 OBSERVERS = ("min_max", "ema_min_max", "percentile", "mse", "kl")
 GRANULARITIES = ("tensor", "channel", "group")
 ACTIVATIONS = (None, "static", "dynamic")
@@ -93,8 +93,6 @@ class QuantizationConfig:
     def _resolve_modifiers(self) -> None:
         """Typed modifiers <-> the flat spelling. Option dicts are checked even when their
         algorithm is not used, so a misspelt knob (`gptq: {dmap: 0.1}`) is never ignored."""
-        from slimport.compress.modifiers import AWQConfig, GPTQConfig
-
         knobs = {"gptq": GPTQConfig, "awq": AWQConfig}
         parsed = {
             k: c.parse(getattr(self, k)) for k, c in knobs.items() if getattr(self, k) is not None

@@ -163,3 +163,32 @@ def test_distilbert(distilbert, tmp_path, name):
     for batch in calibration:
         want = logits(ours, batch)
         assert (logits(hf, batch) - want).abs().max() <= TOL
+
+
+def test_gpt2_conv1d_left_float_keeps_its_layout(gpt2, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    src, calibration = gpt2
+    protect = [r"lm_head$", r"attn\.c_proj$"]
+    report, config = run(src, tmp_path, "rtn", None, protect=protect)
+    assert report["protected_linears"] == [
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.1.attn.c_proj",
+        "lm_head",
+    ]
+    tensors = {}
+    for f in (tmp_path / "rtn").glob("*.safetensors"):
+        tensors |= load_file(f)
+    assert tensors["transformer.h.0.attn.c_proj.weight"].shape == (64, 64)
+    fp32 = GPT2LMHeadModel.from_pretrained(src).state_dict()
+    fc = tensors["transformer.h.0.mlp.c_fc.weight_shape"].tolist()
+    assert fc == [4 * 64, 64] and fp32["transformer.h.0.mlp.c_fc.weight"].shape == (64, 4 * 64)
+    for i in range(2):  # the float Conv1D weights exactly as the checkpoint held them, [in, out]
+        name = f"transformer.h.{i}.attn.c_proj.weight"
+        assert torch.equal(tensors[name], fp32[name])
+    ours, _ = load_quantized(tmp_path / "rtn")
+    assert type(ours.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
+    mem = pipeline.quantize_(GPT2LMHeadModel.from_pretrained(src), config)
+    # Conv1D's addmm and Linear's matmul may round differently: equal within fp32 rounding
+    assert (logits(ours, calibration[0]) - logits(mem, calibration[0])).abs().max() <= TOL

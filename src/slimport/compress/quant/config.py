@@ -20,6 +20,9 @@ from slimport.compress.modifiers import (
 )
 from slimport.errors import SlimportError
 
+# the flat `method` spellings the CLI offers (any "+"-joined registered modifiers also parse):
+# awq+gptq = AWQ's activation-aware channel scales, then GPTQ's error-compensating rounding
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 OBSERVERS = ("min_max", "ema_min_max", "percentile", "mse", "kl")
 GRANULARITIES = ("tensor", "channel", "group")
 ACTIVATIONS = (None, "static", "dynamic")

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from slimport.arch.layout import is_causal_lm
 from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS
 from slimport.errors import SlimportError
 from slimport.io.formats import CAST_DTYPES, GGUF_TYPES, TARGETS
@@ -133,8 +134,6 @@ def load_for_eval(path: str | Path, task: str):
             f"{path}: not a Hugging Face model folder (no config.json)",
             hint="convert it first: slimport convert SRC OUT --to hf",
         )
-    from slimport.arch.layout import is_causal_lm
-
     causal = task == "wikitext2"
     head = "CausalLM" if causal else "SequenceClassification"
     try:

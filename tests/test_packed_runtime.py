@@ -15,9 +15,10 @@ from torch import nn
 pytest.importorskip("compressed_tensors")
 
 from slimport.compress.quant import primitives as P  # noqa: E402
-from slimport.compress.quant.compressed import load_quantized, save_quantized  # noqa: E402
+from slimport.compress.quant.compressed import load_quantized  # noqa: E402
 from slimport.compress.quant.config import QuantizationConfig  # noqa: E402
 from slimport.compress.quant.modules import QuantLinear  # noqa: E402
+from slimport.compress.writer import save_quantized  # noqa: E402
 from slimport.errors import SlimportError  # noqa: E402
 from slimport.runtime.torch.packed import (  # noqa: E402
     PREFILL_ROWS,

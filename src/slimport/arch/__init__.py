@@ -32,18 +32,55 @@ def family_for(model_type: str | None, where: str = "config") -> Family:
     )
 
 
+# Size fields of every family's config and their sane upper bound: a positive int each, checked
+# before planning (heads 0 divides by zero, 10^9 layers loops forever, "12" is a string).
+SIZE_FIELDS = {
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers"), 1 << 12),
+    **dict.fromkeys(("num_attention_heads", "num_key_value_heads", "n_head", "n_heads"), 1 << 12),
+    **dict.fromkeys(("hidden_size", "n_embd", "dim", "head_dim"), 1 << 18),
+    **dict.fromkeys(("intermediate_size", "n_inner", "hidden_dim"), 1 << 20),
+    **dict.fromkeys(("vocab_size", "max_position_embeddings", "n_positions"), 1 << 24),
+    "type_vocab_size": 1 << 16,
+}
+OPTIONAL = ("head_dim", "n_inner")  # null means "derive it"
+
+
+def check_sizes(config: dict, where: str) -> None:
+    """Every size field present is a positive int within SIZE_FIELDS' bound."""
+    for key, limit in SIZE_FIELDS.items():
+        if key not in config or (key in OPTIONAL and config[key] is None):
+            continue
+        v = config[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= limit:
+            raise SlimportError(
+                f"{where}: config field {key}={v!r} must be a positive integer <= {limit}",
+                hint="the config.json is damaged or belongs to another kind of model",
+            )
+
+
 def resolve(config: dict | None, where: str) -> tuple[Family, dict]:
-    """Family and normalised config for a checkpoint's config dict."""
+    """Family and normalised config for a checkpoint's config dict, its size fields checked."""
     if not config:
         raise SlimportError(
             f"{where}: no model config found (config.json beside the weights)",
             hint="put the model's config.json next to the checkpoint or pass --config FILE",
         )
+    if not isinstance(config, dict):
+        raise SlimportError(
+            f"{where}: the model config is a JSON {type(config).__name__}, not an object"
+        )
     family = family_for(config.get("model_type"), where)
+    check_sizes(config, where)
     try:
-        return family, family.normalize(config)
+        cfg = family.normalize(config)
     except KeyError as e:
         raise SlimportError(f"{where}: config lacks required key {e}") from None
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as e:
+        raise SlimportError(
+            f"{where}: config has a field of the wrong type or value ({e})"
+        ) from None
+    check_sizes(cfg, where)
+    return family, cfg
 
 
 def guess_config(partial: dict, shapes: dict[str, tuple[int, ...]], where: str) -> dict:

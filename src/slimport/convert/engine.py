@@ -89,6 +89,46 @@ def source_tensors(ckpt: Checkpoint) -> dict[str, Planned]:
     }
 
 
+def _patterns(patterns: tuple[str, ...], option: str) -> list[re.Pattern]:
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise SlimportError(f"{option} {p!r}: not a valid regular expression ({e})") from None
+    return compiled
+
+
+def _finite(p: Planned, cast: torch.dtype | None) -> Planned:
+    """`p` whose compute() refuses NaN/Inf: copied silently they poison every output downstream."""
+    inner = p.compute
+
+    def compute() -> torch.Tensor:
+        t = inner()
+        if t.is_floating_point() and not _all_finite(t):
+            if cast is not None:
+                raise SlimportError(
+                    f"tensor {p.name!r} (from {', '.join(p.sources)}): NaN/Inf after casting to "
+                    f"{str(cast).removeprefix('torch.')} (values out of its range, or already in the source)",
+                    hint="keep the source dtype or use --dtype bfloat16 / float32",
+                )
+            raise SlimportError(
+                f"tensor {p.name!r} (from {', '.join(p.sources)}): holds NaN or Inf values",
+                hint="the checkpoint is damaged or was saved from a diverged training run",
+            )
+        return t
+
+    p.compute = compute
+    return p
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    flat = t.reshape(-1)  # in chunks: a whole-tensor mask would cost a quarter of the tensor again
+    return all(
+        bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk)
+    )
+
+
 def dialect_score(ckpt: Checkpoint, family: Family, dialect: str, cfg: dict) -> int:
     names = {n for b in family.bound_rules(dialect, cfg) for n in b.dialect}
     return sum(n in names for n in ckpt.infos)
@@ -107,6 +147,7 @@ def to_hub(
     Returns (hub tensors, ignored source names, notes about explicit opt-ins).
     """
     src = source_tensors(ckpt)
+    allowed = _patterns(allow_missing, "--allow-missing")
     bounds = family.bound_rules(dialect, cfg)
     owner = {n: b for b in bounds for n in b.dialect}
     ignorable = [re.compile(p) for p in ALWAYS_IGNORABLE + family.ignorable]
@@ -130,11 +171,17 @@ def to_hub(
         if not all(present):
             missing += [n for n, ok in zip(b.dialect, present, strict=True) if not ok]
             continue
+        for n in b.dialect:
+            if not src[n].dtype.is_floating_point:  # a weight is a float; ints here mean a lie
+                raise SlimportError(
+                    f"{ckpt.path}: tensor {n!r} is {str(src[n].dtype).removeprefix('torch.')}, "
+                    "but model weights are floating point",
+                    hint="the file is damaged or not this model's weights",
+                )
         for p in _apply(b, [src[n] for n in b.dialect], b.hub, cfg, inverse=True):
             hub[p.name] = p
     notes = []
     if missing:
-        allowed = [re.compile(p) for p in allow_missing]
         really = [n for n in missing if not any(a.fullmatch(n) for a in allowed)]
         if really:
             raise SlimportError(
@@ -188,7 +235,8 @@ def from_hub(
             p.dtype.is_floating_point and p.dtype != dtype for p in inputs
         ):
             cast = (Cast(dtype),)
-        out += _apply(b, inputs, b.dialect, cfg, inverse=False, extra_ops=cast)
+        planned = _apply(b, inputs, b.dialect, cfg, inverse=False, extra_ops=cast)
+        out += [_finite(p, dtype if cast else None) for p in planned]
         used.update(b.hub)
     left = set(hub) - used
     if left:

@@ -63,7 +63,12 @@ def model_config(ckpt: Checkpoint) -> dict | None:
             raise SlimportError(
                 f"{ckpt.path}: reading {gguf_arch!r} GGUF files is not supported yet"
             )
-        return family.config_from["gguf"]({**ckpt.metadata, "__tensors__": list(ckpt.infos)})
+        try:
+            return family.config_from["gguf"]({**ckpt.metadata, "__tensors__": list(ckpt.infos)})
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+            raise SlimportError(
+                f"{ckpt.path}: GGUF metadata for {gguf_arch!r} is missing or malformed ({e!r})"
+            ) from None
     if "inferred_config" in ckpt.metadata:  # an exported graph: config from shapes and constants
         shapes = {n: i.shape for n, i in ckpt.infos.items()}
         return arch.guess_config(ckpt.metadata["inferred_config"], shapes, str(ckpt.path))
@@ -154,8 +159,11 @@ def convert(
     allow_missing: tuple[str, ...] = (),
     options: dict | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Convert a checkpoint into folder `out` in the `to` layout; returns the report dict."""
+    """Convert a checkpoint into folder `out` in the `to` layout; returns the report dict.
+
+    A non-empty `out` is refused unless `overwrite` (then it is replaced as a whole)."""
     t0 = time.perf_counter()
     if to not in TARGETS:
         raise SlimportError(f"unknown --to target {to!r}", hint="one of: " + ", ".join(TARGETS))
@@ -173,7 +181,7 @@ def convert(
     out = Path(out)
     try:
         with (
-            atomic_dir(out) as tmp,
+            atomic_dir(out, overwrite, source=Path(src)) as tmp,
             tqdm(
                 total=total,
                 unit="B",

@@ -4,12 +4,11 @@ config and tokenizer files beside it; a compressed-tensors model reads as its fl
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from slimport.errors import SlimportError
 from slimport.io import formats
-from slimport.io.base import Checkpoint
+from slimport.io.base import Checkpoint, parse_json, regular_file
 from slimport.io.compressed import dequantized_view, is_compressed
 
 
@@ -56,6 +55,7 @@ def tokenizer_files(folder: Path) -> list[Path]:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+        data = regular_file(Path(path)).read_bytes()
+    except OSError as e:
         raise SlimportError(f"{path}: cannot read JSON ({e})") from None
+    return parse_json(data, path)

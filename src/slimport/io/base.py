@@ -6,7 +6,10 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,21 +135,88 @@ def bounded_heap(threshold: int = 16 << 20):
         _mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
-def read_shard_index(index: Path) -> dict[Path, set[str]]:
-    """`*.index.json` of a sharded checkpoint -> {shard path: tensor names}, every shard present."""
+MAX_ELEMENTS = 1 << 40  # no real tensor comes close; products above this are lies or wraps
+
+
+def confined(folder: Path, name: str, where: Path | None = None) -> Path:
+    """`folder / name` after resolving links, refused unless it stays inside `folder`.
+
+    A checkpoint names its other files (shards, external data) relative to itself; an absolute
+    name, `..` or a symlink pointing out would make slimport read arbitrary files into the output.
+    """
+    where = where or folder
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise SlimportError(f"{where}: invalid file name {name!r}")
+    root = Path(folder).resolve()
+    target = (root / name).resolve()
+    # the Hugging Face cache links snapshots/<rev>/<file> to ../../blobs/<sha>: the same model
+    roots = (root, root.parent.parent / "blobs") if root.parent.name == "snapshots" else (root,)
+    inside = any(target.is_relative_to(r) for r in roots)
+    if Path(name).is_absolute() or ".." in Path(name).parts or not inside:
+        raise SlimportError(
+            f"{where}: refers to {name!r}, which lies outside the model folder {root}",
+            hint="a checkpoint may only name files inside its own folder",
+        )
+    return target
+
+
+def regular_file(path: Path) -> Path:
+    """`path` if it is a regular file (after links); a FIFO or device would hang or never end."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards: dict[Path, set[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(index.parent / shard, set()).add(name)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise SlimportError(f"{path}: cannot open ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise SlimportError(f"{path}: {kind} where a checkpoint file is expected")
+    return path
+
+
+def parse_json(data: str | bytes, where: Path | str, what: str = "invalid JSON") -> object:
+    """json.loads with every way it fails (bad bytes, bad syntax, nesting too deep) as one error."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise SlimportError(f"{where}: {what} ({reason})") from None
+
+
+def element_count(shape, where: str) -> int:
+    """Elements of a declared shape: each dimension a non-negative int, the product bounded."""
+    if not isinstance(shape, list | tuple):
+        raise SlimportError(f"{where}: shape {shape!r} is not a list of integers")
+    n = 1
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise SlimportError(f"{where}: shape {list(shape)} has an invalid dimension {d!r}")
+        n *= d
+    if n > MAX_ELEMENTS:
+        raise SlimportError(f"{where}: shape {list(shape)} declares {n} elements, beyond any model")
+    return n
+
+
+def read_shard_index(index: Path) -> dict[Path, set[str]]:
+    """`*.index.json` of a sharded checkpoint -> {shard path: tensor names}, every shard present
+    and inside the index's folder."""
+    try:
+        weight_map = parse_json(regular_file(index).read_bytes(), index, "not a valid shard index")[
+            "weight_map"
+        ]
+        items = weight_map.items()
+    except (OSError, KeyError, TypeError, AttributeError) as e:
         raise SlimportError(f"{index}: not a valid shard index ({e})") from None
+    shards: dict[Path, set[str]] = {}
+    for name, shard in items:
+        if not isinstance(shard, str):
+            raise SlimportError(f"{index}: weight_map entry {name!r} is not a file name")
+        shards.setdefault(confined(index.parent, shard, index), set()).add(name)
     for path in shards:
         if not path.exists():
             raise SlimportError(
                 f"{index}: shard {path.name} is missing",
                 hint="every shard listed in the index must be present",
             )
+        regular_file(path)
     return dict(sorted(shards.items()))
 
 
@@ -169,9 +239,12 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        if final.is_dir():
+            raise IsADirectoryError(21, "is a folder", str(final))
     except OSError as e:
         raise _unwritable(final, e) from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    remove_stale_partials(final)
+    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(final), suffix=".partial", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
@@ -181,6 +254,51 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+STALE_AFTER_S = 24 * 3600  # a partial whose writer cannot be identified is stale after this
+
+
+def _partial_prefix(final: Path) -> str:
+    # the writer's pid in the name lets a later run tell a dead writer's leftovers from a live one's
+    return f".{final.name}.{os.getpid()}-"
+
+
+def remove_stale_partials(final: Path) -> list[Path]:
+    """Delete `.NAME.<pid>-*.partial` leftovers beside `final` whose writer is gone (kill -9,
+    power loss), or, without a pid, older than a day. Returns what was removed."""
+    head, removed = f".{final.name}.", []
+    try:
+        siblings = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for item in siblings:
+        name = item.name
+        if not (name.startswith(head) and name.endswith(".partial")):
+            continue
+        pid = name[len(head) :].split("-", 1)[0]
+        try:
+            stale = not _alive(int(pid)) if pid.isdigit() else _age(item) > STALE_AFTER_S
+            if stale:
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+                removed.append(item)
+        except OSError:
+            pass  # another run removed it first, or it is not ours to remove
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _age(path: Path) -> float:
+    return time.time() - path.lstat().st_mtime
 
 
 def _unwritable(path: Path, e: OSError) -> SlimportError:
@@ -198,26 +316,56 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `final`; files land in `final` only if the block succeeds.
+def atomic_dir(final: Path, overwrite: bool = False, source: Path | None = None) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; it becomes `final` by one rename if the block succeeds.
 
-    Existing files in `final` that the block does not write are left alone.
+    A non-empty existing `final` is refused (its files would mix with the new ones) unless
+    `overwrite`, which replaces it as a whole. A `final` that holds `source` (the model being
+    read) is always refused. Leftovers of earlier runs that were killed are removed first.
     """
     final = Path(final)
+    if source is not None and Path(source).resolve().is_relative_to(final.resolve()):
+        raise SlimportError(
+            f"{final}: the output folder holds the input {source}; writing it would destroy it",
+            hint="choose a new output folder",
+        )
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists() and not final.is_dir():
             raise NotADirectoryError(20, "exists and is not a folder", str(final))
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+        occupied = final.is_dir() and any(final.iterdir())
+    except OSError as e:
+        raise _unwritable(final, e) from None
+    if occupied and not overwrite:
+        raise SlimportError(
+            f"{final}: output folder exists and is not empty",
+            hint="choose a new folder, or pass --overwrite to replace it as a whole",
+        )
+    remove_stale_partials(final)
+    try:
+        tmp = Path(
+            tempfile.mkdtemp(prefix=_partial_prefix(final), suffix=".partial", dir=final.parent)
+        )
     except OSError as e:
         raise _unwritable(final, e) from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        final.mkdir(parents=True, exist_ok=True)
-        for item in tmp.iterdir():
-            os.replace(item, final / item.name)
+        _replace_dir(tmp, final)
     finally:
-        for item in sorted(tmp.rglob("*"), reverse=True):
-            item.unlink() if item.is_file() else item.rmdir()
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is moved aside first and deleted after."""
+    if not final.exists() or not any(final.iterdir()):
+        os.replace(tmp, final)  # rename(2) replaces an empty folder
+        return
+    old = Path(tempfile.mkdtemp(prefix=_partial_prefix(final), suffix=".partial", dir=final.parent))
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)  # put the previous output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

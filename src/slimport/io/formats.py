@@ -80,17 +80,19 @@ FOLDER_FILES = (
 
 def resolve_path(path: str | Path) -> Path:
     """The weights file for a file or an HF-style folder."""
+    from slimport.io.base import regular_file  # torch: not for the CLI's choices lists
+
     p = Path(path)
     if not p.exists():
         raise SlimportError(f"{p}: no such file or folder")
-    if p.is_file():
-        return p
+    if not p.is_dir():
+        return regular_file(p)  # a FIFO would block the first read forever
     for name in FOLDER_FILES:
         if "*" not in name:
             if (p / name).exists():
-                return p / name
+                return regular_file(p / name)
         elif len(found := sorted(p.glob(name))) == 1:
-            return found[0]
+            return regular_file(found[0])
     raise SlimportError(f"{p}: folder holds no checkpoint file slimport recognises")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from slimport.errors import SlimportError
-from slimport.io.base import Checkpoint, TensorInfo
+from slimport.io.base import Checkpoint, TensorInfo, element_count
 from slimport.io.formats import FORMATS
 from slimport.io.gguf_tokenizer import has_tokenizer, write_hf_tokenizer
 
@@ -269,7 +269,7 @@ def _parse(path: Path, buf) -> tuple[dict, dict, dict]:
             raise SlimportError(
                 f"{path}: corrupt GGUF tensor info: {name!r} row of {dims[0]} is not a multiple of the {qtype.name} block ({block})"
             )
-        nbytes = int(np.prod(dims, dtype=np.int64)) // block * type_size
+        nbytes = element_count(dims, f"{path}: tensor {name!r}") // block * type_size
         if name in tensors:
             raise SlimportError(f"{path}: corrupt GGUF file: tensor {name!r} appears twice")
         if offset % alignment:

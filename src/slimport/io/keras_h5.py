@@ -30,6 +30,7 @@ from slimport.io.formats import FORMATS
 from slimport.io.hf import copy_tokenizer, write_config
 
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # inside a Keras 3 .keras zip
+MAX_INFLATION = 1024  # declared bytes per stored byte a compressed dataset may claim
 HDF5_OBJECT_HEADER_LIMIT = 64512  # Keras splits attributes larger than this into numbered chunks
 KERAS_VERSION = "2.21.0"  # the tf_keras whose save_weights layout write_model reproduces
 # optimizer slots and counters inside weight lists (Keras 2 optimizers name them like this)
@@ -62,6 +63,7 @@ NUMPY_TO_TORCH = {
 def read(path: Path) -> Checkpoint:
     f, close = _open(path)
     try:
+        _refuse_external_links(f, path)
         datasets, skipped, layout = _layout(f, path)
         infos = {name: _info(ds, name, path) for name, ds in datasets.items()}
     except Exception:
@@ -212,7 +214,43 @@ def _is_bf16(ds: h5py.Dataset) -> bool:
     )
 
 
+def _refuse_external_links(f: h5py.File, path: Path) -> None:
+    """An external link makes h5py open another file: nothing outside the checkpoint is read."""
+    found: list[str] = []
+    f.visititems_links(
+        lambda n, link: found.append(n) if isinstance(link, h5py.ExternalLink) else None
+    )
+    if found:
+        raise SlimportError(
+            f"{path}: HDF5 entry {found[0]!r} is an external link to another file; refused",
+            hint="a checkpoint must hold its own weights; re-save it without external links",
+        )
+
+
+def _check_storage(ds: h5py.Dataset, name: str, path: Path) -> None:
+    """Data must live in this file and be there: external storage or a virtual dataset reads other
+    files, and a never-written dataset declares any size for free (reading fills it in memory)."""
+    if ds.external or ds.is_virtual:
+        raise SlimportError(
+            f"{path}: tensor {name!r} stores its data in another file "
+            f"({'virtual dataset' if ds.is_virtual else 'external storage'}); refused",
+            hint="a checkpoint must hold its own weights; re-save it with the data inside",
+        )
+    nbytes = ds.size * ds.dtype.itemsize
+    stored = ds.id.get_storage_size()
+    # compressed chunks may shrink data a lot, but not beyond MAX_INFLATION
+    if nbytes and (
+        stored == 0 or (ds.chunks is None and stored < nbytes) or nbytes > stored * MAX_INFLATION
+    ):
+        raise SlimportError(
+            f"{path}: tensor {name!r} declares {nbytes} bytes ({list(ds.shape)}) but the file "
+            f"stores {stored} for it",
+            hint="the file is truncated or was written incompletely",
+        )
+
+
 def _info(ds: h5py.Dataset, name: str, path: Path) -> TensorInfo:
+    _check_storage(ds, name, path)
     if _is_bf16(ds):
         return TensorInfo(tuple(ds.shape), torch.bfloat16)
     dtype = NUMPY_TO_TORCH.get(

@@ -8,6 +8,7 @@ when not shared. Tensors are exposed per layer under llama2.c's model.py names.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -15,12 +16,12 @@ import numpy as np
 import torch
 
 from slimport.errors import SlimportError
-from slimport.io.base import Checkpoint, TensorInfo
+from slimport.io.base import Checkpoint, TensorInfo, regular_file
 from slimport.io.formats import FORMATS
 
 
 def read(path: Path) -> Checkpoint:
-    size = path.stat().st_size
+    size = regular_file(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(28)
     if len(raw) < 28:
@@ -56,14 +57,11 @@ def read(path: Path) -> Checkpoint:
     ]
     if not shared:
         plan.append(("output.weight", (vocab, dim), False))
-    offsets: dict[str, tuple[int, tuple[int, ...]]] = {}
-    pos = 28
-    for name, shape, stacked in plan:
-        n = int(np.prod(shape))
-        for layer in range(n_layers) if stacked else [None]:
-            full = name if layer is None else f"layers.{layer}.{name}"
-            offsets[full] = (pos, shape)
-            pos += 4 * n
+    # the size the header implies, in exact integers before any per-layer loop: a 28-byte
+    # header may declare 2^31 layers, and only the file's real size can say it lies
+    pos = 28 + sum(
+        4 * math.prod(shape) * (n_layers if stacked else 1) for _, shape, stacked in plan
+    )
     if pos > size:
         raise SlimportError(
             f"{path}: truncated llama2.c file: header implies {pos} bytes, file has {size}",
@@ -73,6 +71,14 @@ def read(path: Path) -> Checkpoint:
         raise SlimportError(
             f"{path}: {size - pos} unexpected trailing bytes after the llama2.c weights"
         )
+
+    offsets: dict[str, tuple[int, tuple[int, ...]]] = {}
+    pos = 28
+    for name, shape, stacked in plan:
+        for layer in range(n_layers) if stacked else [None]:
+            full = name if layer is None else f"layers.{layer}.{name}"
+            offsets[full] = (pos, shape)
+            pos += 4 * math.prod(shape)
 
     def load(name: str) -> torch.Tensor:
         offset, shape = offsets[name]

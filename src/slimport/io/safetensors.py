@@ -12,12 +12,22 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterable
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 
 from slimport.errors import SlimportError
-from slimport.io.base import Checkpoint, TensorInfo, atomic_path, check_shard, read_shard_index
+from slimport.io.base import (
+    Checkpoint,
+    TensorInfo,
+    atomic_path,
+    check_shard,
+    element_count,
+    parse_json,
+    read_shard_index,
+    regular_file,
+)
 from slimport.io.formats import FORMATS
 
 DTYPES = {
@@ -40,7 +50,7 @@ MAX_HEADER = 100_000_000
 
 def _parse_header(path: Path) -> tuple[dict, dict, int]:
     """Return ({name: (dtype, shape, begin, end)}, metadata, data_start) after validating."""
-    size = path.stat().st_size
+    size = regular_file(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -53,37 +63,43 @@ def _parse_header(path: Path) -> tuple[dict, dict, int]:
                 f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})",
                 hint="the file is truncated or not safetensors; download it again",
             )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise SlimportError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
+        header = parse_json(f.read(n), path, "corrupt safetensors header (invalid JSON)")
     if not isinstance(header, dict):
         raise SlimportError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise SlimportError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
     start = 8 + n
     entries = {}
     for name, e in header.items():
+        where = f"{path}: tensor {name!r}"
         try:
-            dtype, shape, (b, end) = DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+            dtype, shape, offsets = DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
+            b, end = offsets
         except (KeyError, TypeError, ValueError):
-            raise SlimportError(
-                f"{path}: corrupt safetensors header entry for tensor {name!r}"
-            ) from None
-        count = 1
-        for d in shape:
-            count *= d
+            raise SlimportError(f"{where}: corrupt safetensors header entry") from None
+        count = element_count(shape, where)
+        if not all(isinstance(o, int) and not isinstance(o, bool) for o in (b, end)) or b < 0:
+            raise SlimportError(f"{where}: data_offsets {offsets!r} are not two byte offsets")
         if end - b != count * dtype.itemsize:
-            raise SlimportError(
-                f"{path}: tensor {name!r} byte range does not match its shape {list(shape)}"
-            )
+            raise SlimportError(f"{where}: byte range does not match its shape {list(shape)}")
         if start + end > size:
             raise SlimportError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {start + end} "
                 f"but the file has {size} bytes",
                 hint="the download or copy was cut short; fetch the file again",
             )
-        entries[name] = (dtype, shape, b, end)
+        entries[name] = (dtype, tuple(shape), b, end)
+    _check_disjoint(path, entries)
     return entries, meta, start
+
+
+def _check_disjoint(path: Path, entries: dict) -> None:
+    """Two tensors sharing bytes is a crafted file (the safetensors library refuses it too)."""
+    spans = sorted((b, end, name) for name, (_, _, b, end) in entries.items() if end > b)
+    for (_, end, first), (b, _, second) in pairwise(spans):
+        if b < end:
+            raise SlimportError(f"{path}: tensors {first!r} and {second!r} overlap in the file")
 
 
 def _reader(path: Path, entries: dict, start: int) -> Callable[[str], torch.Tensor]:

@@ -124,7 +124,7 @@ def _state_dict(obj, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
         for k, v in d.items():
             name = f"{prefix}{k}"
             if isinstance(v, torch.Tensor):
-                tensors[name] = v
+                tensors[name] = _checked(v, name, path)
             elif isinstance(v, Mapping):
                 walk(v, name + ".")
             else:
@@ -132,6 +132,20 @@ def _state_dict(obj, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
 
     walk(obj, "")
     return tensors, skipped
+
+
+def _checked(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    """A tensor may not declare more elements than its storage holds: a stride-0 or overlapping
+    view of a tiny storage would expand to any size when load() copies it out."""
+    need = t.numel() * t.element_size()
+    have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if need > have:
+        raise SlimportError(
+            f"{path}: tensor {name!r} declares shape {list(t.shape)} ({need} bytes) over a "
+            f"storage of {max(have, 0)} bytes (a strided or truncated view); refused",
+            hint="the file is damaged or crafted; save the state dict with contiguous tensors",
+        )
+    return t
 
 
 def _read_sharded(index: Path) -> Checkpoint:

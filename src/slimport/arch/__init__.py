@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from slimport.arch import bert, gpt2, llama
 from slimport.arch.rules import Family, fill
 from slimport.errors import SlimportError
@@ -43,10 +45,23 @@ SIZE_FIELDS = {
     "type_vocab_size": 1 << 16,
 }
 OPTIONAL = ("head_dim", "n_inner")  # null means "derive it"
+# what `architectures` may name: model classes (BertModel, LlamaForCausalLM, GPT2LMHeadModel),
+# never an arbitrary attribute of transformers that a quantizer or loader would then call
+MODEL_CLASS = re.compile(r"[A-Z][A-Za-z0-9]*(Model|For[A-Z][A-Za-z]*)")
 
 
 def check_sizes(config: dict, where: str) -> None:
-    """Every size field present is a positive int within SIZE_FIELDS' bound."""
+    """Every size field present is a positive int within SIZE_FIELDS' bound; `architectures`
+    names model classes."""
+    names = config.get("architectures")
+    if names is not None and (
+        not isinstance(names, list)
+        or not all(isinstance(n, str) and MODEL_CLASS.fullmatch(n) for n in names)
+    ):
+        raise SlimportError(
+            f"{where}: config field architectures={names!r} must list model class names",
+            hint='e.g. ["LlamaForCausalLM"]; the config.json is damaged or crafted',
+        )
     for key, limit in SIZE_FIELDS.items():
         if key not in config or (key in OPTIONAL and config[key] is None):
             continue

@@ -65,6 +65,10 @@ def model_config(ckpt: Checkpoint) -> dict | None:
             )
         try:
             return family.config_from["gguf"]({**ckpt.metadata, "__tensors__": list(ckpt.infos)})
+        except SlimportError as e:  # name the file: the translation sees only the metadata
+            if str(ckpt.path) in e.message:
+                raise
+            raise SlimportError(f"{ckpt.path}: {e.message}", e.hint) from None
         except (KeyError, TypeError, ValueError, ArithmeticError) as e:
             raise SlimportError(
                 f"{ckpt.path}: GGUF metadata for {gguf_arch!r} is missing or malformed ({e!r})"

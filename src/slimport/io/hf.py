@@ -56,3 +56,23 @@ def load_tokenizer(path: str | Path):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def model_class(name: object) -> type:
+    """The transformers class a config's `architectures` names, only if transformers' auto
+    mappings list it as a model class: `getattr(transformers, name)` would call anything
+    (`pipeline`, `set_seed`) a config file names."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    known: set[str] = set()
+    for attr in dir(modeling_auto):
+        if attr.startswith("MODEL") and attr.endswith("_MAPPING_NAMES"):
+            for v in getattr(modeling_auto, attr).values():
+                known.update(v if isinstance(v, tuple | list) else (v,))
+    if not isinstance(name, str) or name not in known:
+        raise SlimportError(
+            f"architectures {name!r}: not a transformers model class",
+            hint="set architectures in config.json to the model class, e.g. LlamaForCausalLM",
+        )
+    return getattr(transformers, name)

@@ -30,6 +30,7 @@ from slimport.io.formats import FORMATS
 from slimport.io.hf import copy_tokenizer, write_config
 
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # inside a Keras 3 .keras zip
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 MAX_INFLATION = 1024  # declared bytes per stored byte a compressed dataset may claim
 HDF5_OBJECT_HEADER_LIMIT = 64512  # Keras splits attributes larger than this into numbered chunks
 KERAS_VERSION = "2.21.0"  # the tf_keras whose save_weights layout write_model reproduces
@@ -66,6 +67,12 @@ def read(path: Path) -> Checkpoint:
         _refuse_external_links(f, path)
         datasets, skipped, layout = _layout(f, path)
         infos = {name: _info(ds, name, path) for name, ds in datasets.items()}
+    except H5_ERRORS as e:  # h5py reports a damaged tree as any of these, from any call
+        close()
+        raise SlimportError(
+            f"{path}: corrupt HDF5 structure ({_short(e)})",
+            hint="the file is damaged; fetch it again",
+        ) from None
     except Exception:
         close()
         raise
@@ -81,7 +88,7 @@ def read(path: Path) -> Checkpoint:
         ds = datasets[name]
         try:
             arr = np.asarray(ds[()])
-        except OSError as e:
+        except H5_ERRORS as e:
             raise SlimportError(
                 f"{path}: cannot read tensor {name!r} ({_short(e)}); the file is damaged"
             ) from None

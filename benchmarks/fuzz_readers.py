@@ -1,0 +1,76 @@
+"""Long fuzzing runs of the checkpoint readers (the CI test runs a bounded number of inputs).
+
+    python benchmarks/fuzz_readers.py --seconds 60 [--readers gguf,keras] [--findings DIR]
+
+Mutates the seeds in tests/fuzz_corpus with tests/fuzzing.py's mutator for --seconds per reader,
+and prints per reader how many inputs ran, how many read and how many were refused with a
+SlimportError, and every finding (another exception, > 10 s, > 1 GB), whose input is saved in
+--findings to rerun. `--make-corpus` rewrites the seed files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "tests"))
+from _machine import header  # noqa: E402
+from fuzzing import READERS, SUFFIX, Finding, check, make_corpus, mutate, peak_kb, seeds  # noqa: E402
+
+
+def fuzz(fmt: str, seconds: float, seed: int, work: Path, findings: Path) -> dict:
+    corpus, rng = seeds(fmt), random.Random(seed)
+    path = work / f"input{SUFFIX[fmt]}"
+    counts = {"inputs": 0, "ok": 0, "refused": 0, "findings": 0}
+    found: dict[str, Path] = {}
+    baseline = peak_kb()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        data = mutate(rng.choice(corpus), rng)
+        path.write_bytes(data)
+        counts["inputs"] += 1
+        try:
+            counts[check(path, fmt, baseline)] += 1
+        except Finding as e:
+            counts["findings"] += 1
+            key = str(e).split(" at ")[0][:120]
+            if key not in found:  # one saved input per distinct message
+                findings.mkdir(parents=True, exist_ok=True)
+                found[key] = findings / f"{fmt}-{len(found)}{SUFFIX[fmt]}"
+                found[key].write_bytes(data)
+    counts["distinct"] = found
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60, help="per reader")
+    ap.add_argument("--readers", default=",".join(READERS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--findings", default=".cache/fuzz-findings")
+    ap.add_argument("--make-corpus", action="store_true")
+    args = ap.parse_args()
+    if args.make_corpus:
+        make_corpus()
+    print(header(" ".join(sys.argv), packages=("torch", "gguf", "h5py", "safetensors")))
+    print("\n| reader | inputs | read | refused | findings |\n| --- | ---: | ---: | ---: | ---: |")
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="slimport-fuzz-") as work:
+        for fmt in args.readers.split(","):
+            c = fuzz(fmt, args.seconds, args.seed, Path(work), Path(args.findings))
+            print(
+                f"| {fmt} | {c['inputs']} | {c['ok']} | {c['refused']} | {c['findings']} |",
+                flush=True,
+            )
+            notes += [f"{fmt}: {msg} (input: {p})" for msg, p in c["distinct"].items()]
+    print("\n" + ("\n".join(notes) if notes else "no findings"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Every reader, fed mutated seed files and (safetensors) arbitrary JSON headers, either reads the
+file or raises SlimportError: never another exception, > 10 s or > 1 GB (see tests/fuzzing.py).
+Bounded for CI: FUZZ_EXAMPLES inputs per reader (default 100); benchmarks/fuzz_readers.py runs
+longer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+from fuzzing import READERS, SUFFIX, check, mutate, peak_kb, seeds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,  # the 10 s bound is checked by fuzzing.check, not by timing asserts here
+    derandomize=True,  # the same inputs every CI run: a failure is reproducible
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
+WORK = Path(tempfile.mkdtemp(prefix="slimport-fuzz-"))
+BASELINE = peak_kb()
+
+
+@pytest.mark.parametrize("fmt", list(READERS))
+def test_mutated_files_read_or_raise_slimport_error(fmt):
+    corpus = seeds(fmt)
+    path = WORK / f"input{SUFFIX[fmt]}"
+    outcomes = []
+
+    @FUZZ
+    @given(st.integers(0, len(corpus) - 1), st.integers(0, 2**32))
+    def one(which, seed):
+        path.write_bytes(mutate(corpus[which], random.Random(seed)))
+        outcomes.append(check(path, fmt, BASELINE))
+
+    one()
+    # the seeds themselves must read, or nothing is being fuzzed but the first check
+    for data in corpus:
+        path.write_bytes(data)
+        assert check(path, fmt, BASELINE) == "ok"
+    assert "refused" in outcomes, "no mutation was refused: the mutator does nothing"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "F8_E4M3", "X"]) | JSON,
+        "shape": st.lists(st.integers(-2, 2**40), max_size=4) | JSON,
+        "data_offsets": st.lists(st.integers(-8, 2**40), min_size=2, max_size=2) | JSON,
+    }
+)
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=6), ENTRY | JSON, max_size=4), st.binary(max_size=64))
+def test_arbitrary_safetensors_headers_read_or_raise_slimport_error(header, data):
+    blob = json.dumps(header).encode()
+    path = WORK / "header.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    check(path, "safetensors", BASELINE)

@@ -22,6 +22,7 @@ READERS = {
     "llama2c": ("tiny.llama2c.bin",),
     "pytorch": ("tiny_zip.bin", "tiny_legacy.bin"),
     "keras": ("tiny.h5",),
+    "mindspore": ("tiny.ckpt",),
 }
 SUFFIX = {
     "safetensors": ".safetensors",
@@ -29,6 +30,7 @@ SUFFIX = {
     "llama2c": ".bin",
     "pytorch": ".bin",
     "keras": ".h5",
+    "mindspore": ".ckpt",
 }
 MAX_SECONDS = 10
 MAX_GROWTH_KB = 1024 * 1024  # 1 GB of peak RSS above the start of the run
@@ -99,13 +101,14 @@ def make_corpus(folder: Path = CORPUS) -> None:
     import numpy as np
     import torch
 
-    from slimport.io import safetensors
+    from slimport.io import mindspore_ckpt, safetensors
     from slimport.io.base import Ready
 
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 3, generator=g), torch.randn(4, generator=g).half()
     safetensors.write(folder / "tiny.safetensors", [Ready("a", a), Ready("b", b)])
+    mindspore_ckpt.write(folder / "tiny.ckpt", [Ready("a", a), Ready("b", b)])
     torch.save({"a": a, "b": b, "step": 3}, folder / "tiny_zip.bin")
     torch.save({"a": a, "b": b}, folder / "tiny_legacy.bin", _use_new_zipfile_serialization=False)
     w = gguf.GGUFWriter(folder / "tiny.gguf", "llama")
@@ -124,7 +127,7 @@ def make_corpus(folder: Path = CORPUS) -> None:
     n += dim + seq * dim // heads  # final norm, the two half-width RoPE tables
     header = struct.pack("<7i", dim, hidden, layers, heads, kv, vocab, seq)
     (folder / "tiny.llama2c.bin").write_bytes(header + np.linspace(-1, 1, n, dtype="<f4").tobytes())
-    with h5py.File(folder / "tiny.h5", "w") as f:
+    with h5py.File(folder / "tiny.h5", "w", libver="latest") as f:  # smallest file
         f.attrs["layer_names"] = [b"dense"]
         group = f.create_group("dense")
         group.attrs["weight_names"] = [b"dense/kernel:0", b"dense/bias:0"]

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -164,6 +166,7 @@ BOUNDED_CASES = {
     "config-layers": ("model", "num_hidden_layers"),
     "h5-unallocated": ("tf_model.h5", "declares"),
     "pickle-stride0": ("pytorch_model.bin", "storage"),
+    "pickle-storage-lies": ("pytorch_model.bin", "declares 255 elements"),
     "safetensors-shape-wraps": ("wrap.safetensors", "elements"),
     "safetensors-overlap": ("overlap.safetensors", "overlap"),
 }
@@ -195,6 +198,16 @@ def _build_bounded(case: str, path: Path) -> None:
             f.create_dataset("w", shape=(5_000_000, 64), dtype="f4")
     elif case == "pickle-stride0":  # one stored float viewed as 5M x 64
         torch.save({"w": torch.zeros(1).expand(5_000_000, 64)}, path)
+    elif case == "pickle-storage-lies":  # a 6-float storage whose pickle declares 255 floats
+        torch.save({"w": torch.zeros(6)}, path)
+        with zipfile.ZipFile(path) as z:
+            members = {i.filename: z.read(i) for i in z.infolist()}
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in members.items():
+                if name.endswith("data.pkl"):
+                    data, n = re.subn(rb"(cpuq.)K\x06t", lambda m: m[1] + b"K\xfft", data)
+                    assert n == 1
+                z.writestr(name, data)
     elif case == "safetensors-shape-wraps":  # 2^33 * 2^31 = 2^64 wraps to 0 in int64
         raw_safetensors(
             path, {"w": {"dtype": "F32", "shape": [2**33, 2**31], "data_offsets": [0, 0]}}
@@ -207,7 +220,8 @@ def _build_bounded(case: str, path: Path) -> None:
 
 
 def test_declared_sizes_are_checked_against_the_bytes_present(tmp_path):
-    """All cases in one child process: its peak RSS must stay < 1 GB, each case < 10 s."""
+    """All cases in one child process: its peak RSS must stay < 1 GB. A loop over a declared
+    count (2^31 layers) would outlast the child's timeout; no timing assert beyond that."""
     argv, outs = [], []
     for case, (name, _) in BOUNDED_CASES.items():
         (tmp_path / case).mkdir()
@@ -215,10 +229,9 @@ def test_declared_sizes_are_checked_against_the_bytes_present(tmp_path):
         outs.append(tmp_path / case / "out")
         argv.append(["convert", str(tmp_path / case / name), str(outs[-1]), "--to", "hf"])
     script = (
-        "import json, resource, sys, time\nfrom slimport.cli import main\n"
+        "import json, resource, sys\nfrom slimport.cli import main\n"
         "for argv in json.loads(sys.argv[1]):\n"
-        "    t = time.perf_counter(); code = main(argv)\n"
-        "    print(json.dumps([code, time.perf_counter() - t]), flush=True)\n"
+        "    print(main(argv), flush=True)\n"
         "    print('--- case end', file=sys.stderr, flush=True)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
@@ -227,12 +240,10 @@ def test_declared_sizes_are_checked_against_the_bytes_present(tmp_path):
                        text=True, timeout=120, env=env)  # fmt: skip
     *results, peak_kb = r.stdout.split("\n")[:-1]
     errors = r.stderr.split("--- case end\n")
-    for (case, (name, field)), line, err, out in zip(
-        BOUNDED_CASES.items(), results, errors, outs, strict=False
+    for (name, field), code, err, out in zip(
+        BOUNDED_CASES.values(), results, errors, outs, strict=False
     ):
-        code, seconds = json.loads(line)
-        assert_refused(code, err, out, name, field)
-        assert seconds < 10, case
+        assert_refused(int(code), err, out, name, field)
     assert len(results) == len(BOUNDED_CASES), r.stderr
     assert int(peak_kb) < 1024 * 1024, f"peak RSS {int(peak_kb) // 1024} MB"
 

@@ -187,7 +187,8 @@ def element_count(shape, where: str) -> int:
         raise SlimportError(f"{where}: shape {shape!r} is not a list of integers")
     n = 1
     for d in shape:
-        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+        # a dimension is bounded on its own too: [0, 2^64] has no elements but no valid shape
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_ELEMENTS:
             raise SlimportError(f"{where}: shape {list(shape)} has an invalid dimension {d!r}")
         n *= d
     if n > MAX_ELEMENTS:

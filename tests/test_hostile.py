@@ -358,7 +358,7 @@ def test_malformed_headers_are_errors(capsys, tmp_path, build, needle):
     refused_in_process(capsys, ["convert", src, out, "--to", "hf"], out, "bad.safetensors", needle)
 
 
-def test_fifo_or_folder_where_a_file_is_expected_does_not_hang(tmp_path):
+def test_fifo_or_folder_where_a_file_is_expected_does_not_hang(capsys, tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     os.mkfifo(folder / "model.safetensors")  # opening it for reading would block forever
@@ -369,8 +369,7 @@ def test_fifo_or_folder_where_a_file_is_expected_does_not_hang(tmp_path):
     tiny_llama(folder)
     (folder / "config.json").unlink()
     (folder / "config.json").mkdir()
-    r = cli("inspect", folder, timeout=30)
-    assert_refused(r.returncode, r.stderr, None, "config.json", "a folder")
+    refused_in_process(capsys, ["inspect", folder], None, "config.json", "a folder")
 
 
 @pytest.mark.parametrize(

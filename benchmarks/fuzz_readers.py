@@ -11,9 +11,11 @@ SlimportError, and every finding (another exception, > 10 s, > 1 GB), whose inpu
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "tests"))
 from _machine import header  # noqa: E402
-from fuzzing import READERS, SUFFIX, Finding, check, make_corpus, mutate, peak_kb, seeds  # noqa: E402
+from fuzzing import (  # noqa: E402
+    MAX_SECONDS,
+    READERS,
+    SUFFIX,
+    Finding,
+    check,
+    make_corpus,
+    mutate,
+    peak_kb,
+    seeds,
+)
 
 
 def fuzz(fmt: str, seconds: float, seed: int, work: Path, findings: Path) -> dict:
@@ -35,6 +47,9 @@ def fuzz(fmt: str, seconds: float, seed: int, work: Path, findings: Path) -> dic
         data = mutate(rng.choice(corpus), rng)
         path.write_bytes(data)
         counts["inputs"] += 1
+        # a hang inside a C library (libhdf5) never returns to Python: save the input and stop
+        watchdog = threading.Timer(3 * MAX_SECONDS, _hung, (fmt, data, findings, counts))
+        watchdog.start()
         try:
             counts[check(path, fmt, baseline)] += 1
         except Finding as e:
@@ -44,8 +59,23 @@ def fuzz(fmt: str, seconds: float, seed: int, work: Path, findings: Path) -> dic
                 findings.mkdir(parents=True, exist_ok=True)
                 found[key] = findings / f"{fmt}-{len(found)}{SUFFIX[fmt]}"
                 found[key].write_bytes(data)
+        finally:
+            watchdog.cancel()
     counts["distinct"] = found
     return counts
+
+
+def _hung(fmt: str, data: bytes, findings: Path, counts: dict) -> None:
+    findings.mkdir(parents=True, exist_ok=True)
+    saved = findings / f"{fmt}-hang{SUFFIX[fmt]}"
+    saved.write_bytes(data)
+    print(
+        f"| {fmt} | {counts['inputs']} | {counts['ok']} | {counts['refused']} | hang |", flush=True
+    )
+    print(
+        f"\n{fmt}: an input hung for > {3 * MAX_SECONDS} s (input: {saved}); stopping", flush=True
+    )
+    os._exit(3)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from slimport.compress.quant import primitives as P
 from slimport.compress.quant.config import QuantArgs
 from slimport.errors import SlimportError, name_list
 from slimport.io.compressed import WeightArgs, read_config, read_linear, scheme_from, weight_args
+from slimport.io.hf import model_class
 from slimport.runtime.torch.packed import InputQuant, PackedEmbedding, PackedLinear, PackedWeight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -138,12 +139,10 @@ def _build_model(folder: Path, config: dict) -> nn.Module:
     from transformers.initialization import no_init_weights
 
     arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise SlimportError(
-            f"{folder / 'config.json'}: architectures {config.get('architectures')!r} is not a "
-            "transformers model class"
-        )
+    try:  # only a model class: getattr(transformers, arch) would call `pipeline` just as well
+        cls = model_class(arch)
+    except SlimportError as e:
+        raise SlimportError(f"{folder / 'config.json'}: {e.message}", e.hint) from None
     rest = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         hf_config = transformers.AutoConfig.for_model(**rest)

@@ -25,3 +25,13 @@ def test_layers_contract_is_kept():
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "kept, 0 broken" in run.stdout
+
+
+def test_no_source_file_is_over_500_lines():
+    """Small modules named for what they hold: a file past 500 lines holds two things."""
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in (ROOT / "src").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert not long, f"split these: {long}"

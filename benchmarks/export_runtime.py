@@ -1,6 +1,6 @@
 """SmolLM2-135M decode speed: torch fp32 and W4 (transformers, KV cache) vs our ONNX exports run by
 ONNX Runtime (fp32; W4 from a slimport quantized folder, MatMulNBits at accuracy_level 4 and 0),
-plus the W4 graph's logits against our torch quantized model (`load_quantized`).
+plus the W4 graph's logits against our torch quantized model (`load_simulated`).
 
 Per runtime: prefill seconds for the prompt, then `--new` greedy tokens one a step with the KV
 cache: decode tokens/s (median of `--repeats`). Same prompt, same greedy tokens expected.
@@ -69,7 +69,7 @@ def main() -> None:
 
     from slimport.api import convert
     from slimport.compress import api as compress
-    from slimport.compress.quant.compressed import load_quantized
+    from slimport.compress.quant.compressed import load_simulated
     from slimport.runtime.onnx import OnnxModel, export_onnx
 
     work = args.work
@@ -86,7 +86,7 @@ def main() -> None:
             export_onnx(src, out, accuracy_level=level)
 
     ids = AutoTokenizer.from_pretrained(hf_dir)(PROMPT, return_tensors="np")["input_ids"]
-    qmodel, _ = load_quantized(q_dir)
+    qmodel, _ = load_simulated(q_dir)
     runs = {
         "torch fp32": AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval(),
         "torch W4": qmodel,  # our QuantLinear (dequantized weights): the W4 reference
@@ -114,7 +114,7 @@ def main() -> None:
         ref = qmodel(torch.tensor(ids)).logits.numpy()
     for name in ("ORT W4 acc0", "ORT W4 acc4"):
         d = np.abs(runs[name].logits(ids) - ref).max()
-        print(f"{name} logits vs torch load_quantized: max |d| = {d:.2e}")
+        print(f"{name} logits vs torch load_simulated: max |d| = {d:.2e}")
 
 
 if __name__ == "__main__":

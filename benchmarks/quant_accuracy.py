@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import header  # noqa: E402
 
 from slimport.compress import api  # noqa: E402
-from slimport.compress.quant.compressed import load_quantized  # noqa: E402
+from slimport.compress.quant.compressed import load_simulated  # noqa: E402
 from slimport.data import shared_dir, wikitext_windows  # noqa: E402
 
 W4 = {"bits": 4, "group_size": 64, "symmetric": False}
@@ -76,7 +76,7 @@ def smollm2_table(windows: int | None, calib: int, work: Path, recipes: list[str
             **options,
         )
         seconds = time.perf_counter() - t0
-        model, _ = load_quantized(out)
+        model, _ = load_simulated(out)
         ppl = perplexity(model, win, progress=False)["perplexity"]
         rows.append(
             (name, ppl, f"{100 * (ppl / base - 1):+.2f}%", report["bytes_after"], f"{seconds:.0f}")
@@ -145,7 +145,7 @@ def _classify(clf, work, tok, dev, fp32, options) -> dict:
         clf, out, progress=False, calib_data=str(shared_dir() / "data/sst2/train.tsv"),
         num_samples=256, seq_len=128, **options,
     )  # fmt: skip
-    model, _ = load_quantized(out)
+    model, _ = load_simulated(out)
     return sst2_accuracy(model, tok, dev, reference=fp32)
 
 

@@ -119,7 +119,7 @@ def work_fp32(a, calib, _out):
 
 def work_ours(a, calib, out):
     from slimport.compress import api
-    from slimport.compress.quant.compressed import load_quantized
+    from slimport.compress.quant.compressed import load_simulated
 
     # the public call, with the calibration file: it cuts the very windows `calib` holds
     t0 = time.perf_counter()
@@ -129,7 +129,7 @@ def work_ours(a, calib, out):
         seq_len=SEQ_LEN, seed=0,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    model, _ = load_quantized(out)
+    model, _ = load_simulated(out)
     return model, seconds, rep["bytes_after"], "compressed-tensors pack-quantized on disk"
 
 

@@ -9,7 +9,7 @@ on decode for a memory-bound model), and how many of the greedy tokens equal the
 (torch fp32 for torch bf16; the same folder's fp32 path for slimport's bf16).
 
 Configurations: torch fp32 / bf16 (transformers), slimport W8 (per-channel, symmetric) and W4 g64
-(asymmetric) through `load_packed` with fp32 and bf16 compute (bf16 also with the tied
+(asymmetric) through `load_quantized` with fp32 and bf16 compute (bf16 also with the tied
 embedding/head in int8), and, when torchao imports, its CPU int4 (PrototypeInt4WeightOnlyConfig,
 g64, bf16) and Int8WeightOnlyConfig (fp32 model) on the same Linears (lm_head kept float, as ours).
 The W4/W8 folders are RTN by default (speed and memory do not depend on how the integers were
@@ -45,7 +45,7 @@ if spec.get("threads"):
     torch.set_num_threads(spec["threads"])
 if spec["kind"].startswith("torchao"):
     import torchao.quantization, torchao.prototype.quantization.int4.inference_workflow
-from slimport.runtime.torch.quantized import load_packed
+from slimport.runtime.torch.quantized import load_quantized
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 def nbytes(t, seen):
@@ -59,7 +59,7 @@ def nbytes(t, seen):
 before = rss()
 kind, dtype = spec["kind"], getattr(torch, spec["dtype"])
 if kind == "slimport":
-    model, info = load_packed(spec["path"], spec["dtype"], embeddings=spec.get("embeddings"))
+    model, info = load_quantized(spec["path"], spec["dtype"], embeddings=spec.get("embeddings"))
 else:
     model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype).eval()
     if kind.startswith("torchao"):

@@ -17,7 +17,7 @@ from slimport.compress.quant.compressed import (  # noqa: E402
     RECIPE_FILE,
     checkpoint_format,
     linear_tensors,
-    load_quantized,
+    load_simulated,
     scheme,
 )
 from slimport.compress.quant.config import QuantizationConfig  # noqa: E402
@@ -144,9 +144,9 @@ def test_transformers_loads_our_checkpoint_with_equal_logits(llama_saved):
     assert block["format"] == ("int-quantized" if qc.activations else "pack-quantized")
 
 
-def test_load_quantized_gives_back_the_same_integers(llama_saved):
+def test_load_simulated_gives_back_the_same_integers(llama_saved):
     name, qc, model, folder, _, batch = llama_saved
-    loaded, qc2 = load_quantized(folder)
+    loaded, qc2 = load_simulated(folder)
     assert qc2 == qc and not loaded.training
     assert_same_integers(model, loaded)
     assert torch.equal(logits(loaded, batch), logits(model, batch))
@@ -216,7 +216,7 @@ def test_smollm2(smollm2_hf, tmp_path, name):
     assert max_diff(logits(hf, batch), want) <= TOL
     assert hf.lm_head.weight is hf.model.embed_tokens.weight  # tie kept: the head was protected
 
-    loaded, _ = load_quantized(tmp_path / "q")
+    loaded, _ = load_simulated(tmp_path / "q")
     assert_same_integers(model, loaded)
     assert torch.equal(logits(loaded, batch), want)
     prompt = batch["input_ids"][:, :8]
@@ -248,7 +248,7 @@ def test_minilm_classifier(minilm_dir, tmp_path, name):
     assert config["quantization_config"]["ignore"] == ["classifier"]
 
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "q").eval()
-    loaded, _ = load_quantized(tmp_path / "q")
+    loaded, _ = load_simulated(tmp_path / "q")
     assert_same_integers(model, loaded)
     # one sentence at a time: for a 2-D input (the pooler's [batch, hidden]) compressed-tensors'
     # dynamic "token" scales span the whole batch, where ours (and vLLM's) are per row
@@ -274,7 +274,7 @@ def test_quantized_tied_head_is_saved_untied(tmp_path):
     assert config["tie_word_embeddings"] is False and config["quantization_config"]["ignore"] == []
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert max_diff(logits(hf, batch), logits(model, batch)) <= TOL
-    loaded, _ = load_quantized(tmp_path / "q")
+    loaded, _ = load_simulated(tmp_path / "q")
     assert isinstance(loaded.lm_head, QuantLinear)
     assert torch.equal(logits(loaded, batch), logits(model, batch))
 
@@ -292,7 +292,7 @@ def test_three_bit_weights_pack_densely(tmp_path):
     assert up["up.weight_packed"].shape == (256, 128 * 3 // 32)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert max_diff(logits(hf, batch), logits(model, batch)) <= TOL
-    loaded, _ = load_quantized(tmp_path / "q")
+    loaded, _ = load_simulated(tmp_path / "q")
     assert_same_integers(model, loaded)
 
 
@@ -302,7 +302,7 @@ def test_config_json_alone_is_enough_to_reload(tmp_path):
     model = quantize(tiny_llama(), qc)
     save_quantized(model, tmp_path / "q", qc)
     (tmp_path / "q" / RECIPE_FILE).unlink()
-    loaded, derived = load_quantized(tmp_path / "q")
+    loaded, derived = load_simulated(tmp_path / "q")
     assert derived.weights == qc.weights and derived.inputs is None
     assert derived.is_protected("lm_head") and not derived.is_protected(
         "model.layers.0.mlp.up_proj"
@@ -330,9 +330,9 @@ def copy_of(folder, tmp_path):
 def test_folder_without_quantization_config(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "plain")
     with pytest.raises(SlimportError, match="not a compressed-tensors model"):
-        load_quantized(tmp_path / "plain")
+        load_simulated(tmp_path / "plain")
     with pytest.raises(SlimportError, match="not found"):
-        load_quantized(tmp_path / "nowhere")
+        load_simulated(tmp_path / "nowhere")
 
 
 def test_missing_packed_tensor_is_named(w4_folder, tmp_path):
@@ -345,7 +345,7 @@ def test_missing_packed_tensor_is_named(w4_folder, tmp_path):
     with pytest.raises(
         SlimportError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight_packed.*missing"
     ):
-        load_quantized(folder)
+        load_simulated(folder)
 
 
 def test_unsupported_scheme_is_refused(w4_folder, tmp_path):
@@ -355,14 +355,14 @@ def test_unsupported_scheme_is_refused(w4_folder, tmp_path):
     weights.update(type="float", num_bits=8, strategy="channel", group_size=None)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(SlimportError, match="weight scheme .* not supported"):
-        load_quantized(folder)
+        load_simulated(folder)
 
 
 def test_recipe_that_disagrees_with_config(w4_folder, tmp_path):
     folder = copy_of(w4_folder, tmp_path)
     (folder / RECIPE_FILE).write_text(json.dumps(QuantizationConfig(bits=8).to_dict()))
     with pytest.raises(SlimportError, match="disagrees"):
-        load_quantized(folder)
+        load_simulated(folder)
 
 
 def test_saving_what_cannot_be_saved(tmp_path):

@@ -221,3 +221,78 @@ def test_sst2_accuracy_keeps_input_order_across_sorted_batches(bert_tokenizer, t
 def test_cli_eval_refuses_a_model_without_the_task_head(minilm_dir, capsys):
     assert main(["eval", str(minilm_dir), "--task", "sst2"]) == 2
     assert "a BertModel, which has no SequenceClassification head" in capsys.readouterr().err
+
+
+# --- quantized folders run on the packed runtime --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized_lm(smollm2_hf, tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer, saved W4 g32 asymmetric (RTN)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from slimport.compress import api
+
+    tok = AutoTokenizer.from_pretrained(smollm2_hf)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    src = tmp_path_factory.mktemp("tiny") / "fp32"
+    LlamaForCausalLM(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    out = src.parent / "w4"
+    api.quantize(src, out, progress=False, bits=4, group_size=32, symmetric=False)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eval_loads_a_quantized_folder_with_integer_only_layers(tiny_quantized_lm, dtype):
+    from slimport.cli import load_for_eval
+    from slimport.compress.quant.modules import QuantLinear
+    from slimport.runtime.torch.packed import PackedLinear
+
+    model, _ = load_for_eval(tiny_quantized_lm, "wikitext2", dtype)
+    modules = list(model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in modules) == 2 * 7  # q k v o gate up down
+    assert not any(isinstance(m, QuantLinear) for m in modules)
+    plain = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert plain == ["lm_head"]  # left float by the recipe
+    floats = {t.dtype for t in model.parameters() if t.is_floating_point()}
+    assert floats == {getattr(torch, dtype)}
+
+
+def test_cli_eval_of_a_quantized_folder_equals_the_simulated_reference(tiny_quantized_lm, wiki, capsys):  # fmt: skip
+    from slimport.compress.quant.compressed import load_simulated
+    from slimport.runtime.text import load_tokenizer
+
+    argv = [str(tiny_quantized_lm), "--task", "wikitext2", "--windows", "2", "--seq-len", "64"]
+    assert main(["eval", *argv, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    reference, _ = load_simulated(tiny_quantized_lm)
+    windows = wikitext_windows(load_tokenizer(tiny_quantized_lm), wiki, 64, windows=2)
+    assert got["perplexity"] == pytest.approx(perplexity(reference, windows)["perplexity"], rel=1e-5)  # fmt: skip
+    assert main(["eval", *argv, "--json", "--compute-dtype", "bfloat16"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["perplexity"] == pytest.approx(got["perplexity"], rel=0.05)
+
+
+def test_generate_with_torch_runs_a_quantized_folder(tiny_quantized_lm, capsys):
+    from slimport.compress.quant.compressed import load_simulated
+    from slimport.runtime.text import encode_prompts, load_tokenizer
+
+    prompt = "The capital of France is"
+    argv = ["generate", str(tiny_quantized_lm), "--prompt", prompt, "--runtime", "torch"]
+    assert main([*argv, "--max-new-tokens", "8", "--no-chat"]) == 0
+    got = capsys.readouterr().out
+    tok = load_tokenizer(tiny_quantized_lm)
+    ids, _ = encode_prompts(tok, [prompt], chat=False)
+    reference, _ = load_simulated(tiny_quantized_lm)
+    with torch.no_grad():
+        out = reference.generate(
+            torch.from_numpy(ids).long(), max_new_tokens=8, do_sample=False,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+    assert got == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
+    assert main([*argv, "--max-new-tokens", "4", "--compute-dtype", "bfloat16"]) == 0

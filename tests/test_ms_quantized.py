@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from slimport import api
 from slimport.compress import api as quant_api
-from slimport.compress.quant.compressed import load_quantized
+from slimport.compress.quant.compressed import load_simulated
 from slimport.compress.quant.config import QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
 from slimport.errors import SlimportError
@@ -55,7 +55,7 @@ def test_w4_classifier_runs_in_mindspore_as_in_torch(sst2_w4, sst2_classifier):
     enc = AutoTokenizer.from_pretrained(sst2_classifier)(
         SENTENCES, padding=True, return_tensors="pt"
     )
-    reference, _ = load_quantized(sst2_w4)  # torch, QuantLinear modules
+    reference, _ = load_simulated(sst2_w4)  # torch, QuantLinear modules
     ms_model = AutoModelForSequenceClassification.from_pretrained(sst2_w4)
     d = maxdiff(_ms_logits(ms_model, enc), _torch_logits(reference, enc))
     print(f"\nMiniLM SST-2 W4 g128 in MindSpore vs torch (quantized both): logits max|Δ| {d:.2e}")
@@ -86,7 +86,7 @@ def test_quantization_config_quantizes_on_the_way_in(sst2_classifier, tmp_path):
         sst2_classifier, from_pt=True, quantization_config=config
     )
     quant_api.quantize(sst2_classifier, tmp_path / "q", recipe=config, progress=False)
-    reference, _ = load_quantized(tmp_path / "q")
+    reference, _ = load_simulated(tmp_path / "q")
     assert maxdiff(_ms_logits(ms_model, enc), _torch_logits(reference, enc)) <= 1e-5
     assert (
         ms_model.quantization_report["quantized_linears"] == 37
@@ -107,7 +107,7 @@ def smollm2_w4(smollm2_hf, tmp_path_factory):
 def test_smollm2_w4_runs_in_mindspore_as_in_torch(smollm2_hf, smollm2_w4):
     tok = load_tokenizer(smollm2_hf)  # pads on the left, for batched generation
     ids = tok(["The capital of France is", "Quantization keeps"], padding=True, return_tensors="pt")
-    reference, _ = load_quantized(smollm2_w4)
+    reference, _ = load_simulated(smollm2_w4)
     with torch.no_grad():
         ref = reference(input_ids=ids.input_ids).logits.numpy()
         want = reference.generate(
@@ -137,7 +137,7 @@ def test_generation_on_integer_weights_in_both_modes(tmp_path, mode):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp32")
     out = tmp_path / "w4"
     quant_api.quantize(tmp_path / "fp32", out, progress=False, bits=4, group_size=32)
-    reference, _ = load_quantized(out)
+    reference, _ = load_simulated(out)
     ids = torch.tensor([[0, 5, 17, 3, 44], [1, 9, 2, 60, 7]])
     with torch.no_grad():
         want = reference.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
@@ -150,7 +150,7 @@ def test_generation_on_integer_weights_in_both_modes(tmp_path, mode):
 def test_a_quantized_folder_converts_to_its_dequantized_float_weights(sst2_w4, tmp_path):
     api.convert(sst2_w4, tmp_path / "float", to="hf", progress=False)
     written = load_file(tmp_path / "float" / "model.safetensors")
-    reference, _ = load_quantized(sst2_w4)
+    reference, _ = load_simulated(sst2_w4)
     quantized = {n: m for n, m in reference.named_modules() if isinstance(m, QuantLinear)}
     assert len(quantized) == 37
     for name, m in quantized.items():
@@ -164,7 +164,7 @@ def test_w8a8_runs_in_mindspore_and_is_refused_as_float_weights(sst2_classifier,
     )
     out = tmp_path / "w8a8"
     quant_api.quantize(sst2_classifier, out, progress=False, bits=8, activations="dynamic")
-    reference, _ = load_quantized(out)
+    reference, _ = load_simulated(out)
     ms_model = AutoModelForSequenceClassification.from_pretrained(out)
     d = maxdiff(_ms_logits(ms_model, enc), _torch_logits(reference, enc))
     print(f"\nMiniLM SST-2 W8A8 dynamic in MindSpore vs torch: logits max|Δ| {d:.2e}")

@@ -191,13 +191,13 @@ def tiny_llama_dir(tmp_path_factory):
 )
 def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path):
     from slimport.compress import api
-    from slimport.compress.quant.compressed import load_quantized
+    from slimport.compress.quant.compressed import load_simulated
 
     qdir = tmp_path / "q"
     api.quantize(tiny_llama_dir, qdir, progress=False, **options)
     report = export_onnx(qdir, tmp_path / "onnx", accuracy_level=0)
     assert report["quantized_linears"] == 2 * 7  # q k v o gate up down per layer
-    model, _ = load_quantized(qdir)
+    model, _ = load_simulated(qdir)
     ids, mask = _tokens(96)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
@@ -219,13 +219,13 @@ def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path
 def test_quantized_encoder_pads_channel_blocks_exactly(tmp_path):
     """W8 per-channel BERT: 37 input features fill one 64-wide block, padded with zero points."""
     from slimport.compress import api
-    from slimport.compress.quant.compressed import load_quantized
+    from slimport.compress.quant.compressed import load_simulated
 
     src = tiny("bert-cls", tmp_path)
     api.quantize(src, tmp_path / "q", progress=False, bits=8, symmetric=False)
     report = export_onnx(tmp_path / "q", tmp_path / "onnx", accuracy_level=0)
     assert report["quantized_linears"] > 0
-    model, _ = load_quantized(tmp_path / "q")
+    model, _ = load_simulated(tmp_path / "q")
     ids, mask = _tokens(96)
     mask = mask[:, ::-1].copy()
     with torch.no_grad():

@@ -15,7 +15,7 @@ from torch import nn
 pytest.importorskip("compressed_tensors")
 
 from slimport.compress.quant import primitives as P  # noqa: E402
-from slimport.compress.quant.compressed import load_quantized  # noqa: E402
+from slimport.compress.quant.compressed import load_simulated  # noqa: E402
 from slimport.compress.quant.config import QuantizationConfig  # noqa: E402
 from slimport.compress.quant.modules import QuantLinear  # noqa: E402
 from slimport.compress.writer import save_quantized  # noqa: E402
@@ -27,7 +27,7 @@ from slimport.runtime.torch.packed import (  # noqa: E402
     PackedWeight,
     int4_layout,
 )
-from slimport.runtime.torch.quantized import load_packed, resident_bytes  # noqa: E402
+from slimport.runtime.torch.quantized import load_quantized, resident_bytes  # noqa: E402
 
 # bf16 keeps 8 significant bits: activations, scales and outputs each round by <= 2^-9. Measured
 # max |y - y_ref| / max |y_ref| on these layers: 2.5e-3 .. 3.7e-3 (kernels and prefill path);
@@ -195,16 +195,16 @@ def logits(model) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(FOLDERS))
-def test_load_packed_computes_what_the_dequantized_model_computes(folder, name):
+def test_load_quantized_computes_what_the_dequantized_model_computes(folder, name):
     path = folder(name)
-    ref, _ = load_quantized(path)
+    ref, _ = load_simulated(path)
     want = logits(ref)
     w8a8, bits = "activations" in FOLDERS[name], FOLDERS[name]["bits"]
-    model, info = load_packed(path)
+    model, info = load_quantized(path)
     # fp32: exact paths only (int8 inputs: an int8 GEMM, exact until the last scaling)
     assert info["kernels"] == {"int_mm" if w8a8 else "dequantize": 14}  # 2 blocks x 7 Linears
     assert (logits(model) - want).abs().max().item() <= 1e-5
-    fast, info = load_packed(path, "bfloat16")
+    fast, info = load_quantized(path, "bfloat16")
     assert info["kernels"] == {"int_mm" if w8a8 else "int8" if bits == 8 else "int4": 14}
     err = (logits(fast) - want).abs().max().item() / want.abs().max().item()
     assert err <= BF16_LOGITS_TOL, err
@@ -218,9 +218,9 @@ def test_load_packed_computes_what_the_dequantized_model_computes(folder, name):
 @pytest.mark.parametrize("how", ["int8", "int4"])
 def test_quantized_embeddings_share_their_integers_with_a_tied_head(folder, how):
     path = folder("w4g64-asym", tie=True)
-    ref, _ = load_quantized(path)
-    plain, _ = load_packed(path)
-    model, info = load_packed(path, "bfloat16", embeddings=how)
+    ref, _ = load_simulated(path)
+    plain, _ = load_quantized(path)
+    model, info = load_quantized(path, "bfloat16", embeddings=how)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert isinstance(emb, PackedEmbedding) and isinstance(head, PackedLinear)
     assert head.packed is emb.packed and emb.packed.kernel == how
@@ -239,20 +239,20 @@ def test_quantized_embeddings_share_their_integers_with_a_tied_head(folder, how)
 def test_bad_input_names_the_problem(folder, tmp_path):
     path = folder("w8-channel")
     with pytest.raises(SlimportError, match="compute_dtype 'float16'"):
-        load_packed(path, "float16")
+        load_quantized(path, "float16")
     with pytest.raises(SlimportError, match="embeddings 'int2'"):
-        load_packed(path, embeddings="int2")
+        load_quantized(path, embeddings="int2")
     with pytest.raises(SlimportError, match="not a compressed-tensors model"):
         (tmp_path / "plain").mkdir()
         (tmp_path / "plain/config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))  # fmt: skip
-        load_packed(tmp_path / "plain")
+        load_quantized(tmp_path / "plain")
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"]["config_groups"]["group_0"]["weights"]["type"] = "float"
     bad = tmp_path / "float-weights"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(SlimportError, match="weight scheme .* not supported"):
-        load_packed(bad)
+        load_quantized(bad)
 
 
 # ---------------------------------------------------------------- the real model
@@ -271,12 +271,12 @@ def smollm2_w4(smollm2_hf, tmp_path_factory):
 def test_smollm2_w4_packed_equals_the_reference_and_is_small(smollm2_hf, smollm2_w4):
     from transformers import AutoConfig
 
-    ref, _ = load_quantized(smollm2_w4)
+    ref, _ = load_simulated(smollm2_w4)
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref(ids).logits
     del ref
-    model, info = load_packed(smollm2_w4)
+    model, info = load_quantized(smollm2_w4)
     with torch.no_grad():
         assert (model(ids).logits - want).abs().max().item() <= 1e-5
     cfg = AutoConfig.from_pretrained(smollm2_hf)
@@ -287,7 +287,7 @@ def test_smollm2_w4_packed_equals_the_reference_and_is_small(smollm2_hf, smollm2
     fp32 = 4 * sum(p.numel() for p in skeleton.parameters())  # tied: counted once
     print(f"resident fp32 compute {info['resident_bytes'] / fp32:.3f}x of fp32 ({fp32} B)")
     assert info["resident_bytes"] <= 0.35 * fp32
-    bf16, info16 = load_packed(smollm2_w4, "bfloat16", embeddings="int8")
+    bf16, info16 = load_quantized(smollm2_w4, "bfloat16", embeddings="int8")
     assert info16["kernels"] == {"int4": 210, "int8": 1}  # 30 blocks x 7, and the tied head
     print(f"resident bf16 + int8 embeddings {info16['resident_bytes'] / fp32:.3f}x")
     assert info16["resident_bytes"] <= 0.2 * fp32
@@ -301,11 +301,11 @@ def test_smollm2_w4_packed_equals_the_reference_and_is_small(smollm2_hf, smollm2
 # VmRSS / VmHWM of the process itself (ru_maxrss would carry the forking pytest's size over exec)
 RSS_SCRIPT = """
 import sys, torch, transformers.models.llama.modeling_llama
-from slimport.runtime.torch.quantized import load_packed
+from slimport.runtime.torch.quantized import load_quantized
 def status(key):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 before = status("VmRSS")
-model, info = load_packed(sys.argv[1], sys.argv[2])
+model, info = load_quantized(sys.argv[1], sys.argv[2])
 print(before, status("VmRSS"), status("VmHWM"), info["resident_bytes"])
 """
 

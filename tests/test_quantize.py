@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from slimport.compress import api
-from slimport.compress.quant.compressed import load_quantized
+from slimport.compress.quant.compressed import load_simulated
 from slimport.errors import SlimportError
 from slimport.evaluate.perplexity import perplexity
 
@@ -46,7 +46,7 @@ def quantized(smollm2_hf, shared, wiki, tmp_path_factory):
                 smollm2_hf, out, progress=False, num_samples=CALIB, seq_len=SEQ_LEN,
                 calib_data=str(shared / "data/wikitext-2/valid.txt"), **options,
             )  # fmt: skip
-            model, _ = load_quantized(out)
+            model, _ = load_simulated(out)
             cache[name] = (perplexity(model, windows, progress=False)["perplexity"], report)
         return cache[name]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from slimport.compress import api
-from slimport.compress.quant.compressed import load_quantized
+from slimport.compress.quant.compressed import load_simulated
 from slimport.evaluate.classification import sst2_accuracy
 
 # Bounds, and the CPU spread they leave room for. One dev sentence is 1/872 = 0.11 points, and
@@ -43,7 +43,7 @@ def _quantized_accuracy(sst2, classifier, shared, out, **options) -> dict:
         classifier, out, progress=False, calib_data=str(shared / "data/sst2/train.tsv"),
         num_samples=256, seq_len=128, **options,
     )  # fmt: skip
-    model, _ = load_quantized(out)
+    model, _ = load_simulated(out)
     result = sst2_accuracy(model, tok, dev, reference=fp32)
     print(
         f"{options}: accuracy {result['accuracy']:.4f} (fp32 {fp32['accuracy']:.4f}), agreement {result['agreement']:.4f}"

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("compressed_tensors")
 
 from slimport.compress import pipeline  # noqa: E402
-from slimport.compress.quant.compressed import load_quantized  # noqa: E402
+from slimport.compress.quant.compressed import load_simulated  # noqa: E402
 from slimport.compress.quant.config import QuantizationConfig  # noqa: E402
 from slimport.compress.quant.modules import QuantLinear  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_gpt2(gpt2, tmp_path, name):
         scaled = {r["module"]: r.get("scaled_by") for r in report["modules"]}
         assert scaled["transformer.h.1.attn.c_attn"] == "ln_1"
         assert scaled["transformer.h.1.mlp.c_fc"] == "ln_2"
-    ours, qc = load_quantized(out)
+    ours, qc = load_simulated(out)
     assert qc == config
     assert isinstance(ours.transformer.h[0].attn.c_attn, QuantLinear)
     assert ours.transformer.h[0].attn.c_attn.weight.shape == (3 * 64, 64)  # [out, in]
@@ -158,7 +158,7 @@ def test_distilbert(distilbert, tmp_path, name):
     if name in ("awq", "smoothquant"):
         scaled = {r["module"]: r.get("scaled_by") for r in report["modules"]}
         assert scaled["distilbert.transformer.layer.0.attention.out_lin"] == "attention.v_lin"
-    ours, _ = load_quantized(out)
+    ours, _ = load_simulated(out)
     hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
     for batch in calibration:
         want = logits(ours, batch)
@@ -187,7 +187,7 @@ def test_gpt2_conv1d_left_float_keeps_its_layout(gpt2, tmp_path):
     for i in range(2):  # the float Conv1D weights exactly as the checkpoint held them, [in, out]
         name = f"transformer.h.{i}.attn.c_proj.weight"
         assert torch.equal(tensors[name], fp32[name])
-    ours, _ = load_quantized(tmp_path / "rtn")
+    ours, _ = load_simulated(tmp_path / "rtn")
     assert type(ours.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
     mem = pipeline.quantize_(GPT2LMHeadModel.from_pretrained(src), config)
     # Conv1D's addmm and Linear's matmul may round differently: equal within fp32 rounding

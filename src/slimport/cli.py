@@ -107,8 +107,9 @@ def _generate(args) -> int:
             top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed,
         )  # fmt: skip
     texts = generate_text(
-        args.model, args.prompt, runtime=args.runtime, mode=args.mode, chat=args.chat, **sampling
-    )
+        args.model, args.prompt, runtime=args.runtime, mode=args.mode, chat=args.chat,
+        compute_dtype=args.compute_dtype, **sampling,
+    )  # fmt: skip
     for prompt, text in zip(args.prompt, texts, strict=True):
         if len(args.prompt) > 1:
             print(f">>> {prompt}")
@@ -127,9 +128,13 @@ def _quantize(args) -> int:
     return 0
 
 
-def load_for_eval(path: str | Path, task: str):
-    """(model, tokenizer) for `slimport eval`: a causal LM for wikitext2, a classifier for sst2."""
+def load_for_eval(path: str | Path, task: str, compute_dtype: str = "float32"):
+    """(model, tokenizer) for `slimport eval`: a causal LM for wikitext2, a classifier for sst2.
+    A quantized folder runs on the packed runtime (integers only); compute_dtype float32 is exact,
+    bfloat16 uses the CPU int8/int4 kernels (a float model is cast to it)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from slimport.runtime.torch.quantized import DTYPES, load_quantized
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -156,12 +161,12 @@ def load_for_eval(path: str | Path, task: str):
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     config = json.loads((path / "config.json").read_text())
     if "quantization_config" in config:  # ours (or any compressed-tensors model): exact integers
-        from slimport.compress.quant.compressed import load_quantized
-
-        model, _ = load_quantized(path)
+        model, _ = load_quantized(path, compute_dtype)
         return model.eval(), AutoTokenizer.from_pretrained(path)
+    if compute_dtype not in DTYPES:
+        raise SlimportError(f"compute_dtype {compute_dtype!r} is not supported", hint="float32 or bfloat16")  # fmt: skip
     try:
-        model = auto.from_pretrained(path)
+        model = auto.from_pretrained(path, dtype=DTYPES[compute_dtype])
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise SlimportError(f"{path}: transformers cannot load it for {task} ({e})") from None
@@ -179,7 +184,7 @@ def _eval(args) -> int:
     data = Path(args.data or shared_dir() / "data" / default)
     if not data.is_file():
         raise SlimportError(f"{data}: no such file", hint="pass the task file with --data")
-    model, tokenizer = load_for_eval(args.model, args.task)
+    model, tokenizer = load_for_eval(args.model, args.task, args.compute_dtype)
     progress = sys.stderr.isatty()
     result = {"task": args.task, "model": str(args.model)}
     if args.task == "wikitext2":
@@ -260,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--config", help="config.json to use instead of the one beside the weights")
 
+    def compute_dtype(sp):
+        sp.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="torch compute: float32 (exact) or bfloat16 (the CPU int8/int4 kernels "
+                        "for a quantized model)")  # fmt: skip
+
     sp = sub.add_parser("inspect", help="show what a checkpoint holds")
     sp.add_argument("path", help="checkpoint file or HF-style folder")
     sp.add_argument("--json", action="store_true", help="print JSON")
@@ -330,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, help="seed for sampling")
     sp.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                     help="wrap each prompt in the tokenizer's chat template (default: when it has one)")  # fmt: skip
+    compute_dtype(sp)
     sp.set_defaults(fn=_generate)
 
     sp = sub.add_parser(
@@ -393,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=64, help="sst2 sentences per batch")
     sp.add_argument("--reference", help="sst2: an earlier --json output; adds prediction agreement")
     sp.add_argument("--threads", type=int, help="torch CPU threads")
+    compute_dtype(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(fn=_eval)
 

@@ -36,9 +36,11 @@ def generate_text(
     runtime: str = "mindspore",
     mode: str = "pynative",
     chat: bool | None = None,
+    compute_dtype: str = "float32",
     **sampling,
 ) -> list[str]:
-    """Generate a continuation for each prompt (batched, left padded); returns new text only."""
+    """Generate a continuation for each prompt (batched, left padded); returns new text only.
+    compute_dtype: float32 or bfloat16, for a quantized folder run by torch (the packed runtime)."""
     tok = load_tokenizer(model_path)
     ids, mask = encode_prompts(tok, prompts, chat)
     common = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, **sampling}
@@ -52,7 +54,7 @@ def generate_text(
         out = model.generate(ids.astype(np.int32), attention_mask=mask.astype(np.int32), **common)
         out = out.asnumpy() if hasattr(out, "asnumpy") else np.asarray(out)
     elif runtime == "torch":
-        runner = TorchRunner(model_path, Path("."))
+        runner = TorchRunner(model_path, Path("."), compute_dtype)
         if sampling.get("seed") is not None:
             torch.manual_seed(sampling["seed"])
         kw = {k: v for k, v in common.items() if k != "seed"}

@@ -267,11 +267,12 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def load_quantized(path: str | Path) -> tuple[nn.Module, QuantizationConfig]:
+def load_simulated(path: str | Path) -> tuple[nn.Module, QuantizationConfig]:
     """A compressed-tensors folder -> (transformers model with QuantLinear modules, recipe).
 
-    The integers, scales and zero points are the checkpoint's exactly, so the model computes what
-    the saved model computed. Eval mode.
+    The simulated reference: the integers, scales and zero points are the checkpoint's exactly,
+    so the model computes what the saved model computed, but each QuantLinear also keeps a float
+    copy of its weight. To run a quantized model small, use `slimport.load_quantized`. Eval mode.
     """
     folder = Path(path)
     if not folder.is_dir():

@@ -5,7 +5,7 @@ the safetensors file, one at a time: floats become the model's parameters (in th
 each quantized Linear's integers, scales and zero points become a PackedLinear. So memory while
 loading is about the packed model plus the largest tensor, and nothing keeps a float copy of a
 quantized weight. The fp32 compute path equals the dequantized reference
-(`compress.quant.compressed.load_quantized`) exactly; bf16 runs the CPU weight-only kernels.
+(`compress.quant.compressed.load_simulated`) exactly; bf16 runs the CPU weight-only kernels.
 
 Optionally the token embedding is quantized at load (int8 per row, or 4-bit asymmetric groups
 of 32, round to nearest), and a head tied to it computes on the same integers.
@@ -272,7 +272,7 @@ def _fill(model: nn.Module, ckpt: Checkpoint, scheme: Scheme, dtype, embeddings)
         raise SlimportError(f"{ckpt.path}: tensor(s) missing from the checkpoint: {name_list(missing)}")  # fmt: skip
 
 
-def load_packed(
+def load_quantized(
     path: str | Path,
     compute_dtype: str = "float32",
     embeddings: str | None = None,

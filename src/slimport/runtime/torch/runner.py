@@ -1,6 +1,7 @@
 """A checkpoint run by transformers in PyTorch: the reference runtime of `verify` and the torch
 runtime of `generate`. transformers reads HF folders and GGUF files itself; any other format goes
-through slimport's HF conversion first (the runner's `note` says so)."""
+through slimport's HF conversion first (the runner's `note` says so). A compressed-tensors folder
+runs on the packed runtime (`runtime.torch.quantized`): integers only, computed in compute_dtype."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import torch
 
 from slimport.arch.layout import is_causal_lm
 from slimport.convert.loader import convert, model_config
+from slimport.errors import SlimportError
 from slimport.io import open_checkpoint
+from slimport.runtime.torch.quantized import DTYPES, load_quantized
 
 
 def describe(path: str | Path) -> tuple[str, Path, str]:
-    """(format, weights file, first architecture) of a checkpoint, reading only its header."""
+    """(format, weights file, first architecture) of a checkpoint, reading only its header;
+    the format of a compressed-tensors folder is "compressed-tensors"."""
     with open_checkpoint(path) as ckpt:
         config = model_config(ckpt) or {}
-        return ckpt.format, ckpt.path, (config.get("architectures") or [""])[0]
+        # open_checkpoint reads a quantized folder as the float model it computes, and says so
+        fmt = "compressed-tensors" if "dequantized_from" in ckpt.metadata else ckpt.format
+        return fmt, ckpt.path, (config.get("architectures") or [""])[0]
 
 
 @dataclass
@@ -32,11 +38,13 @@ class Outputs:
 class TorchRunner:
     """A checkpoint run by transformers."""
 
-    def __init__(self, path: str | Path, work: Path):
+    def __init__(self, path: str | Path, work: Path, compute_dtype: str = "float32"):
         from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
         path = Path(path)
         self.note = ""
+        if compute_dtype not in DTYPES:
+            raise SlimportError(f"compute_dtype {compute_dtype!r} is not supported", hint="float32 or bfloat16")  # fmt: skip
         fmt, weights, arch = describe(path)
         self.causal = is_causal_lm({"architectures": [arch]})
         cls = (
@@ -46,7 +54,10 @@ class TorchRunner:
             if "ForSequenceClassification" in arch
             else AutoModel
         )
-        if fmt == "gguf":
+        if fmt == "compressed-tensors":
+            self.model, info = load_quantized(weights.parent, compute_dtype)
+            self.note = f"packed {info['scheme']} runtime, {compute_dtype} compute"
+        elif fmt == "gguf":
             self.model = cls.from_pretrained(path.parent, gguf_file=path.name)
         elif fmt in ("safetensors", "pytorch"):
             self.model = cls.from_pretrained(weights.parent)
@@ -55,6 +66,8 @@ class TorchRunner:
             convert(path, folder, to="hf", progress=False)
             self.model = cls.from_pretrained(folder)
             self.note = f"{path} is {fmt}: transformers ran slimport's HF conversion of it"
+        if fmt != "compressed-tensors":  # the packed runtime already holds compute_dtype
+            self.model.to(DTYPES[compute_dtype])
         self.model.eval()
         self.name = f"transformers {type(self.model).__name__}"
 

@@ -1,12 +1,22 @@
-"""Quantized SmolLM2-135M in torch: how small and how fast the packed runtime really is.
+"""Quantized models at run time: how small and how fast the packed torch runtime and MindSpore's
+integer-held QuantDense really are.
 
-One table, each configuration in a fresh subprocess (so its RSS is its own): file bytes, resident
+SmolLM2-135M table, each configuration in a fresh subprocess (_runtime_worker.py, so its RSS is
+its own): file bytes, resident
 bytes (parameters + buffers, each storage once), RSS growth from loading (over the process after
 its imports), prefill tokens/s (one forward over a 128-token prompt, best of 3), decode tokens/s
 (HF generate, greedy, 128 new tokens with the KV cache, prefill time subtracted), the bandwidth
 ceiling (resident bytes read once per token / read bandwidth measured in this run: an upper bound
-on decode for a memory-bound model), and how many of the greedy tokens equal the reference's
-(torch fp32 for torch bf16; the same folder's fp32 path for slimport's bf16).
+on decode for a memory-bound model), WikiText-2 test perplexity (16 x 512 windows; torch rows),
+and how many of the greedy tokens equal the reference's (torch fp32 for torch bf16; the same
+folder's fp32 path for slimport's bf16). MindSpore rows (graph mode; W8/W4 `dequantize="per_call"`,
+integers held): parameter bytes, RSS after load, decode tokens/s.
+
+MiniLM SST-2 table (the CI classifier of `ensure_sst2_classifier(recipe="ci")`): ms per sentence
+at batch 1 (first --latency dev sentences), ms per batch of 32 (whole dev set), resident bytes,
+RSS after load, accuracy and agreement with torch fp32, for fp32 / W8 / W8A8 dynamic / W4 g128 in
+torch (packed runtime, fp32 and bf16 compute) and MindSpore (PyNative: graph mode would compile
+once per sentence length; per_call).
 
 Configurations: torch fp32 / bf16 (transformers), slimport W8 (per-channel, symmetric) and W4 g64
 (asymmetric) through `load_quantized` with fp32 and bf16 compute (bf16 also with the tied
@@ -15,13 +25,15 @@ g64, bf16) and Int8WeightOnlyConfig (fp32 model) on the same Linears (lm_head ke
 The W4/W8 folders are RTN by default (speed and memory do not depend on how the integers were
 chosen); pass --w4 for an AWQ+GPTQ folder.
 
-    .venv/bin/python benchmarks/quantized_runtime.py [--w4 DIR] [--w8 DIR] [--new-tokens 128]
+    .venv/bin/python benchmarks/quantized_runtime.py [--only smollm2|minilm] [--rows NAME ...]
+        [--w4 DIR] [--w8 DIR] [--new-tokens 128] [--windows 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -33,55 +45,6 @@ from _machine import header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache/bench/quantized_runtime"
-
-RUNNER = r"""
-import json, sys, time, warnings
-warnings.filterwarnings("ignore")
-import torch, transformers
-from transformers import AutoModelForCausalLM
-import transformers.models.llama.modeling_llama
-spec = json.loads(sys.argv[1])
-if spec.get("threads"):
-    torch.set_num_threads(spec["threads"])
-if spec["kind"].startswith("torchao"):
-    import torchao.quantization, torchao.prototype.quantization.int4.inference_workflow
-from slimport.runtime.torch.quantized import load_quantized
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-def nbytes(t, seen):
-    if id(t) in seen:
-        return 0
-    seen.add(id(t))
-    if hasattr(t, "__tensor_flatten__"):  # torchao's quantized tensor subclasses
-        names, _ = t.__tensor_flatten__()
-        return sum(nbytes(getattr(t, n), seen) for n in names)
-    return t.numel() * t.element_size()
-before = rss()
-kind, dtype = spec["kind"], getattr(torch, spec["dtype"])
-if kind == "slimport":
-    model, info = load_quantized(spec["path"], spec["dtype"], embeddings=spec.get("embeddings"))
-else:
-    model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype).eval()
-    if kind.startswith("torchao"):
-        from torchao.quantization import quantize_, Int8WeightOnlyConfig
-        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
-        config = Int8WeightOnlyConfig() if kind == "torchao-int8" else PrototypeInt4WeightOnlyConfig(group_size=64)
-        quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
-seen = set()
-resident = sum(nbytes(t, seen) for t in [*model.parameters(), *model.buffers()])
-after = rss()
-ids = torch.randint(0, 49152, (1, spec["prompt"]), generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
-    model(ids[:, :8])  # warm-up
-    prefill = []
-    for _ in range(3):
-        t0 = time.perf_counter(); model(ids, use_cache=True); prefill.append(time.perf_counter() - t0)
-    n = spec["new"]
-    t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    gen = time.perf_counter() - t0
-print(json.dumps({"resident": resident, "rss": after - before, "prefill_s": min(prefill), "gen_s": gen, "tokens": out[0, ids.shape[1]:].tolist()}))
-"""
 
 
 def read_bandwidth() -> float:
@@ -120,95 +83,162 @@ def folders(args) -> tuple[Path, Path, Path]:
 
 
 def configurations(hf: Path, w4: Path, w8: Path) -> list[tuple[str, dict, str | None]]:
-    """(name, runner spec, name of the configuration whose greedy tokens are the reference)."""
+    """(name, worker spec, name of the configuration whose greedy tokens are the reference)."""
     import importlib.util
 
+    def lm(kind, path, dtype, **kw):
+        return {"worker": "lm_torch", "kind": kind, "path": str(path), "dtype": dtype, **kw}
+
     rows = [
-        ("torch fp32", {"kind": "torch", "path": str(hf), "dtype": "float32"}, None),
-        ("torch bf16", {"kind": "torch", "path": str(hf), "dtype": "bfloat16"}, "torch fp32"),
+        ("torch fp32", lm("torch", hf, "float32"), None),
+        ("torch bf16", lm("torch", hf, "bfloat16"), "torch fp32"),
     ]
     for label, path in (("W8", w8), ("W4 g64", w4)):
         ref = f"slimport {label} fp32"
         rows += [
-            (ref, {"kind": "slimport", "path": str(path), "dtype": "float32"}, None),
-            (
-                f"slimport {label} bf16",
-                {"kind": "slimport", "path": str(path), "dtype": "bfloat16"},
-                ref,
-            ),  # fmt: skip
-            (
-                f"slimport {label} bf16 + int8 emb",
-                {"kind": "slimport", "path": str(path), "dtype": "bfloat16", "embeddings": "int8"},
-                ref,
-            ),  # fmt: skip
-        ]
+            (ref, lm("slimport", path, "float32"), None),
+            (f"slimport {label} bf16", lm("slimport", path, "bfloat16"), ref),
+            (f"slimport {label} bf16 + int8 emb", lm("slimport", path, "bfloat16", embeddings="int8"), ref),
+        ]  # fmt: skip
     if importlib.util.find_spec("torchao") is not None:
         rows += [
-            (
-                "torchao int8 wo (fp32)",
-                {"kind": "torchao-int8", "path": str(hf), "dtype": "float32"},
-                "torch fp32",
-            ),  # fmt: skip
-            (
-                "torchao int4 g64 (bf16)",
-                {"kind": "torchao-int4", "path": str(hf), "dtype": "bfloat16"},
-                "torch bf16",
-            ),  # fmt: skip
+            ("torchao int8 wo (fp32)", lm("torchao-int8", hf, "float32"), "torch fp32"),
+            ("torchao int4 g64 (bf16)", lm("torchao-int4", hf, "bfloat16"), "torch bf16"),
         ]
+    if importlib.util.find_spec("mindspore") is not None:
+        rows += [
+            (f"mindspore {label} graph", {"worker": "lm_mindspore", "path": str(path)}, ref)
+            for label, path, ref in (
+                ("fp32", hf, "torch fp32"), ("W8", w8, "slimport W8 fp32"),
+                ("W4 g64", w4, "slimport W4 g64 fp32"),
+            )
+        ]  # fmt: skip
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--w4", type=Path, help="a W4 g64 compressed-tensors folder (default: RTN)")
-    p.add_argument("--w8", type=Path, help="a W8 compressed-tensors folder (default: RTN)")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's)")
-    p.add_argument("--only", nargs="*", help="run only configurations whose name contains one of these")  # fmt: skip
-    args = p.parse_args()
-    hf, w4, w8 = folders(args)
-    if args.threads:
-        import torch
+def run_worker(spec: dict) -> dict | str:
+    """The worker's JSON result, or the last line of its error."""
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("_runtime_worker.py")), json.dumps(spec)],
+        capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+             "SLIMPORT_CACHE": os.environ.get("SLIMPORT_CACHE", str(ROOT / ".cache"))},
+    )  # fmt: skip
+    if run.returncode:
+        return (run.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
-        torch.set_num_threads(args.threads)
+
+def wanted(name: str, rows: list[str] | None) -> bool:
+    return not rows or any(r in name for r in rows)
+
+
+def smollm2(args, wiki: Path) -> None:
+    hf, w4, w8 = folders(args)
     bandwidth = read_bandwidth()
     file_bytes = {
         str(d): sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (hf, w4, w8)
     }
-    print(header("python " + " ".join(map(shlex.quote, sys.argv)), ("torch", "transformers", "torchao")))  # fmt: skip
-    print(f"threads {args.threads or 'torch default'}; read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_tokens} tokens, {args.new_tokens} new (greedy)")  # fmt: skip
-    cols = f"{'configuration':32} {'file MB':>8} {'resident MB':>11} {'RSS +MB':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'ceiling tok/s':>13}  greedy = ref"  # fmt: skip
-    print(cols)
+    print(f"\nSmolLM2-135M: threads {args.threads or 'torch default'}; read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_tokens} tokens, {args.new_tokens} new (greedy); perplexity: WikiText-2 test, {args.windows} x 512")  # fmt: skip
+    print(f"{'configuration':32} {'file MB':>8} {'resident MB':>11} {'RSS +MB':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'ceiling tok/s':>13} {'ppl':>8}  greedy = ref")  # fmt: skip
     results = {}
     for name, spec, ref in configurations(hf, w4, w8):
-        if args.only and not any(s in name for s in args.only):
+        if not wanted(name, args.rows):
             continue
-        spec = {
-            **spec,
-            "prompt": args.prompt_tokens,
-            "new": args.new_tokens,
-            "threads": args.threads,
-        }
-        run = subprocess.run(
-            [sys.executable, "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True,
-            env={"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-        )  # fmt: skip
-        if run.returncode:
-            print(f"{name:32} failed: {run.stderr.strip().splitlines()[-1]}")
+        spec |= {"prompt": args.prompt_tokens, "new": args.new_tokens, "threads": args.threads}
+        if spec["worker"] == "lm_torch":
+            spec |= {"windows": args.windows, "wiki": str(wiki), "tokenizer": str(hf)}
+        r = run_worker(spec)
+        if isinstance(r, str):
+            print(f"{name:32} failed: {r}", flush=True)
             continue
-        r = results[name] = json.loads(run.stdout.strip().splitlines()[-1])
+        results[name] = r
         decode = args.new_tokens / max(r["gen_s"] - r["prefill_s"], 1e-9)
         same = "-"
         if ref in results:
             a, b = r["tokens"], results[ref]["tokens"]
             k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
             same = f"{k}/{len(a)} before the first difference"
+        ppl = f"{r['ppl']:8.3f}" if "ppl" in r else f"{'-':>8}"
         print(
             f"{name:32} {file_bytes[spec['path']] / 1e6:8.1f} {r['resident'] / 1e6:11.1f} {r['rss'] / 1e6:8.1f} "
-            f"{args.prompt_tokens / r['prefill_s']:13.1f} {decode:12.2f} {bandwidth / r['resident']:13.1f}  {same}",
+            f"{args.prompt_tokens / r['prefill_s']:13.1f} {decode:12.2f} {bandwidth / r['resident']:13.1f} {ppl}  {same}",
             flush=True,
         )  # fmt: skip
+
+
+MINILM_SCHEMES = {  # label -> quantize options (None: the fp32 classifier itself)
+    "fp32": None,
+    "W8": {"bits": 8},
+    "W8A8 dynamic": {"bits": 8, "activations": "dynamic"},
+    "W4 g128": {"bits": 4, "group_size": 128},
+}
+
+
+def minilm(args, sst2: Path) -> None:
+    from slimport.compress import api
+    from slimport.finetune import ensure_sst2_classifier
+
+    classifier = ensure_sst2_classifier(recipe="ci")
+    folders = {"fp32": classifier}
+    for label, options in MINILM_SCHEMES.items():
+        if options is not None:
+            folders[label] = CACHE / f"minilm-{label.replace(' ', '-').lower()}"
+            if not folders[label].exists():
+                api.quantize(classifier, folders[label], progress=False, **options)
+    rows = [(f"torch {label}", "torch", label, "float32") for label in MINILM_SCHEMES]
+    rows += [(f"torch {label} bf16", "torch", label, "bfloat16") for label in ("W8", "W4 g128")]
+    rows += [(f"mindspore {label}", "mindspore", label, "float32") for label in MINILM_SCHEMES]
+    print(f"\nMiniLM-L6 SST-2 ({classifier.name}, dev {sst2}): batch 1 over the first {args.latency} sentences, batch 32 over all; agreement with torch fp32")  # fmt: skip
+    print(f"{'configuration':28} {'resident MB':>11} {'RSS +MB':>8} {'ms/sentence b1':>14} {'ms/batch b32':>12} {'accuracy':>8} {'agree':>6}")  # fmt: skip
+    reference = None
+    for name, runtime, label, dtype in rows:
+        if not wanted(name, args.rows) and name != "torch fp32":
+            continue
+        spec = {
+            "worker": "classifier", "runtime": runtime, "path": str(folders[label]),
+            "quantized": label != "fp32", "dtype": dtype, "tokenizer": str(classifier),
+            "data": str(sst2), "latency": args.latency, "reference": reference,
+            "threads": args.threads,
+        }  # fmt: skip
+        r = run_worker(spec)
+        if isinstance(r, str):
+            print(f"{name:28} failed: {r}", flush=True)
+            continue
+        if reference is None:
+            reference = r["predictions"]
+        agree = "-" if r["agreement"] is None else f"{r['agreement']:.4f}"
+        print(
+            f"{name:28} {r['resident'] / 1e6:11.1f} {r['rss'] / 1e6:8.1f} {r['batch1_s'] * 1e3:14.2f} "
+            f"{r['batch32_s'] * 1e3:12.1f} {r['accuracy']:8.4f} {agree:>6}",
+            flush=True,
+        )  # fmt: skip
+
+
+def main() -> None:
+    from slimport.data import shared_dir
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=("smollm2", "minilm"), help="one of the two tables")
+    p.add_argument("--rows", nargs="*", help="run only configurations whose name contains one of these")  # fmt: skip
+    p.add_argument("--w4", type=Path, help="a W4 g64 compressed-tensors folder (default: RTN)")
+    p.add_argument("--w8", type=Path, help="a W8 compressed-tensors folder (default: RTN)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 512 (0: skip)")
+    p.add_argument("--latency", type=int, default=200, help="SST-2 sentences timed at batch 1")
+    p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data = shared_dir() / "data"
+    print(header("python " + " ".join(map(shlex.quote, sys.argv)), ("torch", "transformers", "torchao", "mindspore")))  # fmt: skip
+    if args.only in (None, "smollm2"):
+        smollm2(args, data / "wikitext-2-raw/wiki.test.raw")
+    if args.only in (None, "minilm"):
+        minilm(args, data / "sst2/dev.tsv")
 
 
 if __name__ == "__main__":

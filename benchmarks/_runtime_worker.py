@@ -77,7 +77,7 @@ def lm_torch(spec: dict) -> dict:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)  # fmt: skip
         gen = time.perf_counter() - t0
     result = {"resident": resident, "rss": after - before, "prefill_s": min(prefill), "gen_s": gen}
-    result["tokens"] = out[0, ids.shape[1] :].tolist()
+    result |= {"tokens": out[0, ids.shape[1] :].tolist(), "rss_end": rss() - before}
     if spec.get("windows"):
         from slimport.data import wikitext_windows
         from slimport.evaluate.perplexity import perplexity
@@ -104,7 +104,7 @@ def lm_mindspore(spec: dict) -> dict:
     resident, after = _ms_resident(model), rss()
     ids = np.random.default_rng(0).integers(0, 49152, (1, spec["prompt"])).astype(np.int32)
     mask = np.ones_like(ids)
-    model.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2)  # compile, warm-up
+    model.generate(ids, attention_mask=mask, max_new_tokens=4)  # graph compile for these shapes
     t0 = time.perf_counter()
     model.generate(ids, attention_mask=mask, max_new_tokens=1)
     prefill = time.perf_counter() - t0
@@ -114,7 +114,7 @@ def lm_mindspore(spec: dict) -> dict:
     out = out.asnumpy() if hasattr(out, "asnumpy") else np.asarray(out)
     return {
         "resident": resident, "rss": after - before, "prefill_s": prefill, "gen_s": gen,
-        "tokens": out[0, ids.shape[1] :].tolist(),
+        "tokens": out[0, ids.shape[1] :].tolist(), "rss_end": rss() - before,
     }  # fmt: skip
 
 
@@ -159,7 +159,7 @@ def classifier(spec: dict) -> dict:
     return {
         "resident": resident, "rss": after - before, "batch1_s": batch1,
         "batch32_s": r["seconds"] / -(-r["n"] // 32), "accuracy": r["accuracy"],
-        "agreement": r.get("agreement"), "predictions": r["predictions"],
+        "agreement": r.get("agreement"), "predictions": r["predictions"], "rss_end": rss() - before,
     }  # fmt: skip
 
 

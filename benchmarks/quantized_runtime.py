@@ -1,16 +1,16 @@
 """Quantized models at run time: how small and how fast the packed torch runtime and MindSpore's
 integer-held QuantDense really are.
 
-SmolLM2-135M table, each configuration in a fresh subprocess (_runtime_worker.py, so its RSS is
-its own): file bytes, resident
-bytes (parameters + buffers, each storage once), RSS growth from loading (over the process after
-its imports), prefill tokens/s (one forward over a 128-token prompt, best of 3), decode tokens/s
-(HF generate, greedy, 128 new tokens with the KV cache, prefill time subtracted), the bandwidth
-ceiling (resident bytes read once per token / read bandwidth measured in this run: an upper bound
-on decode for a memory-bound model), WikiText-2 test perplexity (16 x 512 windows; torch rows),
-and how many of the greedy tokens equal the reference's (torch fp32 for torch bf16; the same
-folder's fp32 path for slimport's bf16). MindSpore rows (graph mode; W8/W4 `dequantize="per_call"`,
-integers held): parameter bytes, RSS after load, decode tokens/s.
+SmolLM2-135M table, each configuration in a fresh subprocess (_runtime_worker.py, so its RSS is its
+own): file bytes, resident bytes (parameters + buffers, each storage once), RSS growth from loading
+and at the end of the run (over the process after its imports), prefill tokens/s (one forward over
+a 128-token prompt, best of 3), decode tokens/s (HF generate, greedy, 128 new tokens with the KV
+cache, prefill time subtracted), the bandwidth ceiling (resident bytes read once per token / read
+bandwidth measured in this run: an upper bound on decode for a memory-bound model), WikiText-2 test
+perplexity (16 x 512 windows; torch rows), and how many of the greedy tokens equal the reference's
+(torch fp32 for torch bf16; the same folder's fp32 path for slimport's bf16). MindSpore rows (graph
+mode; W8/W4 `dequantize="per_call"`, integers held): parameter bytes, RSS after load, decode
+tokens/s.
 
 MiniLM SST-2 table (the CI classifier of `ensure_sst2_classifier(recipe="ci")`): ms per sentence
 at batch 1 (first --latency dev sentences), ms per batch of 32 (whole dev set), resident bytes,
@@ -140,7 +140,7 @@ def smollm2(args, wiki: Path) -> None:
         str(d): sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (hf, w4, w8)
     }
     print(f"\nSmolLM2-135M: threads {args.threads or 'torch default'}; read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_tokens} tokens, {args.new_tokens} new (greedy); perplexity: WikiText-2 test, {args.windows} x 512")  # fmt: skip
-    print(f"{'configuration':32} {'file MB':>8} {'resident MB':>11} {'RSS +MB':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'ceiling tok/s':>13} {'ppl':>8}  greedy = ref")  # fmt: skip
+    print(f"{'configuration':32} {'file MB':>8} {'resident MB':>11} {'RSS +MB':>8} {'end +MB':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'ceiling tok/s':>13} {'ppl':>8}  greedy = ref")  # fmt: skip
     results = {}
     for name, spec, ref in configurations(hf, w4, w8):
         if not wanted(name, args.rows):
@@ -161,7 +161,7 @@ def smollm2(args, wiki: Path) -> None:
             same = f"{k}/{len(a)} before the first difference"
         ppl = f"{r['ppl']:8.3f}" if "ppl" in r else f"{'-':>8}"
         print(
-            f"{name:32} {file_bytes[spec['path']] / 1e6:8.1f} {r['resident'] / 1e6:11.1f} {r['rss'] / 1e6:8.1f} "
+            f"{name:32} {file_bytes[spec['path']] / 1e6:8.1f} {r['resident'] / 1e6:11.1f} {r['rss'] / 1e6:8.1f} {r['rss_end'] / 1e6:8.1f} "
             f"{args.prompt_tokens / r['prefill_s']:13.1f} {decode:12.2f} {bandwidth / r['resident']:13.1f} {ppl}  {same}",
             flush=True,
         )  # fmt: skip
@@ -190,7 +190,7 @@ def minilm(args, sst2: Path) -> None:
     rows += [(f"torch {label} bf16", "torch", label, "bfloat16") for label in ("W8", "W4 g128")]
     rows += [(f"mindspore {label}", "mindspore", label, "float32") for label in MINILM_SCHEMES]
     print(f"\nMiniLM-L6 SST-2 ({classifier.name}, dev {sst2}): batch 1 over the first {args.latency} sentences, batch 32 over all; agreement with torch fp32")  # fmt: skip
-    print(f"{'configuration':28} {'resident MB':>11} {'RSS +MB':>8} {'ms/sentence b1':>14} {'ms/batch b32':>12} {'accuracy':>8} {'agree':>6}")  # fmt: skip
+    print(f"{'configuration':28} {'resident MB':>11} {'RSS +MB':>8} {'end +MB':>8} {'ms/sentence b1':>14} {'ms/batch b32':>12} {'accuracy':>8} {'agree':>6}")  # fmt: skip
     reference = None
     for name, runtime, label, dtype in rows:
         if not wanted(name, args.rows) and name != "torch fp32":
@@ -209,7 +209,7 @@ def minilm(args, sst2: Path) -> None:
             reference = r["predictions"]
         agree = "-" if r["agreement"] is None else f"{r['agreement']:.4f}"
         print(
-            f"{name:28} {r['resident'] / 1e6:11.1f} {r['rss'] / 1e6:8.1f} {r['batch1_s'] * 1e3:14.2f} "
+            f"{name:28} {r['resident'] / 1e6:11.1f} {r['rss'] / 1e6:8.1f} {r['rss_end'] / 1e6:8.1f} {r['batch1_s'] * 1e3:14.2f} "
             f"{r['batch32_s'] * 1e3:12.1f} {r['accuracy']:8.4f} {agree:>6}",
             flush=True,
         )  # fmt: skip

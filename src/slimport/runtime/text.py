@@ -40,7 +40,7 @@ def generate_text(
     **sampling,
 ) -> list[str]:
     """Generate a continuation for each prompt (batched, left padded); returns new text only.
-    compute_dtype: float32 or bfloat16, for a quantized folder run by torch (the packed runtime)."""
+    compute_dtype: torch's float32 or bfloat16 (a quantized folder runs on the packed runtime)."""
     tok = load_tokenizer(model_path)
     ids, mask = encode_prompts(tok, prompts, chat)
     common = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, **sampling}

@@ -67,6 +67,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 def peak_kb() -> int:
+    """Peak RSS of this process so far (KB): growth past it is what an input made us allocate."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 

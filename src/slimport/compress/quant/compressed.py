@@ -39,6 +39,7 @@ from slimport.io.compressed import (
     scheme_from,
     weight_args,
 )
+from slimport.io.hf import model_class
 
 RECIPE_FILE = "slimport_quantization.json"
 
@@ -244,11 +245,10 @@ def _build_model(folder: Path, config: dict) -> nn.Module:
     from transformers.initialization import no_init_weights
 
     arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise SlimportError(
-            f"{folder / 'config.json'}: architectures {config.get('architectures')!r} is not a transformers model class"
-        )
+    try:  # only a model class: getattr(transformers, arch) would call `pipeline` just as well
+        cls = model_class(arch)
+    except SlimportError as e:
+        raise SlimportError(f"{folder / 'config.json'}: {e.message}", e.hint) from None
     rest = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         hf_config = transformers.AutoConfig.for_model(**rest)

@@ -41,14 +41,14 @@ def weight_args(scheme) -> WeightArgs:
     )
 
 
-def _ct():
+def ct_quantization():
     """compressed_tensors.quantization, imported when a compressed checkpoint is read: the library
     pulls in transformers (seconds), which opening any other checkpoint never needs."""
     try:
         import compressed_tensors.quantization as q
     except ImportError:  # pragma: no cover - a dependency of slimport's quantization extra
         raise SlimportError(
-            "reading compressed-tensors checkpoints needs the compressed-tensors package",
+            "reading or writing compressed-tensors checkpoints needs the compressed-tensors package",
             hint="pip install compressed-tensors",
         ) from None
     return q
@@ -93,7 +93,7 @@ def _unsupported(path: Path, what: str):
 
 def scheme_from(path: Path, qc: dict):
     """Validate the config block and return (library QuantizationConfig, its one scheme, format)."""
-    q = _ct()
+    q = ct_quantization()
     try:
         ct = q.QuantizationConfig.model_validate(qc)
     except Exception as e:  # pydantic's ValidationError, or the library's own ValueErrors
@@ -140,7 +140,7 @@ def read_linear(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(integers, scale, zero point) of the quantized Linear `name` with weight `shape`, checked
     against the scheme; `take(tensor name, what)` reads a checkpoint tensor."""
-    _ct()
+    ct_quantization()
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     out_f, in_f = shape

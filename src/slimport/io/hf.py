@@ -76,3 +76,29 @@ def model_class(name: object) -> type:
             hint="set architectures in config.json to the model class, e.g. LlamaForCausalLM",
         )
     return getattr(transformers, name)
+
+
+def model_for_config(folder: Path, config: dict) -> tuple[type, object]:
+    """The model class and transformers config of a folder's config.json (its
+    quantization_config left out: the caller fills the weights itself, so transformers must not
+    try to quantize them again)."""
+    import transformers
+
+    arch = (config.get("architectures") or [None])[0]
+    try:
+        cls = model_class(arch)
+    except SlimportError as e:
+        raise SlimportError(f"{folder / 'config.json'}: {e.message}", e.hint) from None
+    rest = {k: v for k, v in config.items() if k != "quantization_config"}
+    try:
+        return cls, transformers.AutoConfig.for_model(**rest)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SlimportError(
+            f"{folder / 'config.json'}: cannot build a {arch} config ({e})"
+        ) from None
+
+
+def set_module(model, name: str, module) -> None:
+    """Replace the submodule at a dotted name."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)

@@ -34,12 +34,13 @@ from slimport.io.compressed import (
     INT,
     PACKED,
     PACKED_ZP,
+    ct_quantization,
     read_config,
     read_linear,
     scheme_from,
     weight_args,
 )
-from slimport.io.hf import model_class
+from slimport.io.hf import model_for_config, set_module
 
 RECIPE_FILE = "slimport_quantization.json"
 
@@ -48,19 +49,6 @@ RECIPE_FILE = "slimport_quantization.json"
 # ema_min_max is llm-compressor's moving-average minmax.
 _ACT_OBSERVERS = {"min_max": "static_minmax", "ema_min_max": "minmax", "mse": "mse"}
 _WEIGHT_OBSERVERS = {"min_max": "minmax", "mse": "mse"}
-
-
-def _ct():
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:  # pragma: no cover - a dependency of slimport's quantization extra
-        raise SlimportError(
-            "saving compressed-tensors checkpoints needs the compressed-tensors package",
-            hint="pip install compressed-tensors",
-        ) from None
-    import compressed_tensors.quantization as q
-
-    return q
 
 
 # ---------------------------------------------------------------- config
@@ -73,7 +61,7 @@ def checkpoint_format(qconfig: QuantizationConfig) -> str:
 
 
 def _args(a: QuantArgs, observer: str | None = None, options: dict | None = None):
-    q = _ct()
+    q = ct_quantization()
     kw = {}
     if observer is not None:
         kw["observer"] = observer
@@ -92,7 +80,7 @@ def _args(a: QuantArgs, observer: str | None = None, options: dict | None = None
 
 def scheme(qconfig: QuantizationConfig):
     """The library's QuantizationScheme for every quantized Linear of this recipe."""
-    q = _ct()
+    q = ct_quantization()
     _check_supported(qconfig)
     w_obs = _WEIGHT_OBSERVERS.get(qconfig.weight_observer, qconfig.weight_observer)
     inputs = None
@@ -117,7 +105,7 @@ def quantization_config(qconfig: QuantizationConfig, ignore: list[str]) -> dict:
     """The `quantization_config` block of config.json (as llm-compressor writes it)."""
     import compressed_tensors
 
-    q = _ct()
+    q = ct_quantization()
     cfg = q.QuantizationConfig(
         config_groups={"group_0": scheme(qconfig)},
         format=checkpoint_format(qconfig),
@@ -241,30 +229,13 @@ def _recipe(folder: Path, ct, s) -> QuantizationConfig:
 
 
 def _build_model(folder: Path, config: dict) -> nn.Module:
-    import transformers
     from transformers.initialization import no_init_weights
 
-    arch = (config.get("architectures") or [None])[0]
-    try:  # only a model class: getattr(transformers, arch) would call `pipeline` just as well
-        cls = model_class(arch)
-    except SlimportError as e:
-        raise SlimportError(f"{folder / 'config.json'}: {e.message}", e.hint) from None
-    rest = {k: v for k, v in config.items() if k != "quantization_config"}
-    try:
-        hf_config = transformers.AutoConfig.for_model(**rest)
-    except (ValueError, KeyError, TypeError) as e:
-        raise SlimportError(
-            f"{folder / 'config.json'}: cannot build a {arch} config ({e})"
-        ) from None
+    cls, hf_config = model_for_config(folder, config)
     with no_init_weights():  # every tensor is read from the checkpoint below
         model = cls(hf_config)
     model.tie_weights()  # init_weights, skipped above, is what ties lm_head to the embeddings
     return model
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def load_simulated(path: str | Path) -> tuple[nn.Module, QuantizationConfig]:
@@ -339,7 +310,7 @@ def _load_into(model: nn.Module, ckpt, ct, s, fmt: str, qconfig: QuantizationCon
                 else take(f"{name}.input_zero_point", "input zero point")
             )
             m.set_input_qparams(iscale, izero)
-        _set_module(model, name, m)
+        set_module(model, name, m)
 
     quantized = {n for n, _ in targets}
     rest = {}

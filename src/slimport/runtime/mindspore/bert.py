@@ -188,10 +188,13 @@ class BertLayer(nn.Cell):
         return self.output(self.intermediate(a), a)
 
 
-class BertEncoder(nn.Cell):
-    def __init__(self, cfg: dict):
+class LayerStack(nn.Cell):
+    """`num_hidden_layers` blocks in a `layer` list (the checkpoint's name), run in order; returns
+    the last state and every state from the embeddings on."""
+
+    def __init__(self, block: type, cfg: dict):
         super().__init__()
-        self.layer = nn.CellList([BertLayer(cfg) for _ in range(cfg["num_hidden_layers"])])
+        self.layer = nn.CellList([block(cfg) for _ in range(cfg["num_hidden_layers"])])
 
     def construct(self, x, mask):
         states = (x,)
@@ -241,7 +244,7 @@ class _BertBody(nn.Cell):
 def _build_body(cell: nn.Cell, cfg: dict, pooler: bool) -> None:
     _check_bert_config(cfg)
     cell.embeddings = BertEmbeddings(cfg)
-    cell.encoder = BertEncoder(cfg)
+    cell.encoder = LayerStack(BertLayer, cfg)
     cell.has_pooler = pooler
     if pooler:
         cell.pooler = BertPooler(cfg)

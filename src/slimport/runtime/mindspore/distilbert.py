@@ -9,6 +9,7 @@ from mindspore import nn, ops
 
 from slimport.arch import bert as arch
 from slimport.runtime.mindspore.bert import (
+    LayerStack,
     SelfAttention,
     _BertFamilyCell,
     _sigma,
@@ -71,22 +72,9 @@ class DistilBlock(nn.Cell):
         return self.output_layer_norm(self.ffn(a) + a)
 
 
-class DistilTransformer(nn.Cell):
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.layer = nn.CellList([DistilBlock(cfg) for _ in range(cfg["num_hidden_layers"])])
-
-    def construct(self, x, mask):
-        states = (x,)
-        for block in self.layer:
-            x = block(x, mask)
-            states = states + (x,)
-        return x, states
-
-
 def _build_distil(cell: nn.Cell, cfg: dict) -> None:
     cell.embeddings = DistilEmbeddings(cfg)
-    cell.transformer = DistilTransformer(cfg)
+    cell.transformer = LayerStack(DistilBlock, cfg)
 
 
 def _encode_distil(cell, input_ids, attention_mask, position_ids):

@@ -27,7 +27,7 @@ from slimport.compress.quant import primitives as P
 from slimport.compress.quant.config import QuantArgs
 from slimport.errors import SlimportError, name_list
 from slimport.io.compressed import WeightArgs, read_config, read_linear, scheme_from, weight_args
-from slimport.io.hf import model_class
+from slimport.io.hf import model_for_config, set_module
 from slimport.runtime.torch.packed import InputQuant, PackedEmbedding, PackedLinear, PackedWeight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -135,28 +135,11 @@ def parameters_on_meta():
 
 
 def _build_model(folder: Path, config: dict) -> nn.Module:
-    import transformers
     from transformers.initialization import no_init_weights
 
-    arch = (config.get("architectures") or [None])[0]
-    try:  # only a model class: getattr(transformers, arch) would call `pipeline` just as well
-        cls = model_class(arch)
-    except SlimportError as e:
-        raise SlimportError(f"{folder / 'config.json'}: {e.message}", e.hint) from None
-    rest = {k: v for k, v in config.items() if k != "quantization_config"}
-    try:
-        hf_config = transformers.AutoConfig.for_model(**rest)
-    except (ValueError, KeyError, TypeError) as e:
-        raise SlimportError(
-            f"{folder / 'config.json'}: cannot build a {arch} config ({e})"
-        ) from None
+    cls, hf_config = model_for_config(folder, config)
     with parameters_on_meta(), no_init_weights():
         return cls(hf_config)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def _packed_linear(ckpt: Checkpoint, name: str, lin: nn.Linear, s: Scheme, dtype) -> PackedLinear:
@@ -217,7 +200,7 @@ def _quantize_embedding(model, name: str, weight: torch.Tensor, how: str, dtype)
     q, scale, zero = P.rtn(weight.float(), args)
     packed = PackedWeight(q, scale, None if args.symmetric else zero, args.bits, dtype)
     old = model.get_submodule(name)
-    _set_module(model, name, PackedEmbedding(packed, getattr(old, "padding_idx", None)))
+    set_module(model, name, PackedEmbedding(packed, getattr(old, "padding_idx", None)))
     return packed
 
 
@@ -244,7 +227,7 @@ def _fill(model: nn.Module, ckpt: Checkpoint, scheme: Scheme, dtype, embeddings)
         if not isinstance(lin, nn.Linear):
             what = "absent" if lin is None else type(lin).__name__
             raise SlimportError(f"{ckpt.path}: {name} holds quantized tensors, but in {type(model).__name__} it is {what}, not a Linear")  # fmt: skip
-        _set_module(model, name, _packed_linear(ckpt, name, lin, scheme, dtype))
+        set_module(model, name, _packed_linear(ckpt, name, lin, scheme, dtype))
 
     emb_name = _embedding_name(model) if embeddings else None
     tied_head = None
@@ -264,7 +247,7 @@ def _fill(model: nn.Module, ckpt: Checkpoint, scheme: Scheme, dtype, embeddings)
             raise SlimportError(f"{ckpt.path}: the output head's weight is missing and not tied")
         head_name = next(n for n, m in model.named_modules() if m is head)
         if tied_head is not None:  # the head computes on the embedding's integers
-            _set_module(model, head_name, PackedLinear(tied_head, None))
+            set_module(model, head_name, PackedLinear(tied_head, None))
         else:
             head.weight = model.get_input_embeddings().weight
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

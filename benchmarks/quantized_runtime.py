@@ -121,7 +121,9 @@ def run_worker(spec: dict) -> dict | str:
     run = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("_runtime_worker.py")), json.dumps(spec)],
         capture_output=True, text=True,
-        env={"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+        # the caller's PYTHONPATH goes on: a peer installed aside (pip install --target DIR torchao)
+        env={"PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT / "src"), os.environ.get("PYTHONPATH")))),
+             "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
              "SLIMPORT_CACHE": os.environ.get("SLIMPORT_CACHE", str(ROOT / ".cache"))},
     )  # fmt: skip
     if run.returncode:

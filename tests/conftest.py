@@ -11,6 +11,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # parallel CI workers (pytest -n): a core's share each, also for the CLIs tests spawn;
+    # oversubscribed OpenMP threads spin-wait for each other and run many times slower
+    import torch
+
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", share)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SLIMPORT_SHARED", ROOT.parent / "shared"))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -274,5 +275,10 @@ def ensure_sst2_classifier(
     root = Path(cache_dir) if cache_dir else cache_root() / "models"
     folder = root / f"minilm-sst2-{settings_key(model, settings)}"
     if not (folder / "finetune_report.json").is_file():
-        finetune(folder, model, settings, progress=progress)
+        root.mkdir(parents=True, exist_ok=True)
+        # one trainer at a time (parallel test workers, two shells): the others wait, then reuse
+        with open(root / f"{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (folder / "finetune_report.json").is_file():
+                finetune(folder, model, settings, progress=progress)
     return folder

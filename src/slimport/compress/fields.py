@@ -28,7 +28,7 @@ def check_field_types(cls: type, values: dict, what: str = "quantization option"
 
 def matches(value: object, annotation) -> bool:
     """isinstance for the annotations recipes use: int, float, bool, str, list[X], dict, X | None.
-    A bool is no int (True would pass as 1 bit), an int is a float."""
+    A bool is no int (True would pass as 1 bit), an int is a float, a tuple is a list."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(matches(value, a) for a in typing.get_args(annotation))
@@ -36,7 +36,7 @@ def matches(value: object, annotation) -> bool:
         return value is None
     if origin is list:
         (item,) = typing.get_args(annotation) or (object,)
-        return isinstance(value, list) and all(matches(v, item) for v in value)
+        return isinstance(value, list | tuple) and all(matches(v, item) for v in value)
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:

@@ -3,6 +3,7 @@ seeds' dict form, and validated once here so every later stage can trust it."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -90,6 +91,8 @@ class QuantizationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.calib_data, os.PathLike):
+            self.calib_data = os.fspath(self.calib_data)  # kept as text: the recipe is JSON
         check_field_types(QuantizationConfig, vars(self))
         if self.group_size is not None and self.granularity == "channel":
             self.granularity = "group"

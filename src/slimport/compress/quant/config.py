@@ -216,7 +216,10 @@ class QuantizationConfig:
         if (self.granularity == "group" and not self.group_size) or (
             self.group_size is not None and self.group_size <= 0
         ):
-            bad("group_size", f"{self.group_size}: per-group quantization needs a positive size")
+            bad(
+                "group_size",
+                f"{self.group_size}: per-group quantization needs a positive group_size",
+            )
         if self.activations not in ACTIVATIONS:
             bad("activations", f"unknown {self.activations!r}", "static or dynamic")
         if self.activations and self.act_bits != 8:

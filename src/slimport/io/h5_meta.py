@@ -3,11 +3,11 @@
 A corrupt attribute or object header can make libhdf5 loop forever (a fuzzed string attribute
 of tf_model.h5 did) or crash, and a loop inside the C library holds the GIL: no Python timeout or
 signal handler can end it. So the walk over the file's tree (layer lists, datasets, storage
-checks) runs in `python -m slimport.io.h5_meta FILE`, which imports only h5py and numpy, and
-prints what it found as JSON; the parent opens only the datasets it listed. The child may use
-SLIMPORT_H5_TIMEOUT seconds of CPU (default 5; MiniLM's tf_model.h5 takes 0.35 s, interpreter
-start included): counted by the kernel (RLIMIT_CPU), so a busy machine does not fail a good
-file, and a wall-clock bound of 6x that ends a child that blocks instead.
+checks) runs in a child process forked from a server process that imports only this module
+(h5py, numpy), and sends back what it found; the parent opens only the datasets it listed. The child
+may use SLIMPORT_H5_TIMEOUT seconds of CPU (default 5; MiniLM's tf_model.h5 takes ~0.1 s):
+counted by the kernel (RLIMIT_CPU), so a busy machine does not fail a good file, and a
+wall-clock bound of 6x that ends a child that blocks instead.
 
 Layouts (names are the datasets' paths in the h5 tree): Keras 2 `save_weights` (root attrs
 `layer_names`, each layer group's `weight_names`; split into `layer_names0`, `layer_names1`...
@@ -18,15 +18,20 @@ opaque data with attr dtype="bfloat16"), a `.keras` zip's model.weights.h5.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import json
 import math
 import os
 import re
 import resource
+import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -61,42 +66,115 @@ def read_metadata(path: Path) -> dict:
     """{"tensors": [[name, h5 path, shape, numpy dtype str, is bf16]], "skipped", "layout",
     "metadata"} of an HDF5 weights file, from a child process (see the module docstring)."""
     timeout = float(os.environ.get("SLIMPORT_H5_TIMEOUT", TIMEOUT_S))
-    root = str(Path(__file__).resolve().parents[2])  # this slimport, whatever is installed
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    env |= {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "slimport.io.h5_meta", str(path)]
-    limits = functools.partial(_limit, max(1, math.ceil(timeout)))
-    slow = SlimportError(
-        f"{path}: reading the HDF5 metadata did not finish in {timeout:g} s (a corrupt "
-        "attribute or header makes libhdf5 loop)",
-        hint="the file is damaged; fetch it again (for a huge file, raise SLIMPORT_H5_TIMEOUT=SECONDS)",
-    )
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=6 * timeout, env=env,
-                           preexec_fn=limits)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise slow from None
-    if r.returncode == -signal.SIGXCPU:
-        raise slow
-    try:
-        answer = json.loads(r.stdout)
-    except ValueError:
-        why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit status {r.returncode}"
-        last = (r.stderr.strip().splitlines() or [""])[-1][:200]
+    cpu = max(1, math.ceil(timeout))
+    reply = _server().ask({"path": str(path), "cpu": cpu, "wall": 6 * timeout})
+    sig = reply.get("signal")
+    if reply.get("timed_out") or sig in (signal.SIGXCPU, signal.SIGKILL):
         raise SlimportError(
-            f"{path}: libhdf5 failed reading the file's metadata ({why}{': ' if last else ''}{last})",
+            f"{path}: reading the HDF5 metadata did not finish in {timeout:g} s (a corrupt "
+            "attribute or header makes libhdf5 loop)",
+            hint="the file is damaged; fetch it again (for a huge file, raise "
+            "SLIMPORT_H5_TIMEOUT=SECONDS)",
+        )
+    answer = reply.get("answer")
+    if answer is None:
+        raise SlimportError(
+            f"{path}: libhdf5 crashed reading the file's metadata (signal {sig})",
             hint="the file is damaged; fetch it again",
-        ) from None
+        )
     if "error" in answer:
         raise SlimportError(answer["error"], hint=answer.get("hint"))
     return answer
 
 
-def _limit(cpu_seconds: int) -> None:
-    """In the child, before exec: its CPU time and address space are bounded by the kernel."""
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU would otherwise dump a core
+class _Server:
+    """`python -m slimport.io.h5_meta`: a process that imported h5py once (a fresh interpreter
+    per file costs 0.3 s of CPU) and forks one child per file. Never a fork of this process:
+    its threads (torch's) would not be copied, and a lock one of them held would stay held."""
+
+    def __init__(self) -> None:
+        root = str(Path(__file__).resolve().parents[2])  # this slimport, whatever is installed
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
+        env |= {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}  # no thread pools to fork
+        self.p = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                  text=True)  # fmt: skip
+        self.lock = threading.Lock()
+        atexit.register(self.close)
+
+    def ask(self, request: dict) -> dict:
+        with self.lock:
+            try:
+                self.p.stdin.write(json.dumps(request) + "\n")
+                self.p.stdin.flush()
+                line = self.p.stdout.readline()
+            except OSError:
+                line = ""
+        if not line:
+            _server.cache_clear()
+            raise SlimportError(f"{request['path']}: the HDF5 metadata reader process failed")
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.p.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.p.wait(timeout=5)
+
+
+@functools.cache
+def _server() -> _Server:
+    return _Server()
+
+
+def serve() -> None:
+    """The server's loop: per request line, fork a child bounded by the kernel (CPU time,
+    address space, no core dump) that walks the file, kill it past the wall-clock bound, and
+    answer one line: {"answer", "signal", "timed_out"}."""
+    for line in sys.stdin:
+        req = json.loads(line)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.close(r)
+            code = 0
+            try:
+                resource.setrlimit(resource.RLIMIT_CPU, (req["cpu"], req["cpu"] + 1))
+                resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU would dump a core
+                try:
+                    answer = probe(Path(req["path"]))
+                except SlimportError as e:
+                    answer = {"error": e.message, "hint": e.hint}
+                except Exception as e:  # noqa: BLE001 - any failure is the file's: one error
+                    answer = {"error": f"{req['path']}: cannot read the HDF5 metadata ({short(e)})"}
+                with os.fdopen(w, "w") as f:
+                    f.write(json.dumps(answer))
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        data, timed_out, deadline = b"", False, time.monotonic() + req["wall"]
+        while True:
+            ready = select.select([r], [], [], max(0.0, deadline - time.monotonic()))[0]
+            if not ready:
+                os.kill(pid, signal.SIGKILL)  # blocked rather than spinning
+                timed_out = True
+                break
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        ok = data and sig is None and os.WEXITSTATUS(status) == 0
+        reply = {"answer": json.loads(data) if ok else None, "signal": sig, "timed_out": timed_out}
+        print(json.dumps(reply), flush=True)
 
 
 def probe(path: Path) -> dict:
@@ -273,13 +351,5 @@ def short(e: Exception) -> str:
     return " ".join(str(e).split())[:200]
 
 
-def main() -> None:
-    try:
-        answer = probe(Path(sys.argv[1]))
-    except SlimportError as e:
-        answer = {"error": e.message, "hint": e.hint}
-    print(json.dumps(answer))
-
-
 if __name__ == "__main__":
-    main()
+    serve()

@@ -40,6 +40,9 @@ def fuzz(fmt: str, seconds: float, seed: int, work: Path, findings: Path) -> dic
     counts = {"inputs": 0, "ok": 0, "refused": 0, "findings": 0}
     found: dict[str, Path] = {}
     baseline = peak_kb()
+    for data in corpus:  # the seeds read; and what a reader starts once is started untimed
+        path.write_bytes(data)
+        check(path, fmt, baseline)
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         data = mutate(rng.choice(corpus), rng)

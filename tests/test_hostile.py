@@ -405,3 +405,19 @@ def test_non_finite_weights_are_refused_naming_the_tensor(capsys, tmp_path, edit
     src = tiny_llama(tmp_path / "model", edit=edit)
     out = tmp_path / "out"
     refused_in_process(capsys, ["convert", src, out, "--to", "hf", *extra], out, "tensor", needle)
+
+
+def test_a_corrupt_h5_that_makes_libhdf5_loop_is_refused_in_bounded_time(tmp_path, monkeypatch):
+    """A fuzzed tf_model.h5 whose string attribute sends libhdf5 into an endless loop (holding
+    the GIL): its metadata is read in a child process with a CPU limit, then refused."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    src = folder / "tf_model.h5"
+    src.write_bytes(
+        (Path(__file__).parent / "hostile_inputs" / "h5-attribute-loop.h5").read_bytes()
+    )
+    monkeypatch.setenv("SLIMPORT_H5_TIMEOUT", "1")  # CPU seconds; a sane h5 needs ~0.35
+    out = tmp_path / "out"
+    r = cli("convert", src, out, "--to", "hf", timeout=120)  # in-process it would never return
+    assert_refused(r.returncode, r.stderr, out, "tf_model.h5", "did not finish in 1 s")

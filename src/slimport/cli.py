@@ -121,7 +121,7 @@ def _quantize(args) -> int:
     from slimport.compress import api
 
     report = api.quantize(
-        args.model, args.out, recipe=args.recipe, progress=not args.quiet,
+        args.model, args.out, recipe=args.recipe, progress=not args.quiet, overwrite=args.overwrite,
         **{k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None},
     )  # fmt: skip
     print(api.summary(report))
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch compute: float32 (exact) or bfloat16 (the CPU int8/int4 kernels "
                         "for a quantized model)")  # fmt: skip
 
+    def overwrite(sp):
+        sp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT whole")
+
     sp = sub.add_parser("inspect", help="show what a checkpoint holds")
     sp.add_argument("path", help="checkpoint file or HF-style folder")
     sp.add_argument("--json", action="store_true", help="print JSON")
@@ -298,9 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REGEX",
         help="source tensor names allowed to be absent (reported)",
     )
-    sp.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty OUT folder as a whole"
-    )
+    overwrite(sp)
     common(sp)
     sp.set_defaults(fn=_convert)
 
@@ -390,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="regex of Linear names to keep in float (repeatable; replaces the default lm_head/classifier)",
     )
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    overwrite(sp)
     sp.set_defaults(fn=_quantize)
 
     # fmt: off

@@ -102,21 +102,36 @@ def guess_config(partial: dict, shapes: dict[str, tuple[int, ...]], where: str) 
     """A config for a checkpoint that has none (an exported ONNX graph): the family, model type
     and class whose hub tensors match `shapes` best, with the keys `partial` (read from the
     graph) lacks taken from the tensor shapes (vocabulary, positions, type vocabulary, ...)."""
-    best, best_score = None, None
-    for family in FAMILIES:
-        for cand in family.candidates(partial):
-            try:
-                cfg = _unified(family, cand, shapes)
-                expected = family.hub_tensors(family.normalize(cfg))
-            except (KeyError, ValueError, TypeError, ZeroDivisionError, SlimportError):
-                continue
-            hit = sum(expected.get(n) == tuple(s) for n, s in shapes.items())
-            score = 2 * hit - len(expected) - len(shapes)
-            if best_score is None or score > best_score:
-                best, best_score = cfg, score
+    best = _best_fit([(f, c) for f in FAMILIES for c in f.candidates(partial)], shapes)
     if best is None:
         raise SlimportError(f"{where}: no model family matches the tensors of the graph",
                             hint="pass the model's config.json with --config FILE")  # fmt: skip
+    return best
+
+
+def fit_config(config: dict, shapes: dict[str, tuple[int, ...]], where: str) -> dict:
+    """A given config.json fitted to an exported graph, which holds only the parameters its
+    outputs use: optimum's feature-extraction BERT keeps no pooler although config.json's
+    BertModel has one. Only the family's class variants of the same model type are tried
+    (pooler on/off, bare model or head); every key the config sets otherwise stays."""
+    family = family_for(config.get("model_type"), where)
+    same = [c for c in family.candidates(config) if c.get("model_type") == config["model_type"]]
+    return _best_fit([(family, config)] + [(family, c) for c in same], shapes) or config
+
+
+def _best_fit(candidates, shapes: dict[str, tuple[int, ...]]) -> dict | None:
+    """The candidate config whose hub tensors match `shapes` best (the first of equals)."""
+    best, best_score = None, None
+    for family, cand in candidates:
+        try:
+            cfg = _unified(family, cand, shapes)
+            expected = family.hub_tensors(family.normalize(cfg))
+        except (KeyError, ValueError, TypeError, ZeroDivisionError, SlimportError):
+            continue
+        hit = sum(expected.get(n) == tuple(s) for n, s in shapes.items())
+        score = 2 * hit - len(expected) - len(shapes)
+        if best_score is None or score > best_score:
+            best, best_score = cfg, score
     return best
 
 

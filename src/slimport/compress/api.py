@@ -48,9 +48,11 @@ def quantize(
     out: str | Path,
     recipe: str | Path | dict | QuantizationConfig | None = None,
     progress: bool = True,
+    overwrite: bool = False,
     **options,
 ) -> dict:
-    """Quantize `model` into the compressed-tensors folder `out`; returns the report."""
+    """Quantize `model` into the compressed-tensors folder `out`; returns the report. A
+    non-empty `out` is refused unless `overwrite` (then it is replaced as a whole)."""
     config = make_config(recipe, **options)
     calibration = None
     if config.needs_calibration:
@@ -59,11 +61,16 @@ def quantize(
                 f"this recipe ({_describe(config)}) calibrates on data, and no calib_data was given",
                 hint="pass --calib-data FILE (.txt, .tsv or .jsonl of task text, never the test split)",
             )
-        tokenizer = load_tokenizer(model)
-        with open_checkpoint(model) as ckpt:
-            causal = is_causal_lm(model_config(ckpt) or {})
-        calibration = calibration_inputs(tokenizer, config.calib_data, config, causal)
-    return pipeline.quantize(model, out, config, calibration, progress=progress)
+
+        def calibration():  # tokenized once the model and the options passed their checks
+            tokenizer = load_tokenizer(model)
+            with open_checkpoint(model) as ckpt:
+                causal = is_causal_lm(model_config(ckpt) or {})
+            return calibration_inputs(tokenizer, config.calib_data, config, causal)
+
+    return pipeline.quantize(
+        model, out, config, calibration, progress=progress, overwrite=overwrite
+    )
 
 
 def _describe(c: QuantizationConfig) -> str:

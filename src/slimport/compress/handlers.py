@@ -183,6 +183,7 @@ def _round(work: BlockWork, names: list[str], st: Stats, g: GPTQConfig | None, l
                 parts.append((*P.rtn(w, config.weights), None))
     seconds = (time.perf_counter() - t0) / len(names)
     for n, w, (q, scale, zero, row_loss) in zip(names, ws, parts, strict=True):
+        P.check_scale(f"{rows[n]['module']}.weight", scale)
         t0 = time.perf_counter()
         ql = QuantLinear.from_linear(linears.pop(n), q, scale, zero, config.weights, config.inputs)
         set_module(work.block, n, ql)
@@ -216,6 +217,8 @@ def static_inputs(m: StaticInputsConfig, work: BlockWork) -> None:
     with input_hooks(work.block, work.inputs, qls, make):
         work.run(work.block, work.inputs)
     for n, q in qls.items():
-        q.set_input_qparams(*obs[n].qparams())
+        scale, zero = obs[n].qparams()
+        P.check_scale(f"{work.rows.get(n, {}).get('module', n)} input", scale)
+        q.set_input_qparams(scale, zero)
         if n in work.rows:
             work.rows[n]["input_scale"] = float(q.input_scale)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
+from slimport.compress.fields import check_field_types
 from slimport.errors import SlimportError
 
 MODIFIERS: dict[str, type[Modifier]] = {}
@@ -35,6 +36,11 @@ class Modifier:
     @classmethod
     def parse(cls, options: dict | None) -> Modifier:
         """A config from a recipe's option mapping; an unknown key is an error naming the valid ones."""
+        if options is not None and not isinstance(options, dict):
+            raise SlimportError(
+                f"quantization option {cls.name}: {options!r} is not a mapping of options",
+                hint=f"{cls.name}: {{option: value}}",
+            )
         options = dict(options or {})
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(known))
@@ -43,6 +49,7 @@ class Modifier:
                 f"unknown {cls.name} option(s): {', '.join(unknown)}",
                 hint=f"{cls.name} takes: " + (", ".join(known) or "no options"),
             )
+        check_field_types(cls, options, f"{cls.name} option")
         return cls(**options)
 
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +47,7 @@ from slimport.compress.writer import FolderWriter, ignore_list, linear_shapes, m
 from slimport.convert.loader import convert
 from slimport.errors import SlimportError
 from slimport.io.auto import open_checkpoint
-from slimport.io.base import atomic_dir, bounded_heap
+from slimport.io.base import atomic_dir, bounded_heap, check_output_dir
 from slimport.io.hf import copy_tokenizer
 
 
@@ -86,49 +88,44 @@ def quantize(
     source: str | Path,
     out: str | Path,
     config: QuantizationConfig,
-    calibration: list[dict] | None = None,
+    calibration: list[dict] | Callable[[], list[dict]] | None = None,
     tokenizer_dir: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Quantize the checkpoint at `source` block by block into a compressed-tensors folder `out`.
 
-    `calibration` is a list of model-input dicts (input_ids, attention_mask, ...); required when
-    the recipe needs data (GPTQ, AWQ, SmoothQuant, static activations).
+    `calibration` is a list of model-input dicts (input_ids, attention_mask, ...), or a function
+    returning one, called only once the output folder, the model and the recipe were checked;
+    required when the recipe needs data (GPTQ, AWQ, SmoothQuant, static activations). A
+    non-empty `out` is refused unless `overwrite` (then it is replaced as a whole).
     """
     with bounded_heap():
-        return _quantize(source, out, config, calibration, tokenizer_dir, progress)
+        return _quantize(source, out, config, calibration, tokenizer_dir, progress, overwrite)
 
 
-def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict:
+def _quantize(source, out, config, calibration, tokenizer_dir, progress, overwrite) -> dict:
     t_start = time.perf_counter()
-    if config.bits == 16:
-        return _cast16(source, out, config)
-    if config.needs_calibration and not calibration:
-        raise SlimportError(
-            f"method {config.method!r}"
-            + (" with activations" if config.activations else "")
-            + " needs calibration data, and none was given",
-            hint="pass --calib-data FILE (text, .tsv or .jsonl) with enough tokens",
-        )
-    sk = Skeleton(source)
-    shapes = linear_shapes(sk.model)
-    if not shapes:
-        raise SlimportError(f"{sk.source.source.path}: the model has no Linear layers to quantize")
-    for p in config.protect:
-        if p not in DEFAULT_PROTECT and not any(re.search(p, n) for n in shapes):
-            raise SlimportError(
-                f"protect pattern {p!r} matches no Linear layer",
-                hint="layer names look like " + ", ".join(list(shapes)[:3]),
-            )
-    quantized = {n: s for n, s in shapes.items() if not config.is_protected(n)}
-    if not quantized:
-        raise SlimportError("every Linear layer is protected: nothing to quantize")
-    ignore = ignore_list(sk.model, quantized)
-
-    report_rows: list[dict] = []
     out = Path(out)
+    check_output_dir(out, overwrite, Path(source))
+    if config.bits == 16:
+        return _cast16(source, out, config, overwrite)
+    sk = Skeleton(source)
     try:
-        with atomic_dir(out) as tmp:
+        shapes = linear_shapes(sk.model)
+        quantized = _quantized_linears(shapes, config, sk.source.source.path)
+        ignore = ignore_list(sk.model, quantized)
+        if callable(calibration):
+            calibration = calibration()
+        if config.needs_calibration and not calibration:
+            raise SlimportError(
+                f"method {config.method!r}"
+                + (" with activations" if config.activations else "")
+                + " needs calibration data, and none was given",
+                hint="pass --calib-data FILE (text, .tsv or .jsonl) with enough tokens",
+            )
+        report_rows: list[dict] = []
+        with atomic_dir(out, overwrite, Path(source)) as tmp:
             writer = FolderWriter(tmp, config, sk.tied_head())
             sk.calibration = calibration or [{"input_ids": torch.zeros(1, 1, dtype=torch.long)}]
             inputs = capture_inputs(sk.model, sk.blocks, sk.calibration, sk.materialize, sk.free)
@@ -187,6 +184,41 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
     finally:
         sk.close()
     return report
+
+
+def _quantized_linears(shapes: dict[str, tuple[int, int]], config, path) -> dict:
+    """The Linears the recipe quantizes (name -> [out, in]), after checking it against the
+    model's shapes (known from config.json before any weight is read)."""
+    if not shapes:
+        raise SlimportError(f"{path}: the model has no Linear layers to quantize")
+    for p in config.protect:
+        if p not in DEFAULT_PROTECT and not any(re.search(p, n) for n in shapes):
+            raise SlimportError(
+                f"protect pattern {p!r} matches no Linear layer",
+                hint="layer names look like " + ", ".join(list(shapes)[:3]),
+            )
+    quantized = {n: s for n, s in shapes.items() if not config.is_protected(n)}
+    if not quantized:
+        raise SlimportError("every Linear layer is protected: nothing to quantize")
+    check_group_size(quantized, config)
+    return quantized
+
+
+def check_group_size(quantized: dict[str, tuple[int, int]], config: QuantizationConfig) -> None:
+    """Per-group scales need group_size to divide every quantized Linear's input size."""
+    g = config.group_size
+    if config.granularity != "group" or g is None:
+        return
+    for name, (_, cols) in quantized.items():
+        if cols % g:
+            common = math.gcd(*(c for _, c in quantized.values()))
+            fits = [d for d in range(1, common + 1) if common % d == 0]
+            raise SlimportError(
+                f"quantization option group_size (--group-size) {g}: {name} has {cols} input "
+                f"features, which {g} does not divide; sizes that divide every quantized "
+                f"Linear: {', '.join(map(str, fits))}",
+                hint="choose one of those, or keep the layer in float with --protect",
+            )
 
 
 def _nbytes(shape, dtype) -> int:
@@ -269,6 +301,9 @@ def quantize_(
     model.eval()
     linearize(model)
     name, blocks = find_blocks(model, layout)
+    check_group_size(
+        {n: s for n, s in linear_shapes(model).items() if not config.is_protected(n)}, config
+    )
     calibration = calibration or [{"input_ids": torch.zeros(1, 1, dtype=torch.long)}]
     inputs = capture_inputs(model, blocks, calibration)
     for i, block in enumerate(blocks):
@@ -283,6 +318,8 @@ def quantize_(
 _IDS = ("position_ids", "token_type_ids")
 
 
-def _cast16(source, out, config) -> dict:
-    report = convert(source, out, to="hf", dtype=config.dtype16, progress=False)
+def _cast16(source, out, config, overwrite: bool = False) -> dict:
+    report = convert(
+        source, out, to="hf", dtype=config.dtype16, progress=False, overwrite=overwrite
+    )
     return {"source": str(source), "config": config.to_dict(), "conversion": report}

@@ -11,6 +11,7 @@ from slimport.convert import engine
 from slimport.convert.loader import load
 from slimport.errors import SlimportError
 from slimport.io.base import release_freed_memory
+from slimport.io.hf import model_class
 
 
 class Skeleton:
@@ -28,9 +29,10 @@ class Skeleton:
         self.planned = {p.name: p for p in planned}
         hf_config = transformers.AutoConfig.for_model(**self.config)
         arch = (self.config.get("architectures") or [None])[0]
-        cls = getattr(transformers, arch or "", None)
-        if cls is None:
-            raise SlimportError(f"{m.source.path}: transformers has no class {arch!r}")
+        try:  # only a known model class: a config may name any attribute of transformers
+            cls = model_class(arch)
+        except SlimportError as e:
+            raise SlimportError(f"{m.source.path}: {e.message}", hint=e.hint) from None
         with torch.device("meta"):
             self.model = cls(hf_config).eval()
         self.blocks_name, self.blocks = find_blocks(self.model, self.layout)

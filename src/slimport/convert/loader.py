@@ -55,6 +55,9 @@ class Model:
 def model_config(ckpt: Checkpoint) -> dict | None:
     """The HF config of a checkpoint: config.json, or translated from the format's metadata."""
     if ckpt.config is not None:
+        if "inferred_config" in ckpt.metadata:  # an exported graph: the class it computes
+            shapes = {n: i.shape for n, i in ckpt.infos.items()}
+            return arch.fit_config(ckpt.config, shapes, str(ckpt.path))
         return ckpt.config
     if ckpt.format == "gguf":
         gguf_arch = ckpt.metadata.get("general.architecture")
@@ -134,6 +137,9 @@ def load(
         notes.append(f"{ckpt.metadata['graph_tied']} is the embedding transposed: tied")
     if ckpt.config is None and "inferred_config" in ckpt.metadata:
         notes.append("config inferred from the ONNX graph (pass --config to override)")
+    elif changed := sorted(k for k in raw if ckpt.config and raw[k] != ckpt.config.get(k)):
+        fitted = ", ".join(f"{k}={raw[k]!r}" for k in changed)
+        notes.append(f"config fitted to the class the ONNX graph computes: {fitted}")
     if "dequantized_from" in ckpt.metadata:
         notes.append(f"weights dequantized from {ckpt.metadata['dequantized_from']}")
     return Model(ckpt, family, dict(raw), cfg, dialect, hub, ignored + ckpt.skipped, notes)

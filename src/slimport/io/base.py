@@ -316,14 +316,9 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path, overwrite: bool = False, source: Path | None = None) -> Iterator[Path]:
-    """Yield a temp folder beside `final`; it becomes `final` by one rename if the block succeeds.
-
-    A non-empty existing `final` is refused (its files would mix with the new ones) unless
-    `overwrite`, which replaces it as a whole. A `final` that holds `source` (the model being
-    read) is always refused. Leftovers of earlier runs that were killed are removed first.
-    """
+def check_output_dir(final: Path, overwrite: bool = False, source: Path | None = None) -> None:
+    """Refuse an output folder that holds the input, or exists non-empty without `overwrite`.
+    atomic_dir checks it; long runs call it first too, so a bad OUT fails before the work."""
     final = Path(final)
     if source is not None and Path(source).resolve().is_relative_to(final.resolve()):
         raise SlimportError(
@@ -342,6 +337,18 @@ def atomic_dir(final: Path, overwrite: bool = False, source: Path | None = None)
             f"{final}: output folder exists and is not empty",
             hint="choose a new folder, or pass --overwrite to replace it as a whole",
         )
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, overwrite: bool = False, source: Path | None = None) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; it becomes `final` by one rename if the block succeeds.
+
+    A non-empty existing `final` is refused (its files would mix with the new ones) unless
+    `overwrite`, which replaces it as a whole. A `final` that holds `source` (the model being
+    read) is always refused. Leftovers of earlier runs that were killed are removed first.
+    """
+    final = Path(final)
+    check_output_dir(final, overwrite, source)
     remove_stale_partials(final)
     try:
         tmp = Path(

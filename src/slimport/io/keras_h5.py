@@ -15,39 +15,20 @@ Optimizer slots (Adam `m`/`v`, `iter`, ...) and metric state are listed in `Chec
 
 from __future__ import annotations
 
-import re
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from slimport.errors import SlimportError, name_list
+from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo, atomic_path, release_freed_memory
 from slimport.io.formats import FORMATS
+from slimport.io.h5_meta import H5_ERRORS, open_h5, read_metadata, short
 from slimport.io.hf import copy_tokenizer, write_config
 
-KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # inside a Keras 3 .keras zip
-H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
-MAX_INFLATION = 1024  # declared bytes per stored byte a compressed dataset may claim
 HDF5_OBJECT_HEADER_LIMIT = 64512  # Keras splits attributes larger than this into numbered chunks
 KERAS_VERSION = "2.21.0"  # the tf_keras whose save_weights layout write_model reproduces
-# optimizer slots and counters inside weight lists (Keras 2 optimizers name them like this)
-OPTIMIZER_SLOT = re.compile(
-    r"(^|/)(iter|iterations|learning_rate|lr|decay|beta_1|beta_2|epsilon|momentum|rho)(:\d+)?$"
-    r"|/(m|v|vhat|velocity|momentum|accumulator|rms|mg)(:\d+)?$"
-)
-# Keras 3 top-level groups that hold training state, not model weights
-KERAS3_STATE_GROUPS = (
-    "optimizer",
-    "metrics",
-    "compile_metrics",
-    "_compile_metrics",
-    "_loss_tracker",
-    "loss_tracker",
-)
 NUMPY_TO_TORCH = {
     np.dtype("float64"): torch.float64,
     np.dtype("float32"): torch.float32,
@@ -62,26 +43,14 @@ NUMPY_TO_TORCH = {
 
 
 def read(path: Path) -> Checkpoint:
-    f, close = _open(path)
-    try:
-        _refuse_external_links(f, path)
-        datasets, skipped, layout = _layout(f, path)
-        infos = {name: _info(ds, name, path) for name, ds in datasets.items()}
-    except H5_ERRORS as e:  # h5py reports a damaged tree as any of these, from any call
+    meta = read_metadata(path)  # in a child process: libhdf5 can hang on a corrupt header
+    infos = {name: _info(dtype, bf16, shape, name, path) for name, _, shape, dtype, bf16 in meta["tensors"]}  # fmt: skip
+    f, close = open_h5(path)
+    try:  # the datasets the child listed and checked, opened by their h5 paths
+        datasets = {name: f[h5] for name, h5, *_ in meta["tensors"]}
+    except H5_ERRORS as e:
         close()
-        raise SlimportError(
-            f"{path}: corrupt HDF5 structure ({_short(e)})",
-            hint="the file is damaged; fetch it again",
-        ) from None
-    except Exception:
-        close()
-        raise
-    if not infos:
-        close()
-        raise SlimportError(
-            f"{path}: HDF5 file holds no weights"
-            + (f" (only {name_list(skipped)})" if skipped else "")
-        )
+        raise SlimportError(f"{path}: corrupt HDF5 structure ({short(e)})") from None
 
     def load(name: str) -> torch.Tensor:
         release_freed_memory()  # tensors the caller dropped since the last load
@@ -90,188 +59,38 @@ def read(path: Path) -> Checkpoint:
             arr = np.asarray(ds[()])
         except H5_ERRORS as e:
             raise SlimportError(
-                f"{path}: cannot read tensor {name!r} ({_short(e)}); the file is damaged"
+                f"{path}: cannot read tensor {name!r} ({short(e)}); the file is damaged"
             ) from None
-        if _is_bf16(ds):
+        if infos[name].dtype == torch.bfloat16:  # numpy has none: Keras 3's 2-byte opaque
             return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("="))
         return torch.from_numpy(np.asarray(arr, order="C"))  # ascontiguousarray would make 0-d 1-d
 
-    metadata = {k: _text(f.attrs[k]) for k in ("backend", "keras_version") if k in f.attrs}
-    metadata["layout"] = layout
     return Checkpoint(
         path,
         "keras",
         infos,
         load,
         FORMATS["keras"].dialects,
-        metadata=metadata,
-        skipped=skipped,
+        metadata={**meta["metadata"], "layout": meta["layout"]},
+        skipped=meta["skipped"],
         closer=close,
     )
 
 
-def _open(path: Path) -> tuple[h5py.File, Callable[[], None]]:
-    """The HDF5 file, or the model.weights.h5 inside a Keras 3 .keras zip (read in place, as Keras
-    does), and how to close it."""
-    try:
-        if zipfile.is_zipfile(path):
-            archive = zipfile.ZipFile(path)
-            if KERAS_ARCHIVE_WEIGHTS not in archive.namelist():
-                archive.close()
-                raise SlimportError(
-                    f"{path}: zip archive without {KERAS_ARCHIVE_WEIGHTS}, not a Keras 3 model"
-                )
-            member = archive.open(KERAS_ARCHIVE_WEIGHTS)
-            f = h5py.File(member, "r")
-
-            def close() -> None:
-                f.close()
-                member.close()
-                archive.close()
-
-            return f, close
-        f = h5py.File(path, "r")
-        return f, f.close
-    except (OSError, zipfile.BadZipFile) as e:
-        raise SlimportError(
-            f"{path}: corrupt, truncated or not an HDF5 file ({_short(e)})",
-            hint="the file is damaged or not Keras/TensorFlow weights; fetch it again",
-        ) from None
-
-
-def _layout(f: h5py.File, path: Path) -> tuple[dict[str, h5py.Dataset], list[str], str]:
-    """{name: dataset} in Keras' own order, the skipped names, and which layout it was."""
-    skipped: list[str] = []
-    if "optimizer_weights" in f:
-        skipped += _all_datasets(f["optimizer_weights"], "optimizer_weights/")
-    model_weights = f.get("model_weights")
-    if isinstance(model_weights, h5py.Group) and _has_attr(model_weights, "layer_names"):
-        root, layout = model_weights, "keras2-model"
-    elif _has_attr(f, "layer_names"):
-        root, layout = f, "keras2-weights"
-    else:  # Keras 3 .weights.h5 (layers/<name>/vars/<i>), or any plain HDF5 tree of datasets
-        datasets = {}
-        for name in _all_datasets(f, ""):
-            top = name.split("/", 1)[0]
-            if top in KERAS3_STATE_GROUPS:
-                skipped.append(name)
-            elif top != "optimizer_weights":  # listed in skipped above
-                datasets[name] = f[name]
-        return datasets, skipped, "keras3" if "layers" in f or "vars" in f else "hdf5"
-    datasets = {}
-    layers = _attr_list(root, "layer_names")
-    # Keras >= 2.13 keeps weights owned by no layer in this group
-    if isinstance(root.get("top_level_model_weights"), h5py.Group):
-        layers.append("top_level_model_weights")
-    for layer in layers:
-        group = root.get(layer)
-        if not isinstance(group, h5py.Group):
-            raise SlimportError(
-                f"{path}: layer {layer!r} is listed in layer_names but its group is missing (file is corrupt)"
-            )
-        for wname in _attr_list(group, "weight_names"):
-            name = f"{layer}/{wname}"
-            ds = group.get(wname)
-            if not isinstance(ds, h5py.Dataset):
-                raise SlimportError(
-                    f"{path}: weight {name!r} is listed in weight_names but missing (file is corrupt)"
-                )
-            if OPTIMIZER_SLOT.search(wname):
-                skipped.append(name)
-            else:
-                datasets[name] = ds
-    return datasets, skipped, layout
-
-
-def _all_datasets(group: h5py.Group, prefix: str) -> list[str]:
-    names: list[str] = []
-    group.visititems(
-        lambda n, obj: names.append(prefix + n) if isinstance(obj, h5py.Dataset) else None
+def _info(dtype: str, bf16: bool, shape: list[int], name: str, path: Path) -> TensorInfo:
+    if bf16:
+        return TensorInfo(tuple(shape), torch.bfloat16)
+    np_dtype = np.dtype(dtype)
+    torch_dtype = NUMPY_TO_TORCH.get(
+        np_dtype.newbyteorder("=") if np_dtype.byteorder == ">" else np_dtype
     )
-    return names
-
-
-def _has_attr(obj, name: str) -> bool:
-    return name in obj.attrs or f"{name}0" in obj.attrs
-
-
-def _attr_list(obj, name: str) -> list[str]:
-    """A Keras string-list attribute, joined from its numbered chunks when it was split."""
-    if name in obj.attrs:
-        values = obj.attrs[name]
-    else:
-        values, i = [], 0
-        while f"{name}{i}" in obj.attrs:
-            values.extend(obj.attrs[f"{name}{i}"])
-            i += 1
-    return [_text(v) for v in np.atleast_1d(values)] if len(values) else []
-
-
-def _text(v) -> str:
-    return v.decode("utf8") if isinstance(v, bytes | np.bytes_) else str(v)
-
-
-def _is_bf16(ds: h5py.Dataset) -> bool:
-    return (
-        ds.dtype.itemsize == 2
-        and ds.dtype.kind == "V"
-        and _text(ds.attrs.get("dtype", "")) == "bfloat16"
-    )
-
-
-def _refuse_external_links(f: h5py.File, path: Path) -> None:
-    """An external link makes h5py open another file: nothing outside the checkpoint is read."""
-    found: list[str] = []
-    f.visititems_links(
-        lambda n, link: found.append(n) if isinstance(link, h5py.ExternalLink) else None
-    )
-    if found:
+    if torch_dtype is None:
         raise SlimportError(
-            f"{path}: HDF5 entry {found[0]!r} is an external link to another file; refused",
-            hint="a checkpoint must hold its own weights; re-save it without external links",
+            f"{path}: tensor {name!r} has HDF5 type {np_dtype}, which slimport cannot read"
         )
-
-
-def _check_storage(ds: h5py.Dataset, name: str, path: Path) -> None:
-    """Data must live in this file and be there: external storage or a virtual dataset reads other
-    files, and a never-written dataset declares any size for free (reading fills it in memory)."""
-    if ds.external or ds.is_virtual:
-        raise SlimportError(
-            f"{path}: tensor {name!r} stores its data in another file "
-            f"({'virtual dataset' if ds.is_virtual else 'external storage'}); refused",
-            hint="a checkpoint must hold its own weights; re-save it with the data inside",
-        )
-    nbytes = ds.size * ds.dtype.itemsize
-    stored = ds.id.get_storage_size()
-    # compressed chunks may shrink data a lot, but not beyond MAX_INFLATION
-    if nbytes and (
-        stored == 0 or (ds.chunks is None and stored < nbytes) or nbytes > stored * MAX_INFLATION
-    ):
-        raise SlimportError(
-            f"{path}: tensor {name!r} declares {nbytes} bytes ({list(ds.shape)}) but the file "
-            f"stores {stored} for it",
-            hint="the file is truncated or was written incompletely",
-        )
-
-
-def _info(ds: h5py.Dataset, name: str, path: Path) -> TensorInfo:
-    _check_storage(ds, name, path)
-    if _is_bf16(ds):
-        return TensorInfo(tuple(ds.shape), torch.bfloat16)
-    dtype = NUMPY_TO_TORCH.get(
-        ds.dtype.newbyteorder("=") if ds.dtype.byteorder == ">" else ds.dtype
-    )
-    if dtype is None:
-        raise SlimportError(
-            f"{path}: tensor {name!r} has HDF5 type {ds.dtype}, which slimport cannot read"
-        )
-    return TensorInfo(tuple(ds.shape), dtype)
-
-
-def _short(e: Exception) -> str:
-    return " ".join(str(e).split())[:200]
+    return TensorInfo(tuple(shape), torch_dtype)
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -198,7 +198,8 @@ def config(g: Graph, named: dict[str, tuple[int, ...]]) -> dict:
 def _heads(g: Graph, hidden: int | None) -> dict:
     """Head counts from the Reshape `[batch, seq, heads, head_dim]` after the first block's
     projections: the widest is the query, the narrowest the key/value (grouped-query). A fused
-    QKV projection reaches its Reshapes through a Split, which divides its width."""
+    QKV projection reaches its Reshapes through a Split, which divides its width, or through
+    Slices of the last axis, each taking its constant part."""
     counts: list[tuple[int, int]] = []
     for n in g.g.node:
         if n.op_type not in ("MatMul", "Gemm") or n.input[1] not in g.inits:
@@ -212,6 +213,9 @@ def _heads(g: Graph, hidden: int | None) -> dict:
                 for c in g.consumers.get(name, []):
                     if c.op_type == "Split":
                         step += [(o, width // len(c.output)) for o in c.output]
+                    elif c.op_type == "Slice" and c.input[0] == name:
+                        if part := _slice_width(g, c, width):
+                            step.append((c.output[0], part))
                     elif c.op_type == "Reshape" and c.input[0] == name:
                         shape = g.shape_tail(c.input[1])
                         if len(shape) == 4 and (shape[-1] or 0) > 0 and width % shape[-1] == 0:
@@ -232,6 +236,27 @@ def _heads(g: Graph, hidden: int | None) -> dict:
     if hidden is not None and heads * head_dim != hidden:
         cfg["head_dim"] = head_dim
     return cfg
+
+
+def _slice_width(g: Graph, node: NodeProto, width: int) -> int | None:
+    """How much of the last axis (`width` wide) a Slice with constant bounds keeps; None when
+    it slices another axis, steps, or has bounds computed from the input."""
+    ins = [*node.input, "", ""][:5]
+    starts, ends = g.const(ins[1]), g.const(ins[2])
+    axes = g.const(ins[3]) if ins[3] else None
+    steps = g.const(ins[4]) if ins[4] else None
+    if starts is None or ends is None or axes is None or starts.size != 1 or ends.size != 1:
+        return None
+    if int(np.reshape(axes, -1)[0]) not in (-1, 2) or (steps is not None and steps.size != 1):
+        return None  # [batch, seq, width]: the last axis is -1 or 2
+    if steps is not None and int(np.reshape(steps, -1)[0]) != 1:
+        return None
+
+    def clamp(i: int) -> int:
+        return min(max(i + width if i < 0 else i, 0), width)
+
+    part = clamp(int(np.reshape(ends, -1)[0])) - clamp(int(np.reshape(starts, -1)[0]))
+    return part if part > 0 else None
 
 
 def _norm_eps(g: Graph) -> dict:

@@ -186,7 +186,10 @@ def write(
                     f"tensor {t.name!r}: planned {list(t.shape)} {t.dtype}, got {list(value.shape)} {value.dtype}"
                 )
             if value.numel():
-                f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                flat = value.contiguous().reshape(-1)
+                # a 1-element tensor keeps any stride (e.g. [1, 1] with (1, 4)), which view refuses
+                flat = flat.as_strided(flat.shape, (1,))
+                f.write(flat.view(torch.uint8).numpy().data)
             if progress:
                 progress(value.numel() * value.element_size())
 

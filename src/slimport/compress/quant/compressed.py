@@ -27,6 +27,7 @@ from torch import nn
 
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
+from slimport.compress.quant.primitives import check_scale
 from slimport.compress.skeleton import linearize
 from slimport.errors import SlimportError, name_list
 from slimport.io import safetensors
@@ -164,6 +165,7 @@ def linear_tensors(
     else:
         out["weight"] = q.contiguous()
     out["weight_scale"] = m.weight_scale.float().contiguous()
+    check_scale(f"{prefix}.weight", out["weight_scale"])  # never stored: loaders would get NaN
     if not w.symmetric:
         zp = m.weight_zero_point.to(torch.int8)
         if checkpoint_format(qconfig) == PACKED and w.granularity in PACKED_ZP:
@@ -176,6 +178,7 @@ def linear_tensors(
                 hint="run calibration before saving",
             )
         out["input_scale"] = m.input_scale.float().reshape(1)
+        check_scale(f"{prefix} input", out["input_scale"])
         if not a.symmetric:
             out["input_zero_point"] = m.input_zero_point.to(torch.int8).reshape(1)
     if m.bias is not None:

@@ -3,11 +3,13 @@ seeds' dict form, and validated once here so every later stage can trust it."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from slimport.arch.layout import output_heads
+from slimport.compress.fields import check_field_types
 from slimport.compress.modifiers import (
     AWQConfig,
     GPTQConfig,
@@ -26,6 +28,9 @@ METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 OBSERVERS = ("min_max", "ema_min_max", "percentile", "mse", "kl")
 GRANULARITIES = ("tensor", "channel", "group")
 ACTIVATIONS = (None, "static", "dynamic")
+# other tools' names for our options (llm-compressor / compressed-tensors recipes)
+ALIASES = {"ignore": "protect", "num_bits": "bits", "strategy": "granularity", "scheme": "bits"}
+RECIPE_MAX_BYTES = 1 << 20  # a recipe is a few lines; a bigger file is not one
 # what a default run leaves in full precision: every family's output heads (arch/layout.py),
 # whose errors nothing downstream fixes
 DEFAULT_PROTECT = tuple(rf"(^|\.){re.escape(h)}$" for h in output_heads())
@@ -86,6 +91,9 @@ class QuantizationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.calib_data, os.PathLike):
+            self.calib_data = os.fspath(self.calib_data)  # kept as text: the recipe is JSON
+        check_field_types(QuantizationConfig, vars(self))
         if self.group_size is not None and self.granularity == "channel":
             self.granularity = "group"
         if self.symmetric is None:
@@ -172,10 +180,11 @@ class QuantizationConfig:
         """Our own keys, or the seeds' form {"quant_mode": "8bit", "calib_method": ...}."""
         d = ours(d)
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
+            named = [f"{k} (slimport: {ALIASES[k]})" if k in ALIASES else str(k) for k in unknown]
             raise SlimportError(
-                f"unknown quantization option(s): {', '.join(unknown)}",
+                f"unknown quantization option(s): {', '.join(named)}",
                 hint="known: " + ", ".join(sorted(known)),
             )
         return cls(**d)
@@ -204,8 +213,13 @@ class QuantizationConfig:
             bad(
                 "granularity", f"unknown {self.granularity!r}", "one of " + ", ".join(GRANULARITIES)
             )
-        if self.granularity == "group" and (not self.group_size or self.group_size <= 0):
-            bad("group_size", "per-group quantization needs a positive group_size")
+        if (self.granularity == "group" and not self.group_size) or (
+            self.group_size is not None and self.group_size <= 0
+        ):
+            bad(
+                "group_size",
+                f"{self.group_size}: per-group quantization needs a positive group_size",
+            )
         if self.activations not in ACTIVATIONS:
             bad("activations", f"unknown {self.activations!r}", "static or dynamic")
         if self.activations and self.act_bits != 8:
@@ -234,14 +248,39 @@ def read_recipe(path: str | Path) -> dict:
     """The option mapping of a YAML recipe (under `quantization:`, or at the top)."""
     import yaml
 
+    class NoAliases(yaml.SafeLoader):
+        """A recipe needs no YAML aliases, and nested ones expand exponentially when anything
+        walks the result (the billion laughs): refused while parsing, before it is built."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.YAMLError(
+                    f"line {event.start_mark.line + 1}: alias *{event.anchor}: YAML aliases are "
+                    "not allowed in a recipe; write the value out"
+                )
+            return super().compose_node(parent, index)
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SlimportError(f"{path}: cannot read the recipe ({e})") from None
+        size = path.stat().st_size if path.is_file() else None  # a FIFO would block forever
+        if size is None or size > RECIPE_MAX_BYTES:
+            why = "not a regular file" if size is None else f"{size} bytes, over 1 MB"
+            raise SlimportError(f"{path}: cannot read the recipe ({why})")
+        data = yaml.load(path.read_text(), Loader=NoAliases)  # a SafeLoader
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
+        raise SlimportError(f"{path}: cannot read the recipe ({why[:300]})") from None
     if not isinstance(data, dict):
         raise SlimportError(f"{path}: a recipe is a mapping of options, got {type(data).__name__}")
-    data = data.get("quantization", data)
+    if "quantization" in data:
+        other = sorted(map(str, set(data) - {"quantization"}))
+        if other:
+            raise SlimportError(
+                f"{path}: unknown top-level key(s) {', '.join(other)} beside `quantization:`",
+                hint="put every option under `quantization:`",
+            )
+        data = data["quantization"]
     if not isinstance(data, dict):
         raise SlimportError(f"{path}: `quantization:` is not a mapping of options")
     return data

@@ -4,6 +4,8 @@ The convention is compressed-tensors' (so what we save is what vLLM/transformers
 integers live in the signed range [-2^(b-1), 2^(b-1)-1]; symmetric scale = absmax / ((2^b-1)/2)
 with zero point 0; asymmetric scale = (max-min) / (2^b-1), zero point = round(qmin - min/scale).
 0.0 is always representable. Dequantized value = (q - zero_point) * scale.
+A granule (row, group) whose values are all zero gets the scale float32 eps: every value maps
+to the zero point and dequantizes to exactly 0.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from slimport.compress.quant.config import QuantArgs
+from slimport.errors import SlimportError
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -34,6 +37,20 @@ def qparams(
     if not symmetric:
         zero = torch.clamp(torch.round(qmin - xmin / scale), qmin, qmax)
     return scale, zero
+
+
+def check_scale(name: str, scale: torch.Tensor) -> None:
+    """Refuse to keep a scale that is not finite and positive (finite weights whose range
+    exceeds float32, e.g. -3e38..3e38, overflow max - min): stored, it would make every loader
+    compute NaN."""
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        at = [int(i) for i in bad.nonzero()[0]]
+        raise SlimportError(
+            f"tensor {name!r}: its quantization scale at {at} would be {float(scale[tuple(at)])}: "
+            "the values' range is beyond what a float32 scale holds",
+            hint="the checkpoint is damaged, or keep this layer in float with --protect",
+        )
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from slimport.compress.capture import (
     run_block,
 )
 from slimport.compress.handlers import BlockWork, handler_for
+from slimport.compress.prune import handlers as _pruning  # noqa: F401 (registers its handlers)
 from slimport.compress.quant.config import DEFAULT_PROTECT, QuantizationConfig
 from slimport.compress.skeleton import Skeleton, check_finite, find_blocks, join, linearize
 from slimport.compress.writer import FolderWriter, ignore_list, linear_shapes, module_tensors
@@ -73,7 +74,10 @@ def quantize_block(
         lambda a, b: a | b, (h.needs(m) for m, h in zip(plan, handlers, strict=True)), Needs()
     )
     stats = collect(block, linears, inputs, needs, config.seed, run)
-    rows = {n: {"module": join(prefix, n), "seconds": 0.0} for n in linears}
+    rows = {
+        n: {"module": join(prefix, n), "seconds": 0.0, "size": m.weight.numel()}
+        for n, m in linears.items()
+    }
     work = BlockWork(block, linears, stats, inputs, config, layout, rows, run)
     for i, (m, h) in enumerate(zip(plan, handlers, strict=True)):
         work.later = plan[i + 1 :]
@@ -123,6 +127,8 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
     quantized = {n: s for n, s in shapes.items() if not config.is_protected(n)}
     if not quantized:
         raise SlimportError("every Linear layer is protected: nothing to quantize")
+    for m in config.plan:
+        m.check_layers(quantized)
     ignore = ignore_list(sk.model, quantized)
 
     report_rows: list[dict] = []
@@ -164,7 +170,7 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
             writer.shard(f"model-00001-of-{n_blocks + 2:05d}.safetensors", writer.untied(rest))
             bar.update(1)
             bar.close()
-            writer.finish(sk.config, ignore)
+            writer.finish(sk.config, ignore, sparsity_config(config, report_rows))
             tok_src = sk.source.source
             if tokenizer_dir is not None:
                 tok_src = open_checkpoint(tokenizer_dir)
@@ -183,10 +189,31 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
                 "seconds": round(time.perf_counter() - t_start, 2),
                 "modules": report_rows,
             }
-            (tmp / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / report_file(config)).write_text(json.dumps(report, indent=2) + "\n")
     finally:
         sk.close()
     return report
+
+
+def report_file(config: QuantizationConfig) -> str:
+    return "prune_report.json" if config.pruning else "quantization_report.json"
+
+
+def sparsity_config(config: QuantizationConfig, rows: list[dict]) -> dict | None:
+    """What the pruning did, for config.json: the pattern, the modules pruned and the sparsity
+    over them (None when the recipe does not prune)."""
+    m = config.pruning
+    if m is None:
+        return None
+    pruned = [r for r in rows if r.get("sparsity", 0) > 0]
+    sizes = {r["module"]: r["size"] for r in pruned}
+    total = sum(sizes.values())
+    zeros = sum(r["sparsity"] * r["size"] for r in pruned)
+    return {
+        "structure": m.pattern,
+        "global_sparsity": round(zeros / total, 6) if total else 0.0,
+        "targets": sorted(sizes),
+    }
 
 
 def _nbytes(shape, dtype) -> int:

@@ -1,0 +1,1 @@
+"""One-shot pruning on the block-by-block pipeline: masks, SparseGPT, the pruning handlers."""

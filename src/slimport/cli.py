@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from slimport.arch.layout import is_causal_lm
+from slimport.compress.prune import command as prune_command
 from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS
 from slimport.errors import SlimportError
 from slimport.io.formats import CAST_DTYPES, GGUF_TYPES, TARGETS
@@ -391,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=_quantize)
+    prune_command.add_parser(sub)
 
     # fmt: off
     sp = sub.add_parser(

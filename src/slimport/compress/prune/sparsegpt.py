@@ -74,7 +74,7 @@ def sparsegpt(
             err = Err1[:, i]
             torch.where(M1[:, i], col, torch.zeros_like(col), out=err).div_(U1[i, i])
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # OBS update; zeroes the pruned weights
-            loss += err.square()
+        loss += Err1.square().sum(1)
         W1[M1] = 0.0  # exactly: the update leaves rounding dust
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # lazy update of the later blocks
     return SparseGPTResult(W, mask, loss)

@@ -22,7 +22,9 @@ def _hessian(cols: int, tokens: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def _weight(rows: int, cols: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(
+        rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75])
@@ -33,7 +35,7 @@ def test_layer_and_row_masks_prune_exactly_the_fraction_asked(sparsity):
     assert per_row.tolist() == [round(40 * sparsity)] * 24
     # and they are the lowest scores
     m = masks.layer_mask(s, sparsity)
-    if 0 < sparsity:
+    if sparsity > 0:
         assert s[m].max() <= s[~m].min()
 
 
@@ -121,7 +123,9 @@ def test_wanda_score_is_weight_times_input_norm_per_row():
     x = torch.randn(50, 8, generator=g) * torch.arange(1, 9)  # channel norms differ
     w0 = lin.weight.detach().clone()
     st = Stats(sqnorm=x.square().sum(0))
-    work = BlockWork(None, {"l": lin}, {"l": st}, [], None, None, {"l": {"module": "l", "seconds": 0}}, None)
+    work = BlockWork(
+        None, {"l": lin}, {"l": st}, [], None, None, {"l": {"module": "l", "seconds": 0}}, None
+    )
     wanda(WandaConfig(sparsity=0.5), work)
     score = w0.abs() * x.norm(dim=0)
     # the 4 lowest scores of each row are pruned (ties impossible with random data)

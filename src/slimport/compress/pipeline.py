@@ -140,7 +140,10 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
             inputs = capture_inputs(sk.model, sk.blocks, sk.calibration, sk.materialize, sk.free)
             n_blocks = len(sk.blocks)
             bar = tqdm(
-                total=n_blocks + 1, desc="prune" if config.pruning else "quantize", unit="block", disable=not progress or None
+                total=n_blocks + 1,
+                desc="prune" if config.pruning else "quantize",
+                unit="block",
+                disable=not progress or None,
             )
             tail = _has_tail_linears(sk.model, sk.blocks, config)
             for i in range(n_blocks):

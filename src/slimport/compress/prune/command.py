@@ -29,7 +29,9 @@ def add_parser(sub) -> None:
     sym = sp.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
-    sp.add_argument("--calib-data", help="calibration text: .txt, .tsv or .jsonl (Wanda, SparseGPT)")
+    sp.add_argument(
+        "--calib-data", help="calibration text: .txt, .tsv or .jsonl (Wanda, SparseGPT)"
+    )
     sp.add_argument("--num-samples", type=int)
     sp.add_argument("--seq-len", type=int)
     sp.add_argument("--seed", type=int)

@@ -31,7 +31,7 @@ def _inspect(args) -> int:
         return 0
     width = max(len(k) for k in info)
     for key, value in info.items():
-        if key in ("config", "quantization"):
+        if key in ("config", "quantization", "sparsity"):
             for k, v in value.items():
                 print(f"{key + '.' + k:<{width + 8}} {v}")
         elif key == "skipped":

@@ -39,6 +39,7 @@ from slimport.compress.capture import (
     run_block,
 )
 from slimport.compress.handlers import BlockWork, handler_for
+from slimport.compress.prune import REPORT as PRUNE_REPORT
 from slimport.compress.prune import handlers as _pruning  # noqa: F401 (registers its handlers)
 from slimport.compress.quant.config import DEFAULT_PROTECT, QuantizationConfig
 from slimport.compress.skeleton import Skeleton, check_finite, find_blocks, join, linearize
@@ -199,7 +200,7 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress) -> dict
 
 
 def report_file(config: QuantizationConfig) -> str:
-    return "prune_report.json" if config.pruning else "quantization_report.json"
+    return PRUNE_REPORT if config.pruning else "quantization_report.json"
 
 
 def sparsity_config(config: QuantizationConfig, rows: list[dict]) -> dict | None:

@@ -6,12 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimport.compress import api as compress_api
-from slimport.compress.modifiers import MODIFIERS
+from slimport.compress.prune import PRUNE_METHODS, QUANT_METHODS
 from slimport.compress.quant.config import QuantizationConfig
 from slimport.errors import SlimportError
 
-PRUNE_METHODS = tuple(sorted(n for n, c in MODIFIERS.items() if c.prunes))
-QUANT_METHODS = ("gptq", "rtn")
 # options of the pruning modifier itself; the rest go to the QuantizationConfig
 PRUNE_OPTIONS = ("sparsity", "pattern", "ignore", "per_module")
 

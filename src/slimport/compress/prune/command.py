@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimport.compress.prune.api import PRUNE_METHODS, QUANT_METHODS
+from slimport.compress.prune import PRUNE_METHODS, QUANT_METHODS
 
 
 def add_parser(sub) -> None:

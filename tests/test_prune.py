@@ -104,10 +104,8 @@ def test_sparsegpt_plus_gptq_folder_loads_in_transformers_and_slimport_alike(lla
 
 def test_per_module_sparsity_and_ignore(llama, tmp_path):
     folder, calib = llama
-    config = QuantizationConfig(
-        modifiers=[{"wanda": {"sparsity": 0.5, "per_module": {"self_attn": 0.25},
-                              "ignore": [r"mlp\.down_proj"]}}]  # fmt: skip
-    )
+    wanda = {"sparsity": 0.5, "per_module": {"self_attn": 0.25}, "ignore": [r"mlp\.down_proj"]}
+    config = QuantizationConfig(modifiers=[{"wanda": wanda}])
     pipeline.quantize(folder, tmp_path / "out", config, calib, progress=False)
     for name, w in _block_weights(_hf(tmp_path / "out")).items():
         want = 0.0 if "down_proj" in name else 0.25 if "self_attn" in name else 0.5

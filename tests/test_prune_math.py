@@ -148,3 +148,19 @@ def test_gptq_with_a_mask_keeps_pruned_weights_at_zero():
     assert (deq[mask] == 0).all()
     free = gptq(w, H, args)  # without the mask GPTQ's error feedback fills the holes
     assert (P.dequantize_tensor(free.q, args, free.scale, free.zero)[mask] != 0).any()
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_on_stacked_weights_equals_one_call_each(nm):
+    """q/k/v share a Hessian: one stacked sweep, each part with its own sparsity."""
+    H = _hessian(16)
+    U = factor(H, damp=0.01, dtype=torch.float64)
+    ws = [_weight(8, 16, seed=1), _weight(4, 16, seed=2), _weight(6, 16, seed=3)]
+    ss = [0.5, 0.5, 0.5] if nm else [0.5, 0.25, 0.75]
+    stacked = sparsegpt(ws, U, ss, nm, block_size=8)
+    parts = zip(ws, ss, stacked.weight.split([8, 4, 6]), stacked.mask.split([8, 4, 6]), strict=True)
+    for w, s, got_w, got_m in parts:
+        alone = sparsegpt(w, U, s, nm, block_size=8)
+        assert torch.equal(got_m, alone.mask)
+        torch.testing.assert_close(got_w, alone.weight, rtol=0, atol=1e-12)
+        assert int(got_m.sum()) == round(w.numel() * s)

@@ -68,10 +68,12 @@ def sparse_gpt(m: SparseGPTConfig, work: BlockWork) -> None:
         dead = H.diagonal() == 0
         U = factor(H, m.damp)
         del H
-        share = (time.perf_counter() - t0) / len(names)
-        for n in names:
-            t0 = time.perf_counter() - share
-            w = work.linears[n].weight.detach().float()
-            r = sparsegpt(w, U, targets[n], m.nm, m.block_size, dead)
-            _prune(m, work, n, r.weight, r.mask, t0)
-            work.rows[n]["prune_err"] = float(r.loss.sum()) / max(1, w.shape[0])
+        ws = [work.linears[n].weight.detach().float() for n in names]
+        r = sparsegpt(ws, U, [targets[n] for n in names], m.nm, m.block_size, dead)
+        del U
+        seconds = (time.perf_counter() - t0) / len(names)
+        sizes = [w.shape[0] for w in ws]
+        parts = zip(names, *(t.split(sizes) for t in r[:3]), strict=True)
+        for n, w, mask, loss in parts:
+            _prune(m, work, n, w, mask, time.perf_counter() - seconds)
+            work.rows[n]["prune_err"] = float(loss.sum()) / max(1, w.shape[0])

@@ -10,6 +10,7 @@ group of M columns of each row at the group's first column.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -33,16 +34,25 @@ def factor(H: torch.Tensor, damp: float, dtype: torch.dtype = torch.float32) -> 
 
 
 def sparsegpt(
-    w: torch.Tensor,
+    w: torch.Tensor | Sequence[torch.Tensor],
     U: torch.Tensor,
-    sparsity: float,
+    sparsity: float | Sequence[float],
     nm: tuple[int, int] | None = None,
     block_size: int = 128,
     dead: torch.Tensor | None = None,
 ) -> SparseGPTResult:
     """Prune w [out, in] given U (`factor` of its input Hessian). Exactly round(sparsity * out *
     in) weights are pruned (cumulatively rounded per block), or n of every m for N:M. float64
-    when w is float64 (the tests' exact reference), float32 otherwise."""
+    when w is float64 (the tests' exact reference), float32 otherwise.
+
+    w may be a list of weights sharing the input (q/k/v), each with its own sparsity: rows are
+    independent in the sweep, so one stacked sweep with each part's mask chosen on its own rows
+    gives exactly what one call per part would, in one column loop; the result is stacked."""
+    ws = [w] if isinstance(w, torch.Tensor) else list(w)
+    ss = [sparsity] * len(ws) if isinstance(sparsity, (int, float)) else list(sparsity)
+    bounds = torch.tensor([0, *(x.shape[0] for x in ws)]).cumsum(0).tolist()
+    parts = list(zip(bounds[:-1], bounds[1:], ss, strict=True))
+    w = torch.cat(ws) if len(ws) > 1 else ws[0]
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     W = w.detach().to(dtype, copy=True)
     U = U.to(dtype)
@@ -62,10 +72,11 @@ def sparsegpt(
         M1 = mask[:, i1:i2]
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
-        if nm is None:  # this block's share of the layer's count, rounded cumulatively
-            k = count(rows * i2, sparsity) - count(rows * i1, sparsity)
-            score = (W1.square() / d[i1:i2].square()).reshape(1, -1)
-            M1.copy_(lowest(score, k).reshape(W1.shape))
+        if nm is None:  # each part: this block's share of its count, rounded cumulatively
+            score = W1.square() / d[i1:i2].square()
+            for r0, r1, s in parts:
+                k = count((r1 - r0) * i2, s) - count((r1 - r0) * i1, s)
+                M1[r0:r1] = lowest(score[r0:r1].reshape(1, -1), k).reshape(r1 - r0, -1)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])

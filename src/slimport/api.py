@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
 from slimport import arch
+from slimport.compress.prune import REPORT as PRUNE_REPORT
 from slimport.convert import engine
 from slimport.convert.loader import DTYPES, TARGETS, Job, Model, convert, load, model_config, nbytes
 from slimport.errors import SlimportError
@@ -42,6 +44,8 @@ def inspect(
             info["gguf_types"] = ckpt.metadata["gguf_types"]
         if ckpt.quantized:
             info.update(_quantized_summary(ckpt))
+        if _pruned(ckpt):
+            info["sparsity"] = _sparsity_summary(ckpt)
         try:
             raw = model_config(ckpt)
             family, cfg = arch.resolve(raw, str(ckpt.path))
@@ -85,6 +89,30 @@ def _quantized_summary(ckpt) -> dict:
                 8 * (packed + float_bytes) / ckpt.num_parameters, 3
             ),
         },
+    }
+
+
+def _pruned(ckpt) -> bool:
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    return (folder / PRUNE_REPORT).is_file()
+
+
+def _sparsity_summary(ckpt) -> dict:
+    """Zero fraction of the 2-D weights, per module group (layers merged: `mlp.down_proj`),
+    read as the model computes them (a quantized Linear's dequantized weight)."""
+    zeros: Counter = Counter()
+    sizes: Counter = Counter()
+    for name, i in ckpt.infos.items():
+        if len(i.shape) != 2 or not name.endswith(".weight") or not i.dtype.is_floating_point:
+            continue
+        group = re.sub(r"^.*?\.\d+\.", "", name.removesuffix(".weight"))
+        w = ckpt.load(name)
+        zeros[group] += int((w == 0).sum())
+        sizes[group] += w.numel()
+    total = sum(sizes.values()) or 1
+    return {
+        "overall": round(sum(zeros.values()) / total, 4),
+        **{g: round(zeros[g] / sizes[g], 4) for g in sizes},
     }
 
 

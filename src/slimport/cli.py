@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from slimport.arch.layout import is_causal_lm
+from slimport.compress.prune import command as prune_command
 from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS
 from slimport.errors import SlimportError
 from slimport.io.formats import CAST_DTYPES, GGUF_TYPES, TARGETS
@@ -30,7 +31,7 @@ def _inspect(args) -> int:
         return 0
     width = max(len(k) for k in info)
     for key, value in info.items():
-        if key in ("config", "quantization"):
+        if key in ("config", "quantization", "sparsity"):
             for k, v in value.items():
                 print(f"{key + '.' + k:<{width + 8}} {v}")
         elif key == "skipped":
@@ -393,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     overwrite(sp)
     sp.set_defaults(fn=_quantize)
+    prune_command.add_parser(sub)
 
     # fmt: off
     sp = sub.add_parser(

@@ -76,6 +76,8 @@ def quantize(
 def _describe(c: QuantizationConfig) -> str:
     if c.bits == 16:
         return c.dtype16
+    if not c.quantizes:
+        return f"{c.pruning.name} pruning"
     g = f" g{c.group_size}" if c.granularity == "group" else f" per-{c.granularity}"
     a = f"A{c.act_bits} {c.activations}" if c.activations else ""
     sq = f" + SmoothQuant {c.smoothquant}" if c.smoothquant is not None else ""

@@ -22,6 +22,7 @@ class Stats:
     """What the algorithms need to know about one Linear's input."""
 
     absmax: torch.Tensor | None = None
+    sqnorm: torch.Tensor | None = None  # sum over tokens of x_j^2 per input channel (Wanda)
     hessian: object | None = None
     sample: list[torch.Tensor] = field(default_factory=list)
     sampled: int = 0
@@ -30,6 +31,8 @@ class Stats:
         """The Linear's input is now x / s: keep the statistics in step."""
         if self.absmax is not None:
             self.absmax = self.absmax / s
+        if self.sqnorm is not None:
+            self.sqnorm = self.sqnorm / s.square()
         if self.sample:
             self.sample = [x / s for x in self.sample]
         if self.hessian is not None:
@@ -43,6 +46,7 @@ class Needs:
     absmax: bool = False
     hessian: bool = False
     sample: int | None = None  # a token budget per Linear input
+    sqnorm: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         budgets = [b for b in (self.sample, other.sample) if b is not None]
@@ -50,10 +54,11 @@ class Needs:
             self.absmax or other.absmax,
             self.hessian or other.hessian,
             max(budgets) if budgets else None,
+            self.sqnorm or other.sqnorm,
         )
 
     def __bool__(self) -> bool:
-        return self.absmax or self.hessian or self.sample is not None
+        return self.absmax or self.hessian or self.sqnorm or self.sample is not None
 
 
 @dataclass
@@ -253,6 +258,9 @@ def collect(
             if needs.absmax:
                 a = x.abs().amax(0)
                 st.absmax = a if st.absmax is None else torch.maximum(st.absmax, a)
+            if needs.sqnorm:
+                q = x.square().sum(0)
+                st.sqnorm = q if st.sqnorm is None else st.sqnorm + q
             if needs.hessian:
                 st.hessian.add(x)
             if budget is not None:

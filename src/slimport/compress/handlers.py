@@ -49,6 +49,7 @@ class BlockWork:
     rows: dict[str, dict]  # the report row of each Linear
     run: Run
     later: list[Modifier] = field(default_factory=list)  # the modifiers after this one
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned weights (True), by name
 
     def pairs(self):
         """(producer module, consumer names, their shared input Stats) of the layout's smoothing
@@ -163,9 +164,15 @@ def _round(work: BlockWork, names: list[str], st: Stats, g: GPTQConfig | None, l
         H = st.hessian if last else st.hessian.value()
         if last:
             st.hessian = None
+        mask = None
+        if any(n in work.masks for n in names):  # pruned before: those weights stay zero
+            mask = torch.cat([
+                work.masks.get(n, torch.zeros(w.shape, dtype=torch.bool))
+                for n, w in zip(names, ws, strict=True)
+            ])  # fmt: skip
         q, scale, zero, loss = G.gptq(
             ws, H, config.weights, damp=g.damp, block_size=g.block_size, act_order=g.act_order,
-            weight_observer=config.weight_observer,
+            weight_observer=config.weight_observer, mask=mask,
         )  # fmt: skip
         # own storage per Linear (views of one tensor would be saved as shared memory); the
         # integers as int8 at once, a quarter of the float copy
@@ -189,6 +196,8 @@ def _round(work: BlockWork, names: list[str], st: Stats, g: GPTQConfig | None, l
         set_module(work.block, n, ql)
         rows[n]["seconds"] += seconds + time.perf_counter() - t0
         rows[n]["weight_rel_err"] = float((ql.weight - w).norm() / w.norm().clamp_min(1e-12))
+        if n in work.masks:  # stored zeros: the pruned weights, and kept ones rounded to 0
+            rows[n]["zeros"] = float((ql.weight == 0).float().mean())
         if row_loss is not None:  # GPTQ's objective tr(dW H dW^T) per row: mean output MSE x 2
             rows[n]["output_err"] = float(row_loss.sum()) / max(1, q.shape[0])
 

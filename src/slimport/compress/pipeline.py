@@ -41,6 +41,8 @@ from slimport.compress.capture import (
     run_block,
 )
 from slimport.compress.handlers import BlockWork, handler_for
+from slimport.compress.prune import REPORT as PRUNE_REPORT
+from slimport.compress.prune import handlers as _pruning  # noqa: F401 (registers its handlers)
 from slimport.compress.quant.config import DEFAULT_PROTECT, QuantizationConfig
 from slimport.compress.skeleton import Skeleton, check_finite, find_blocks, join, linearize
 from slimport.compress.writer import FolderWriter, ignore_list, linear_shapes, module_tensors
@@ -75,7 +77,10 @@ def quantize_block(
         lambda a, b: a | b, (h.needs(m) for m, h in zip(plan, handlers, strict=True)), Needs()
     )
     stats = collect(block, linears, inputs, needs, config.seed, run)
-    rows = {n: {"module": join(prefix, n), "seconds": 0.0} for n in linears}
+    rows = {
+        n: {"module": join(prefix, n), "seconds": 0.0, "size": m.weight.numel()}
+        for n, m in linears.items()
+    }
     work = BlockWork(block, linears, stats, inputs, config, layout, rows, run)
     for i, (m, h) in enumerate(zip(plan, handlers, strict=True)):
         work.later = plan[i + 1 :]
@@ -131,7 +136,10 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress, overwri
             inputs = capture_inputs(sk.model, sk.blocks, sk.calibration, sk.materialize, sk.free)
             n_blocks = len(sk.blocks)
             bar = tqdm(
-                total=n_blocks + 1, desc="quantize", unit="block", disable=not progress or None
+                total=n_blocks + 1,
+                desc="prune" if config.pruning else "quantize",
+                unit="block",
+                disable=not progress or None,
             )
             tail = _has_tail_linears(sk.model, sk.blocks, config)
             for i in range(n_blocks):
@@ -161,7 +169,7 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress, overwri
             writer.shard(f"model-00001-of-{n_blocks + 2:05d}.safetensors", writer.untied(rest))
             bar.update(1)
             bar.close()
-            writer.finish(sk.config, ignore)
+            writer.finish(sk.config, ignore, sparsity_config(config, report_rows))
             tok_src = sk.source.source
             if tokenizer_dir is not None:
                 tok_src = open_checkpoint(tokenizer_dir)
@@ -180,7 +188,7 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress, overwri
                 "seconds": round(time.perf_counter() - t_start, 2),
                 "modules": report_rows,
             }
-            (tmp / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / report_file(config)).write_text(json.dumps(report, indent=2) + "\n")
     finally:
         sk.close()
     return report
@@ -201,6 +209,8 @@ def _quantized_linears(shapes: dict[str, tuple[int, int]], config, path) -> dict
     if not quantized:
         raise SlimportError("every Linear layer is protected: nothing to quantize")
     check_group_size(quantized, config)
+    for m in config.plan:
+        m.check_layers(quantized)
     return quantized
 
 
@@ -219,6 +229,27 @@ def check_group_size(quantized: dict[str, tuple[int, int]], config: Quantization
                 f"Linear: {', '.join(map(str, fits))}",
                 hint="choose one of those, or keep the layer in float with --protect",
             )
+
+
+def report_file(config: QuantizationConfig) -> str:
+    return PRUNE_REPORT if config.pruning else "quantization_report.json"
+
+
+def sparsity_config(config: QuantizationConfig, rows: list[dict]) -> dict | None:
+    """What the pruning did, for config.json: the pattern, the modules pruned and the sparsity
+    over them (None when the recipe does not prune)."""
+    m = config.pruning
+    if m is None:
+        return None
+    pruned = [r for r in rows if r.get("sparsity", 0) > 0]
+    sizes = {r["module"]: r["size"] for r in pruned}
+    total = sum(sizes.values())
+    zeros = sum(r["sparsity"] * r["size"] for r in pruned)
+    return {
+        "structure": m.pattern,
+        "global_sparsity": round(zeros / total, 6) if total else 0.0,
+        "targets": sorted(sizes),
+    }
 
 
 def _nbytes(shape, dtype) -> int:

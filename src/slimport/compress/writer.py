@@ -87,6 +87,7 @@ def config_json(
     ignore: list[str],
     tied: dict[str, str],
     written: set[str],
+    sparsity: dict | None = None,
 ) -> dict:
     """config.json of the quantized model: the model's config + the compressed-tensors block.
     A tied head that was quantized (its float weight is not among the `written` names) can no
@@ -98,7 +99,8 @@ def config_json(
         and any(f"{h.rpartition('.')[0]}.weight_scale" in written for h in tied)
     ):
         cfg["tie_word_embeddings"] = False
-    cfg["quantization_config"] = compressed.quantization_config(qconfig, ignore)
+    if qconfig.quantizes:  # pruned only: an ordinary float folder
+        cfg["quantization_config"] = compressed.quantization_config(qconfig, ignore, sparsity)
     return cfg
 
 
@@ -123,14 +125,16 @@ class FolderWriter:
         quantized = {h for h in self.tied if f"{h.rpartition('.')[0]}.weight_scale" in names}
         return [t for t in tensors if t.name not in self.tied or t.name in quantized]
 
-    def finish(self, config: dict, ignore: list[str], index: bool = True) -> None:
+    def finish(
+        self, config: dict, ignore: list[str], sparsity: dict | None = None, index: bool = True
+    ) -> None:
         if index:
             index_json = {
                 "metadata": {"total_size": self.bytes()},
                 "weight_map": {t: f for f, names in sorted(self.shards.items()) for t in names},
             }
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
-        cfg = config_json(config, self.qconfig, ignore, self.tied, self.written)
+        cfg = config_json(config, self.qconfig, ignore, self.tied, self.written, sparsity)
         (self.tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (self.tmp / RECIPE_FILE).write_text(json.dumps(self.qconfig.to_dict(), indent=2) + "\n")
 

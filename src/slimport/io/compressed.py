@@ -98,8 +98,17 @@ def scheme_from(path: Path, qc: dict):
         ct = q.QuantizationConfig.model_validate(qc)
     except Exception as e:  # pydantic's ValidationError, or the library's own ValueErrors
         raise SlimportError(f"{path}: invalid quantization_config ({e})") from None
-    if qc.get("sparsity_config") or qc.get("transform_config"):
-        raise _unsupported(path, "sparsity / transforms")
+    sparse = qc.get("sparsity_config") or {}
+    if sparse and (not isinstance(sparse, dict) or sparse.get("format") != "dense"):
+        fmt = sparse.get("format") if isinstance(sparse, dict) else sparse
+        raise SlimportError(
+            f"{path}: compressed-tensors sparsity format {fmt!r} is not supported",
+            hint="slimport reads pruned models stored dense (sparsity_config format 'dense', "
+            "what `slimport prune` and llm-compressor with compressed-tensors >= 0.15 write); "
+            "the bitmask formats were removed from compressed-tensors and transformers",
+        )
+    if qc.get("transform_config"):
+        raise _unsupported(path, "transforms")
     if ct.kv_cache_scheme is not None:
         raise _unsupported(path, "KV-cache quantization")
     if ct.quantization_status != "compressed":

@@ -102,8 +102,12 @@ def scheme(qconfig: QuantizationConfig):
     )
 
 
-def quantization_config(qconfig: QuantizationConfig, ignore: list[str]) -> dict:
-    """The `quantization_config` block of config.json (as llm-compressor writes it)."""
+def quantization_config(
+    qconfig: QuantizationConfig, ignore: list[str], sparsity: dict | None = None
+) -> dict:
+    """The `quantization_config` block of config.json (as llm-compressor writes it). A pruned
+    model's `sparsity` (pipeline.sparsity_config) becomes the library's dense sparsity config:
+    the zeros are stored in the integers themselves (see io.compressed, SPARSE_FORMATS)."""
     import compressed_tensors
 
     q = ct_quantization()
@@ -116,7 +120,7 @@ def quantization_config(qconfig: QuantizationConfig, ignore: list[str]) -> dict:
     block = {
         "version": compressed_tensors.__version__,
         "quant_method": "compressed-tensors",
-        "sparsity_config": {},
+        "sparsity_config": {} if sparsity is None else _sparsity_block(sparsity),
         "transform_config": {},
         **cfg.model_dump(exclude={"quant_method"}),
     }
@@ -130,6 +134,16 @@ def quantization_config(qconfig: QuantizationConfig, ignore: list[str]) -> dict:
         # schemes, computes exactly the same thing; vLLM ignores this transformers-only key.
         block["dequantize"] = True
     return block
+
+
+def _sparsity_block(sparsity: dict) -> dict:
+    from compressed_tensors.config import DenseSparsityConfig
+
+    return DenseSparsityConfig(
+        global_sparsity=sparsity["global_sparsity"],
+        sparsity_structure=sparsity["structure"],
+        targets=sparsity["targets"],
+    ).model_dump()
 
 
 def _check_supported(qconfig: QuantizationConfig) -> None:

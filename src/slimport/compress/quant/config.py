@@ -117,13 +117,13 @@ class QuantizationConfig:
         else:
             mods = parse_modifiers(self.modifiers)
             given = {"method": self.method, "smoothquant": self.smoothquant, **parsed}
-        if not any(m.rounds for m in mods):
+        if not any(m.rounds or m.prunes for m in mods):
             mods.append(modifier("rtn"))  # AWQ alone: scales, then round to nearest
         check_order(mods)
         self.modifiers = mods
         names = [m.name for m in mods if not isinstance(m, SmoothQuantConfig)]
-        if len(names) > 1 and names[-1] == "rtn":
-            names.pop()
+        if len(names) > 1 and names[-1] == "rtn" and not any(m.prunes for m in mods):
+            names.pop()  # (a pruning method alone keeps its weights float: its rtn stays named)
         derived: dict = {
             "method": "+".join(names),
             "smoothquant": next((m.alpha for m in mods if isinstance(m, SmoothQuantConfig)), None),
@@ -161,6 +161,16 @@ class QuantizationConfig:
         """What the pipeline runs on every block, in order: the modifiers, then static input
         calibration when the inputs are quantized statically."""
         return [*self.modifiers, *([StaticInputsConfig()] if self.activations == "static" else [])]
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the weights are rounded (a pruning-only recipe keeps them float)."""
+        return any(m.rounds for m in self.modifiers)
+
+    @property
+    def pruning(self):
+        """The recipe's pruning modifier, or None."""
+        return next((m for m in self.modifiers if m.prunes), None)
 
     @property
     def needs_calibration(self) -> bool:
@@ -203,6 +213,8 @@ class QuantizationConfig:
 
         if self.bits not in (16, 8, 4, 3):
             bad("bits", f"{self.bits} is not supported", "one of 16, 8, 4, 3")
+        if self.activations and not self.quantizes:
+            bad("activations", f"{self.method} only prunes: add a rounding method (gptq, rtn)")
         if self.bits == 3 and not any(m.error_feedback for m in self.modifiers):
             bad("bits", "3-bit weights need method gptq (RTN/AWQ lose too much at 3 bits)")
         if self.bits == 16 and (

@@ -126,6 +126,7 @@ def gptq(
     block_size: int = 128,
     act_order: bool = True,
     weight_observer: str = "min_max",
+    mask: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize w [out, in] given the input Hessian H [in, in].
 
@@ -135,7 +136,8 @@ def gptq(
     `Hessian` accumulator, which is consumed: then no n x n matrix outlives the one working
     copy (at 5632 inputs each is 127 MB), so the peak is two.
     Computes in float64 when w is float64 (tests use that to compare against a reference
-    exactly), float32 otherwise."""
+    exactly), float32 otherwise. `mask` [rows, in] (True = pruned, e.g. by SparseGPT) holds
+    those weights at exactly zero (integer = zero point), their error fed forward like any other."""
     if isinstance(H, Hessian):
         H = H.take()
     ws = [w] if isinstance(w, torch.Tensor) else list(w)
@@ -169,6 +171,12 @@ def gptq(
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W = W[:, perm]  # the unpermuted copy is freed here
+    if mask is not None:
+        if mask.shape != W.shape:
+            raise ValueError(
+                f"GPTQ: mask {tuple(mask.shape)} does not match weight {tuple(W.shape)}"
+            )
+        mask = mask.to(W.device)[:, perm]
     U = _inverse_cholesky_factor(H, perm, dead, damp, like=W)
     del H
     if static:  # the group (original order) of every permuted column
@@ -201,6 +209,8 @@ def gptq(
                 dyn_zeros.append(z)
             col = W1[:, i]
             q = torch.round(col / s + z).clamp_(qmin, qmax)  # = primitives.quantize
+            if mask is not None:
+                q = torch.where(mask[:, j], z, q)  # dequantizes to exactly 0
             Q[:, where[j]] = q
             err = Err1[:, i]
             torch.sub(col, (q - z) * s, out=err).div_(U1[i, i])

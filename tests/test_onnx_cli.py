@@ -200,6 +200,34 @@ def test_verify_compares_a_w4_export_with_its_integers_dequantized(tiny_lm, tmp_
     assert max(t["max_abs"] for t in report["tensors"].values()) <= 1e-6
 
 
+@pytest.mark.parametrize("how", ["int8", "int4"])
+def test_quantized_embedding_is_looked_up_and_tied_on_the_same_integers(tiny_lm, tmp_path, how):
+    import onnx
+
+    from slimport.compress import api
+    from slimport.runtime.onnx import OnnxModel
+    from slimport.runtime.torch.quantized import load_quantized
+
+    q = tmp_path / "w4"
+    api.quantize(tiny_lm, q, progress=False, bits=4, group_size=32, symmetric=False)
+    out = tmp_path / "onnx"
+    argv = ["convert", str(q), str(out), "--to", "onnx", "--accuracy-level", "0"]
+    assert main([*argv, "--embeddings", how]) == 0
+    assert main([*argv[:2], str(tmp_path / "float-emb"), *argv[3:]]) == 0
+    proto = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 14 + 1  # + head
+    assert "model.embed_tokens.weight" not in {t.name for t in proto.graph.initializer}
+    size = (out / "model.onnx").stat().st_size
+    assert size < 0.7 * (tmp_path / "float-emb/model.onnx").stat().st_size
+
+    model, _ = load_quantized(q, embeddings=how)  # the torch runtime's own quantized embedding
+    ids = np.random.default_rng(2).integers(0, 49152, (1, 10))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(OnnxModel(out).logits(ids) - ref).max() <= 1e-4
+
+
 # ---------------------------------------------------------------- MiniLM (real weights)
 
 
@@ -276,6 +304,7 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(tiny_lm, tmp_path, caps
     refused([*conv, "onnx", "--dtype", "bfloat16"], "unknown ONNX dtype 'bfloat16'")
     refused([*conv, "onnx", "--gguf-type", "q8_0"], "--gguf-type is an option of --to gguf")
     refused([*conv, "gguf", "--accuracy-level", "0"], "--accuracy-level is an option of --to onnx")
+    refused([*conv, "hf", "--embeddings", "int8"], "--embeddings is an option of --to onnx")
     w4a8 = tmp_path / "w4a8"
     api.quantize(tiny_lm, w4a8, progress=False, bits=4, group_size=32, activations="dynamic")
     refused(["convert", str(w4a8), str(out), "--to", "onnx"], "MatMulInteger) takes 8-bit weights")

@@ -81,7 +81,8 @@ def _convert(args) -> int:
     return 0
 
 
-WRITER_OPTIONS = {"gguf_type": "gguf", "accuracy_level": "onnx"}  # option -> its --to target
+# writer options -> the --to target they belong to
+WRITER_OPTIONS = {"gguf_type": "gguf", "accuracy_level": "onnx", "embeddings": "onnx"}
 
 
 def _verify(args) -> int:
@@ -247,9 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=CAST_DTYPES,
                     help="cast floating tensors (onnx: float32 or float16 storage, fp32 compute)")  # fmt: skip
     sp.add_argument("--gguf-type", choices=GGUF_TYPES, help="GGUF tensor type (2-D weights)")
-    sp.add_argument("--accuracy-level", type=int, choices=range(5), metavar="0-4",
-                    help="onnx, quantized folder: MatMulNBits accuracy_level (default 4: int8 "
-                    "activations inside the kernel, fastest on CPU; 0: exact)")  # fmt: skip
+    sp.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=range(5),
+        metavar="0-4",
+        help="onnx, quantized folder: MatMulNBits accuracy_level (default 4: int8 "
+        "activations inside the kernel, fastest on CPU; 0: exact)",
+    )
+    sp.add_argument("--embeddings", choices=("int8", "int4"),
+                    help="onnx: quantize the token embedding (GatherBlockQuantized; a tied head "
+                    "computes on the same integers): int8 per row, or 4-bit groups of 32")  # fmt: skip
     sp.add_argument(
         "--mapping",
         help="YAML/JSON file of extra name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'",

@@ -43,8 +43,15 @@ def _quantized(folder: Path, accuracy_level: int) -> QuantizedLinears | None:
     return None
 
 
-def build(model, quantized: QuantizedLinears | None, dtype: str = "float32") -> onnx.ModelProto:
-    """The ONNX graph of a hub model (`slimport.convert.loader.load(...)`)."""
+def build(
+    model,
+    quantized: QuantizedLinears | None,
+    dtype: str = "float32",
+    embeddings: str | None = None,
+    accuracy_level: int = 4,
+) -> onnx.ModelProto:
+    """The ONNX graph of a hub model (`slimport.convert.loader.load(...)`); embeddings "int8" or
+    "int4" quantizes the token embedding (GatherBlockQuantized, embedding.py)."""
     family = model.family.name
     if family not in BUILDERS:
         raise SlimportError(
@@ -52,7 +59,7 @@ def build(model, quantized: QuantizedLinears | None, dtype: str = "float32") -> 
             hint="ONNX export covers " + ", ".join(sorted(BUILDERS)),
         )
     g = Graph(f"slimport_{family}", DTYPES[dtype])
-    w = Weights(model.hub, str(model.source.path), quantized)
+    w = Weights(model.hub, str(model.source.path), quantized, embeddings, accuracy_level)
     BUILDERS[family](g, w, model.config, model.cfg)
     w.check_all_used()
     kind = "decoder" if family in decoder.BUILDERS else "encoder"
@@ -66,22 +73,27 @@ def export_onnx(
     out_folder: str | Path,
     dtype: str | None = "float32",
     accuracy_level: int = 4,
+    embeddings: str | None = None,
     overwrite: bool = False,
     **load_options,
 ) -> dict:
     """Export `model_folder` to `out_folder`; returns the report (sizes, graph, timings), which
-    the folder also holds as conversion_report.json. `load_options` are the hub loader's
-    (from_format, config, mapping, ignore_mismatched_sizes, allow_missing); dtype None: float32."""
+    the folder also holds as conversion_report.json. embeddings "int8" / "int4": the token
+    embedding as GatherBlockQuantized (rounded as `load_quantized(embeddings=...)` rounds it).
+    `load_options` are the hub loader's (from_format, config, mapping, ignore_mismatched_sizes,
+    allow_missing); dtype None: float32."""
     t0 = time.perf_counter()
     dtype = dtype or "float32"
     if dtype not in DTYPES:
         raise SlimportError(f"unknown ONNX dtype {dtype!r}", hint="one of: " + ", ".join(DTYPES))
+    if embeddings not in (None, "int8", "int4"):
+        raise SlimportError(f"embeddings {embeddings!r} is not supported", hint="int8 or int4")
     src = Path(model_folder)
     quantized = _quantized(src, accuracy_level) if src.is_dir() else None
     # a quantized folder's Linears are built from its integers (W8A8 included), never its floats
     model = load(src, integer_linears=quantized is not None, **load_options)
     try:
-        proto = build(model, quantized, dtype)
+        proto = build(model, quantized, dtype, embeddings, accuracy_level)
         return _write(proto, model, src, Path(out_folder), overwrite, t0, report={
             "source": str(src),
             "source_format": model.source.format,
@@ -94,7 +106,8 @@ def export_onnx(
             "ignored_source_tensors": model.ignored,
             "quantized_linears": 0 if quantized is None else len(quantized.names),
             "quantized_scheme": None if quantized is None else quantized.scheme,
-            "accuracy_level": None if quantized is None else accuracy_level,
+            "accuracy_level": None if quantized is None and embeddings is None else accuracy_level,
+            "embeddings": embeddings,
             "notes": [n for n in model.notes if not n.startswith("weights dequantized")]
             + ([] if quantized is None else [f"{len(quantized.names)} Linear(s) computed from "
                                              f"the folder's integers ({quantized.scheme})"]),

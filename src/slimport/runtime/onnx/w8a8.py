@@ -13,6 +13,9 @@ elementwise ops. The product stays in int32 until the two last multiplies, in th
 torch runtime's int_mm path (zero points folded in as int32 corrections):
 
   acc = MatMulInteger(q, W^T) - zero * colsum(W)  [- rowsum(q) * zw + K * zero * zw]
+
+(q is fed as q + 128 in uint8 with MatMulInteger's zero point 128: the same integer sums, and
+ONNX Runtime's u8s8 GEMM is about 20x faster on CPU than its s8s8 one.)
   y   = float(acc) * scale * s_w                  [+ bias]
 
 Initializers per Linear P: P.weight_int8 int8 [in, out] (our integers, transposed to
@@ -28,7 +31,7 @@ import torch
 
 from slimport.runtime.onnx.graph import Graph
 
-INT8, INT32, FLOAT = 3, 6, 1  # onnx.TensorProto element types
+UINT8, INT32, FLOAT = 2, 6, 1  # onnx.TensorProto element types
 EPS = float(np.finfo(np.float32).eps)  # what qparams puts in place of a zero scale
 
 
@@ -50,7 +53,7 @@ def weight_arrays(
 
 
 def _quantize_input(g: Graph, x: str, symmetric: bool, static: tuple[str, str] | None):
-    """(q int8 [M, K], scale, zero point or None) of x [M, K], as the folder computes them."""
+    """(q + 128 uint8 [M, K], scale, zero point or None) of x [M, K], as the folder computes."""
     f = lambda v: g.const(v, np.float32)  # noqa: E731
     if static is not None:
         scale, zero = static
@@ -68,7 +71,8 @@ def _quantize_input(g: Graph, x: str, symmetric: bool, static: tuple[str, str] |
             zero = g.op("Clip", zero, f(-128.0), f(127.0))
     y = g.op("Div", x, scale)
     y = g.op("Round", y if zero is None else g.op("Add", y, zero))
-    q = g.op("Cast", g.op("Clip", y, f(-128.0), f(127.0)), to=INT8)
+    # held as q + 128 in uint8: ONNX Runtime's u8s8 integer GEMM is ~20x its s8s8 path on CPU
+    q = g.op("Cast", g.op("Add", g.op("Clip", y, f(-128.0), f(127.0)), f(128.0)), to=UINT8)
     return q, scale, zero
 
 
@@ -91,7 +95,7 @@ def emit(
         qparams = (g.tensor(f"{prefix}.input_scale", static["scale"]),
                    None if symmetric_inputs else g.tensor(f"{prefix}.input_zero_point", static["zero"]))  # fmt: skip
     q, scale, zero = _quantize_input(g, x, symmetric_inputs, qparams)
-    acc = g.op("MatMulInteger", q, names["weight_int8"])
+    acc = g.op("MatMulInteger", q, names["weight_int8"], g.const(128, np.uint8))  # sum q * w
     zi = None if zero is None else g.op("Cast", zero, to=INT32)
     if zi is not None:
         colsum = g.tensor(names["weight_colsum"], arrays["weight_colsum"])
@@ -99,6 +103,7 @@ def emit(
     if "weight_zero_point" in names:
         zw = g.tensor(names["weight_zero_point"], arrays["weight_zero_point"])
         rowsum = g.op("ReduceSum", g.op("Cast", q, to=INT32), g.const([-1]), keepdims=1)
+        rowsum = g.op("Sub", rowsum, g.const(128 * k, np.int32))  # of the signed integers
         acc = g.op("Sub", acc, g.op("Mul", rowsum, zw))
         if zi is not None:
             acc = g.op("Add", acc, g.op("Mul", g.op("Mul", zi, g.const(k, np.int32)), zw))

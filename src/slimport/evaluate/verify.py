@@ -223,7 +223,11 @@ def markdown(report: dict, top: int = 5) -> str:
     ]
     worst = sorted(report["tensors"].items(), key=lambda kv: -kv[1]["max_abs"])[:top]
     lines += [f"| {n} | {s['max_abs']:.3g} | {s['l2']:.3g} |" for n, s in worst]
-    lines += ["", "## Hidden state after each block", "", "| layer | max abs Δ |", "|---|---|"]
+    lines += ["", "## Hidden state after each block", ""]
+    if report["layers"]:
+        lines += ["| layer | max abs Δ |", "|---|---|"]
+    else:  # an ONNX graph outputs logits and the cache only
+        lines += [f"({report['candidate']} reports no per-layer states)"]
     lines += [
         f"| {'embeddings' if r['layer'] == 0 else r['layer']} | {r['max_abs']:.3g} |"
         for r in report["layers"]

@@ -34,8 +34,6 @@ def convert(src: str | Path, out: str | Path, to: str, **options) -> dict:
         return loader.convert(src, out, to, **options)
     options.pop("progress", None)  # exporters build in memory: nothing to stream
     options.update(options.pop("options", None) or {})
-    if options.get("allow_missing") == ():
-        del options["allow_missing"]
     return importlib.import_module(EXPORTS[to]).export(src, out, **options)
 
 

@@ -66,7 +66,6 @@ TO_CHOICES = (*TARGETS, *EXPORTS)  # every --to target, layouts first
 # writer options with a fixed set of values (CLI choices; the writers check them too)
 CAST_DTYPES = ("float32", "float16", "bfloat16")  # --dtype
 GGUF_TYPES = ("f32", "f16", "q8_0")  # --gguf-type: tensor type of 2-D GGUF weights
-ONNX_DTYPES = ("float32", "float16")  # --dtype of --to onnx: weights stored so, computed in fp32
 
 # What to open when SRC is a folder, most preferred first: the names transformers and the
 # writers give, then a lone file of one kind (`*.bin` late: training_args.bin is no model).

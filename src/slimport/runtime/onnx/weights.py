@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from slimport.errors import SlimportError, name_list
+from slimport.runtime.onnx.embedding import QuantizedEmbedding
 from slimport.runtime.onnx.graph import Graph
 
 
@@ -24,8 +25,6 @@ class Weights:
         export quantizes the embedding."""
         if self.embeddings is None:
             return g.op("Gather", self.value(g, name), ids)
-        from slimport.runtime.onnx.embedding import QuantizedEmbedding
-
         emb = QuantizedEmbedding(g, name, self.array(name), self.embeddings, self.accuracy_level)
         self._quantized_embeddings[name] = emb
         return emb.gather(g, ids)

@@ -249,8 +249,8 @@ def tiny_quantized_lm(smollm2_hf, tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_eval_loads_a_quantized_folder_with_integer_only_layers(tiny_quantized_lm, dtype):
-    from slimport.cli import load_for_eval
     from slimport.compress.quant.modules import QuantLinear
+    from slimport.evaluate.models import load_for_eval
     from slimport.runtime.torch.packed import PackedLinear
 
     model, _ = load_for_eval(tiny_quantized_lm, "wikitext2", dtype)

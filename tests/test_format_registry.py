@@ -79,4 +79,7 @@ def test_convert_targets_and_cli_choices_come_from_the_registry():
         if a.prog.endswith("convert")
     )
     to = next(a for a in convert._actions if a.dest == "to")
-    assert list(to.choices) == list(api.TARGETS)
+    assert list(to.choices) == [*api.TARGETS, *api.EXPORTS]
+    exporters = {f.name: f.exporter for f in formats.FORMATS.values() if f.exporter}
+    assert api.EXPORTS == exporters == {"onnx": "slimport.runtime.onnx.export"}
+    assert all(callable(importlib.import_module(m).export) for m in exporters.values())

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections import Counter
 from pathlib import Path
 
 from slimport import arch
 from slimport.compress.prune import REPORT as PRUNE_REPORT
-from slimport.convert import engine
-from slimport.convert.loader import DTYPES, TARGETS, Job, Model, convert, load, model_config, nbytes
+from slimport.convert import engine, loader
+from slimport.convert.loader import DTYPES, TARGETS, Job, Model, load, model_config, nbytes
 from slimport.errors import SlimportError
 from slimport.io.auto import open_checkpoint
+from slimport.io.formats import EXPORTS
 
-__all__ = ["DTYPES", "TARGETS", "Job", "Model", "convert", "inspect", "load", "model_config"]
+__all__ = [
+    "DTYPES",
+    "EXPORTS",
+    "TARGETS",
+    "Job",
+    "Model",
+    "convert",
+    "inspect",
+    "load",
+    "model_config",
+]
+
+
+def convert(src: str | Path, out: str | Path, to: str, **options) -> dict:
+    """Convert a checkpoint into folder `out`; returns the report dict. `to` is a layout
+    (`TARGETS`: the hub loader's `convert`, same options) or a graph format (`EXPORTS`, e.g.
+    "onnx": its exporter builds the graph; `options` go to it, the writer options flattened)."""
+    if to not in EXPORTS:
+        return loader.convert(src, out, to, **options)
+    options.pop("progress", None)  # exporters build in memory: nothing to stream
+    options.update(options.pop("options", None) or {})
+    return importlib.import_module(EXPORTS[to]).export(src, out, **options)
 
 
 CONFIG_SUMMARY = (

@@ -9,11 +9,10 @@ import sys
 import threading
 from pathlib import Path
 
-from slimport.arch.layout import is_causal_lm
 from slimport.compress.prune import command as prune_command
 from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS
 from slimport.errors import SlimportError
-from slimport.io.formats import CAST_DTYPES, GGUF_TYPES, TARGETS
+from slimport.io.formats import CAST_DTYPES, GGUF_TYPES, TO_CHOICES
 
 # Each command imports what it runs inside its function: those modules pull in torch,
 # transformers or MindSpore (seconds each), which `slimport --help` and the other commands never
@@ -48,8 +47,12 @@ def _convert(args) -> int:
     from slimport import api
 
     options = {}
-    if args.gguf_type:
-        options["gguf_type"] = args.gguf_type
+    for key, target in WRITER_OPTIONS.items():
+        if getattr(args, key) is not None:
+            if args.to != target:
+                flag = "--" + key.replace("_", "-")
+                raise SlimportError(f"{flag} is an option of --to {target}, not --to {args.to}")
+            options[key] = getattr(args, key)
     report = api.convert(
         args.src,
         args.out,
@@ -77,6 +80,10 @@ def _convert(args) -> int:
             + ", ".join(report["ignored_source_tensors"][:6])
         )
     return 0
+
+
+# writer options -> the --to target they belong to
+WRITER_OPTIONS = {"gguf_type": "gguf", "accuracy_level": "onnx", "embeddings": "onnx"}
 
 
 def _verify(args) -> int:
@@ -129,55 +136,11 @@ def _quantize(args) -> int:
     return 0
 
 
-def load_for_eval(path: str | Path, task: str, compute_dtype: str = "float32"):
-    """(model, tokenizer) for `slimport eval`: a causal LM for wikitext2, a classifier for sst2.
-    A quantized folder runs on the packed runtime (integers only); compute_dtype float32 is exact,
-    bfloat16 uses the CPU int8/int4 kernels (a float model is cast to it)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from slimport.runtime.torch.quantized import DTYPES, load_quantized
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise SlimportError(
-            f"{path}: not a Hugging Face model folder (no config.json)",
-            hint="convert it first: slimport convert SRC OUT --to hf",
-        )
-    causal = task == "wikitext2"
-    head = "CausalLM" if causal else "SequenceClassification"
-    try:
-        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError) as e:
-        raise SlimportError(f"{path / 'config.json'}: not a valid config ({e})") from None
-    fits = (
-        is_causal_lm({"architectures": architectures})
-        if causal
-        else any(a.endswith("ForSequenceClassification") for a in architectures)
-    )
-    if architectures and not fits:
-        raise SlimportError(
-            f"{path}: a {', '.join(architectures)}, which has no {head} head for {task}",
-            hint="sst2 needs a fine-tuned classifier (slimport finetune); wikitext2 a causal LM",
-        )
-    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    config = json.loads((path / "config.json").read_text())
-    if "quantization_config" in config:  # ours (or any compressed-tensors model): exact integers
-        model, _ = load_quantized(path, compute_dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(path)
-    if compute_dtype not in DTYPES:
-        raise SlimportError(f"compute_dtype {compute_dtype!r} is not supported", hint="float32 or bfloat16")  # fmt: skip
-    try:
-        model = auto.from_pretrained(path, dtype=DTYPES[compute_dtype])
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise SlimportError(f"{path}: transformers cannot load it for {task} ({e})") from None
-    return model.eval(), tokenizer
-
-
 def _eval(args) -> int:
     import torch
 
     from slimport.data import shared_dir, wikitext_windows
+    from slimport.evaluate.models import load_for_eval
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,7 +148,9 @@ def _eval(args) -> int:
     data = Path(args.data or shared_dir() / "data" / default)
     if not data.is_file():
         raise SlimportError(f"{data}: no such file", hint="pass the task file with --data")
-    model, tokenizer = load_for_eval(args.model, args.task, args.compute_dtype)
+    model, tokenizer = load_for_eval(
+        args.model, args.task, args.compute_dtype, args.runtime, args.threads
+    )
     progress = sys.stderr.isatty()
     result = {"task": args.task, "model": str(args.model)}
     if args.task == "wikitext2":
@@ -283,9 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("convert", help="convert a checkpoint to another framework's layout")
     sp.add_argument("src", help="checkpoint file or HF-style folder")
     sp.add_argument("out", help="output folder (weights, config.json, conversion_report.json)")
-    sp.add_argument("--to", required=True, choices=list(TARGETS))
-    sp.add_argument("--dtype", choices=CAST_DTYPES, help="cast floating tensors")
+    sp.add_argument("--to", required=True, choices=TO_CHOICES)
+    sp.add_argument("--dtype", choices=CAST_DTYPES,
+                    help="cast floating tensors (onnx: float32 or float16 storage, fp32 compute)")  # fmt: skip
     sp.add_argument("--gguf-type", choices=GGUF_TYPES, help="GGUF tensor type (2-D weights)")
+    sp.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=range(5),
+        metavar="0-4",
+        help="onnx, quantized folder: MatMulNBits accuracy_level (default 4: int8 "
+        "activations inside the kernel, fastest on CPU; 0: exact)",
+    )
+    sp.add_argument("--embeddings", choices=("int8", "int4"),
+                    help="onnx: quantize the token embedding (GatherBlockQuantized; a tied head "
+                    "computes on the same integers): int8 per row, or 4-bit groups of 32")  # fmt: skip
     sp.add_argument(
         "--mapping",
         help="YAML/JSON file of extra name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'",
@@ -311,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("src", help="the original checkpoint (run by transformers)")
     sp.add_argument("target", help="the converted checkpoint (run by --runtime)")
-    sp.add_argument("--runtime", choices=["mindspore", "torch"], default="mindspore")
+    sp.add_argument("--runtime", choices=["mindspore", "torch", "onnx"],
+                    help="default: onnx for an exported ONNX folder, else mindspore")  # fmt: skip
     sp.add_argument(
         "--mode", choices=["pynative", "graph"], default="pynative", help="MindSpore execution mode"
     )
@@ -325,10 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     sp.set_defaults(fn=_verify)
 
-    sp = sub.add_parser("generate", help="generate text with a causal LM in MindSpore or PyTorch")
+    sp = sub.add_parser(
+        "generate", help="generate text with a causal LM in MindSpore, PyTorch or ONNX Runtime"
+    )
     sp.add_argument("model", help="checkpoint file or folder (with its tokenizer)")
     sp.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    sp.add_argument("--runtime", choices=["mindspore", "torch"], default="mindspore")
+    sp.add_argument("--runtime", choices=["mindspore", "torch", "onnx"],
+                    help="default: onnx for an exported ONNX folder, else mindspore")  # fmt: skip
     sp.add_argument(
         "--mode", choices=["pynative", "graph"], default="pynative", help="MindSpore execution mode"
     )
@@ -400,14 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "eval", help="perplexity (WikiText-2) or accuracy (SST-2) of a model folder"
     )
-    sp.add_argument("model", help="Hugging Face model folder (with its tokenizer)")
+    sp.add_argument("model", help="Hugging Face or exported ONNX model folder (with its tokenizer)")
     sp.add_argument("--task", choices=("wikitext2", "sst2"), required=True)
     sp.add_argument("--data", help="task file (default: shared WikiText-2 raw test / SST-2 dev)")
     sp.add_argument("--seq-len", type=int, default=512, help="wikitext2 window length in tokens")
     sp.add_argument("--windows", type=int, help="wikitext2: score only the first N windows")
     sp.add_argument("--batch-size", type=int, default=64, help="sst2 sentences per batch")
     sp.add_argument("--reference", help="sst2: an earlier --json output; adds prediction agreement")
-    sp.add_argument("--threads", type=int, help="torch CPU threads")
+    sp.add_argument("--runtime", choices=("torch", "onnx"),
+                    help="default: onnx for an exported ONNX folder, else torch")
+    sp.add_argument("--threads", type=int, help="CPU threads (torch, or ONNX Runtime)")
     compute_dtype(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(fn=_eval)

@@ -20,7 +20,7 @@ from slimport.convert.mapping import apply_mapping, load_mapping, renamed_view
 from slimport.errors import SlimportError
 from slimport.io.auto import open_checkpoint
 from slimport.io.base import Checkpoint, atomic_dir
-from slimport.io.formats import CAST_DTYPES, TARGETS
+from slimport.io.formats import CAST_DTYPES, EXPORTS, TARGETS, TO_CHOICES
 
 DTYPES = {name: getattr(torch, name) for name in CAST_DTYPES}  # --dtype
 
@@ -175,8 +175,10 @@ def convert(
 
     A non-empty `out` is refused unless `overwrite` (then it is replaced as a whole)."""
     t0 = time.perf_counter()
+    if to in EXPORTS:  # a graph: built above this layer
+        raise SlimportError(f"--to {to} builds a graph: use slimport.api.convert (or `slimport convert`)")  # fmt: skip
     if to not in TARGETS:
-        raise SlimportError(f"unknown --to target {to!r}", hint="one of: " + ", ".join(TARGETS))
+        raise SlimportError(f"unknown --to target {to!r}", hint="one of: " + ", ".join(TO_CHOICES))
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise SlimportError(f"unknown --dtype {dtype!r}", hint="one of: " + ", ".join(DTYPES))

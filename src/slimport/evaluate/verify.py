@@ -2,7 +2,8 @@
 
 The source runs in PyTorch/transformers (natively when transformers reads its format: an HF
 folder or a GGUF file; otherwise through slimport's HF conversion, which the report says),
-the target in the chosen runtime (MindSpore by default). Measured, not assumed:
+the target in the chosen runtime (MindSpore by default; ONNX Runtime for an exported ONNX folder,
+whose tensors are its graph's initializers, integer Linears dequantized). Measured, not assumed:
 * per tensor: every hub tensor of the two checkpoints (max|Δ|, L2 of Δ);
 * per layer: the hidden state after every block;
 * end to end: logits (or last_hidden_state) max|Δ|, max relative Δ, top-1 agreement, cosine;
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from slimport.arch.layout import is_causal_lm
-from slimport.errors import SlimportError
+from slimport.errors import SlimportError, name_list
 from slimport.evaluate.parity import checkpoint_diff_stats, delta
 from slimport.runtime.torch.runner import Outputs, TorchRunner, describe
 
@@ -93,18 +94,59 @@ def _inputs(src: Path, target: Path, prompt: str, vocab: int) -> tuple[np.ndarra
     return ids[None, :], "fixed token ids (no tokenizer found)"
 
 
+RUNTIMES = ("mindspore", "torch", "onnx")
+
+
+def default_runtime(target: str | Path) -> str:
+    """ONNX Runtime for an exported ONNX folder, MindSpore for anything else."""
+    p = Path(target)
+    return "onnx" if p.is_dir() and (p / "model.onnx").is_file() else "mindspore"
+
+
+def _onnx_tensor_stats(src: str | Path, runner) -> dict[str, dict]:
+    """Per hub tensor max|Δ| and L2 of Δ between SRC and the graph's initializers (integer
+    Linears dequantized from the integers the graph holds)."""
+    from slimport.convert.loader import load
+
+    model = load(src, integer_linears=True)
+    try:
+        theirs = runner.tensors()
+        missing = set(model.hub) - set(theirs)
+        if missing:
+            raise SlimportError(f"{runner.folder}: the graph lacks tensor(s) {name_list(missing)}")
+        out = {}
+        for name, planned in model.hub.items():
+            a = planned.compute().double()
+            b = torch.from_numpy(theirs[name]).double()
+            if a.shape != b.shape:
+                raise SlimportError(f"{name}: shape {list(a.shape)} in {src}, {list(b.shape)} in {runner.folder}")  # fmt: skip
+            d = a - b
+            out[name] = {"max_abs": d.abs().max().item() if d.numel() else 0.0,
+                         "l2": torch.linalg.vector_norm(d).item()}  # fmt: skip
+        return out
+    finally:
+        model.source.close()
+
+
 def verify(
     src: str | Path,
     target: str | Path,
-    runtime: str = "mindspore",
+    runtime: str | None = None,
     atol: float = 1e-5,
     tokens: int = 16,
     prompt: str = DEFAULT_PROMPT,
     mode: str = "pynative",
 ) -> dict:
-    """Compare `target` (run in `runtime`) against `src` (run in transformers); a report dict."""
-    if runtime not in ("mindspore", "torch"):
-        raise SlimportError(f"unknown --runtime {runtime!r}", hint="mindspore or torch")
+    """Compare `target` (run in `runtime`; default: ONNX Runtime for an exported ONNX folder,
+    else MindSpore) against `src` (run in transformers); a report dict."""
+    runtime = runtime or default_runtime(target)
+    if runtime not in RUNTIMES:
+        raise SlimportError(f"unknown --runtime {runtime!r}", hint="one of: " + ", ".join(RUNTIMES))
+    tgt = None
+    if runtime == "onnx":
+        from slimport.runtime.onnx.runner import OnnxRunner
+
+        tgt = OnnxRunner(target)  # first: a folder that is no export fails before any work
     report: dict = {
         "source": str(src),
         "target": str(target),
@@ -112,14 +154,15 @@ def verify(
         "atol": atol,
         "notes": [],
     }
-    report["tensors"] = checkpoint_diff_stats(src, target)
+    report["tensors"] = (
+        _onnx_tensor_stats(src, tgt) if tgt is not None else checkpoint_diff_stats(src, target)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ref = TorchRunner(src, Path(tmp))
-        tgt = (
-            MindSporeRunner(target, mode)
-            if runtime == "mindspore"
-            else TorchRunner(target, Path(tmp) / "t")
-        )
+        if runtime == "mindspore":
+            tgt = MindSporeRunner(target, mode)
+        elif runtime == "torch":
+            tgt = TorchRunner(target, Path(tmp) / "t")
         report["reference"], report["candidate"] = ref.name, tgt.name
         report["notes"] += [n for n in (ref.note, tgt.note) if n]
         vocab = int(ref.model.config.vocab_size)
@@ -180,7 +223,11 @@ def markdown(report: dict, top: int = 5) -> str:
     ]
     worst = sorted(report["tensors"].items(), key=lambda kv: -kv[1]["max_abs"])[:top]
     lines += [f"| {n} | {s['max_abs']:.3g} | {s['l2']:.3g} |" for n, s in worst]
-    lines += ["", "## Hidden state after each block", "", "| layer | max abs Δ |", "|---|---|"]
+    lines += ["", "## Hidden state after each block", ""]
+    if report["layers"]:
+        lines += ["| layer | max abs Δ |", "|---|---|"]
+    else:  # an ONNX graph outputs logits and the cache only
+        lines += [f"({report['candidate']} reports no per-layer states)"]
     lines += [
         f"| {'embeddings' if r['layer'] == 0 else r['layer']} | {r['max_abs']:.3g} |"
         for r in report["layers"]

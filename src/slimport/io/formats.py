@@ -22,6 +22,10 @@ class Format:
     dialects: tuple[str, ...]  # naming dialects its files can hold, most likely first
     writer: str | None = None  # module with write_model(folder, tensors, job, progress)
     writes: tuple[str, ...] = ()  # the dialects its writer lays out: each is a --to target
+    # module with export(src, out, **options) -> report: a --to target named for the format whose
+    # files are graphs built from the model's family, not a tensor layout. It lives in the runtime
+    # layer (the graph builders run there), so only slimport.api, above it, imports it.
+    exporter: str | None = None
     # a test on the file's first bytes, for a suffix two formats share; None: the suffix decides
     magic: Callable[[bytes], bool] | None = None
 
@@ -45,7 +49,8 @@ FORMATS: dict[str, Format] = {
                writer="slimport.io.keras_h5", writes=("keras",)),
         Format("gguf", "slimport.io.gguf", (".gguf",), ("gguf",),
                writer="slimport.io.gguf_writer", writes=("gguf",)),
-        Format("onnx", "slimport.io.onnx", (".onnx",), ("hf",)),
+        Format("onnx", "slimport.io.onnx", (".onnx",), ("hf",),
+               exporter="slimport.runtime.onnx.export"),
     )
 }  # fmt: skip
 
@@ -53,6 +58,10 @@ FORMATS: dict[str, Format] = {
 TARGETS: dict[str, tuple[str, str]] = {
     d: (d, f.writer) for f in FORMATS.values() if f.writer for d in f.writes
 }
+
+# --to target -> exporter module (graphs, see Format.exporter); a target is named for its format
+EXPORTS: dict[str, str] = {f.name: f.exporter for f in FORMATS.values() if f.exporter}
+TO_CHOICES = (*TARGETS, *EXPORTS)  # every --to target, layouts first
 
 # writer options with a fixed set of values (CLI choices; the writers check them too)
 CAST_DTYPES = ("float32", "float16", "bfloat16")  # --dtype

@@ -33,18 +33,29 @@ def encode_prompts(tok, prompts: list[str], chat: bool | None = None):
 def generate_text(
     model_path: str | Path,
     prompts: list[str],
-    runtime: str = "mindspore",
+    runtime: str | None = None,
     mode: str = "pynative",
     chat: bool | None = None,
     compute_dtype: str = "float32",
     **sampling,
 ) -> list[str]:
     """Generate a continuation for each prompt (batched, left padded); returns new text only.
+    runtime: mindspore, torch or onnx (default: onnx for an exported ONNX folder, else mindspore).
     compute_dtype: torch's float32 or bfloat16 (a quantized folder runs on the packed runtime)."""
     tok = load_tokenizer(model_path)
     ids, mask = encode_prompts(tok, prompts, chat)
     common = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, **sampling}
-    if runtime == "mindspore":
+    if runtime is None:  # an exported ONNX folder runs in ONNX Runtime
+        runtime = "onnx" if (Path(model_path) / "model.onnx").is_file() else "mindspore"
+    if runtime == "onnx":
+        from slimport.runtime.onnx.session import OnnxModel
+
+        if compute_dtype != "float32":
+            raise SlimportError(f"--compute-dtype {compute_dtype} is for --runtime torch",
+                                hint="an ONNX folder computes as exported")  # fmt: skip
+        kw = {k: v for k, v in common.items() if k != "pad_token_id"}
+        out = OnnxModel(model_path).generate(ids, attention_mask=mask, **kw)
+    elif runtime == "mindspore":
         import mindspore as ms  # optional and slow to import: only for --runtime mindspore
 
         from slimport.runtime.mindspore.auto import AutoModelForCausalLM
@@ -64,5 +75,5 @@ def generate_text(
                 torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(), **kw
             ).numpy()
     else:
-        raise SlimportError(f"unknown --runtime {runtime!r}", hint="mindspore or torch")
+        raise SlimportError(f"unknown --runtime {runtime!r}", hint="mindspore, torch or onnx")
     return [tok.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]

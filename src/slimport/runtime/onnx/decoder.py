@@ -90,7 +90,7 @@ def _attention(g, inp: _Inputs, layer, q, k, v, n_heads, n_kv, hd, scale, rope=N
 
 def _logits(g: Graph, w: Weights, inp: _Inputs, h: str, head: str, vocab: int) -> None:
     """The LM head; a tied one multiplies by the embedding initializer itself."""
-    logits = g.linear(h, w.value(g, head)) if head.endswith(".weight") else w.linear(g, h, head)
+    logits = w.tied_head(g, h, head) if head.endswith(".weight") else w.linear(g, h, head)
     g.output(g.reshape(logits, inp.shape(g, vocab)), "logits", FLOAT, ["batch", "seq", vocab])
 
 
@@ -140,7 +140,7 @@ def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
         g.op("Gather", g.tensor("/rope/sin", sin_table), inp.positions),
     )
     embed = "model.embed_tokens.weight"
-    h = g.reshape(g.op("Gather", w.value(g, embed), inp.ids), [-1, hidden])
+    h = g.reshape(w.lookup(g, embed, inp.ids), [-1, hidden])
     scale = hd**-0.5
     for i in range(n_layers):
         p = f"model.layers.{i}."
@@ -172,7 +172,7 @@ def gpt2(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
     act = _act(cfg, "activation_function")
     inp = _Inputs(g, n_layers, n_heads, hd)
     b = cfg["base"]
-    tokens = g.op("Gather", w.value(g, b + "wte.weight"), inp.ids)
+    tokens = w.lookup(g, b + "wte.weight", inp.ids)
     positions = g.op("Gather", w.value(g, b + "wpe.weight"), inp.positions)
     h = g.reshape(g.op("Add", tokens, positions), [-1, hidden])
     for i in range(n_layers):

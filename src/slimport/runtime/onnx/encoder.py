@@ -61,7 +61,7 @@ def encoder(g: Graph, w: Weights, config: dict, cfg: dict, family: str) -> None:
 
     # embeddings
     e = b + "embeddings."
-    h = g.op("Gather", w.value(g, e + "word_embeddings.weight"), ids)
+    h = w.lookup(g, e + "word_embeddings.weight", ids)
     if family == "roberta":  # positions count non-padding tokens from padding_idx + 1
         pad = g.const(int(cfg.get("pad_token_id", 1)))
         real = g.op("Cast", g.op("Not", g.op("Equal", ids, pad)), to=INT64)

@@ -10,6 +10,7 @@ lm_head) as float.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import onnx
 
 from slimport.convert.loader import load
 from slimport.errors import SlimportError
-from slimport.io import atomic_dir, tokenizer_files
+from slimport.io import atomic_dir
+from slimport.io.hf import copy_tokenizer
 from slimport.runtime.onnx import decoder, encoder
 from slimport.runtime.onnx.graph import Graph
 from slimport.runtime.onnx.quantized import QuantizedLinears
@@ -41,8 +43,15 @@ def _quantized(folder: Path, accuracy_level: int) -> QuantizedLinears | None:
     return None
 
 
-def build(model, quantized: QuantizedLinears | None, dtype: str = "float32") -> onnx.ModelProto:
-    """The ONNX graph of a hub model (`slimport.convert.loader.load(...)`)."""
+def build(
+    model,
+    quantized: QuantizedLinears | None,
+    dtype: str = "float32",
+    embeddings: str | None = None,
+    accuracy_level: int = 4,
+) -> onnx.ModelProto:
+    """The ONNX graph of a hub model (`slimport.convert.loader.load(...)`); embeddings "int8" or
+    "int4" quantizes the token embedding (GatherBlockQuantized, embedding.py)."""
     family = model.family.name
     if family not in BUILDERS:
         raise SlimportError(
@@ -50,7 +59,7 @@ def build(model, quantized: QuantizedLinears | None, dtype: str = "float32") -> 
             hint="ONNX export covers " + ", ".join(sorted(BUILDERS)),
         )
     g = Graph(f"slimport_{family}", DTYPES[dtype])
-    w = Weights(model.hub, str(model.source.path), quantized)
+    w = Weights(model.hub, str(model.source.path), quantized, embeddings, accuracy_level)
     BUILDERS[family](g, w, model.config, model.cfg)
     w.check_all_used()
     kind = "decoder" if family in decoder.BUILDERS else "encoder"
@@ -62,28 +71,63 @@ def build(model, quantized: QuantizedLinears | None, dtype: str = "float32") -> 
 def export_onnx(
     model_folder: str | Path,
     out_folder: str | Path,
-    dtype: str = "float32",
+    dtype: str | None = "float32",
     accuracy_level: int = 4,
+    embeddings: str | None = None,
+    overwrite: bool = False,
+    **load_options,
 ) -> dict:
-    """Export `model_folder` to `out_folder`; returns the report (sizes, graph, timings)."""
+    """Export `model_folder` to `out_folder`; returns the report (sizes, graph, timings), which
+    the folder also holds as conversion_report.json. embeddings "int8" / "int4": the token
+    embedding as GatherBlockQuantized (rounded as `load_quantized(embeddings=...)` rounds it).
+    `load_options` are the hub loader's (from_format, config, mapping, ignore_mismatched_sizes,
+    allow_missing); dtype None: float32."""
     t0 = time.perf_counter()
+    dtype = dtype or "float32"
     if dtype not in DTYPES:
         raise SlimportError(f"unknown ONNX dtype {dtype!r}", hint="one of: " + ", ".join(DTYPES))
+    if embeddings not in (None, "int8", "int4"):
+        raise SlimportError(f"embeddings {embeddings!r} is not supported", hint="int8 or int4")
     src = Path(model_folder)
     quantized = _quantized(src, accuracy_level) if src.is_dir() else None
-    model = load(src)
+    # a quantized folder's Linears are built from its integers (W8A8 included), never its floats
+    model = load(src, integer_linears=quantized is not None, **load_options)
     try:
-        proto = build(model, quantized, dtype)
+        proto = build(model, quantized, dtype, embeddings, accuracy_level)
+        return _write(proto, model, src, Path(out_folder), overwrite, t0, report={
+            "source": str(src),
+            "source_format": model.source.format,
+            "source_dialect": model.dialect,
+            "family": model.family.name,
+            "target": "onnx",
+            "dtype": dtype,
+            "tensor_count": len(model.hub),
+            "parameter_count": sum(math.prod(t.shape) for t in model.hub.values()),
+            "ignored_source_tensors": model.ignored,
+            "quantized_linears": 0 if quantized is None else len(quantized.names),
+            "quantized_scheme": None if quantized is None else quantized.scheme,
+            "accuracy_level": None if quantized is None and embeddings is None else accuracy_level,
+            "embeddings": embeddings,
+            "notes": [n for n in model.notes if not n.startswith("weights dequantized")]
+            + ([] if quantized is None else [f"{len(quantized.names)} Linear(s) computed from "
+                                             f"the folder's integers ({quantized.scheme})"]),
+        })  # fmt: skip
     finally:
         model.source.close()
         if quantized is not None:
             quantized.close()
+
+
+def _write(proto, model, src: Path, out: Path, overwrite: bool, t0: float, report: dict) -> dict:
+    """The folder: model.onnx (+ external data), config.json, tokenizer, genai_config.json for a
+    decoder, conversion_report.json; one rename when all of it is written."""
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = weight_bytes > EXTERNAL_ABOVE
-    tok_dir = src if src.is_dir() else src.parent
     config = {k: v for k, v in model.config.items() if k != "quantization_config"}
     kind = "decoder" if model.family.name in decoder.BUILDERS else "encoder"
-    with atomic_dir(Path(out_folder)) as tmp:
+    report |= {"kind": kind, "nodes": len(proto.graph.node), "initializers": len(proto.graph.initializer),
+               "weight_bytes": weight_bytes, "external_data": external}  # fmt: skip
+    with atomic_dir(out, overwrite, source=src) as tmp:
         if external:
             onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)  # fmt: skip
@@ -91,27 +135,18 @@ def export_onnx(
             onnx.save_model(proto, tmp / MODEL_FILE)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files = [MODEL_FILE, *([DATA_FILE] if external else []), "config.json"]
-        for f in tokenizer_files(tok_dir):
-            (tmp / f.name).write_bytes(f.read_bytes())
-            files.append(f.name)
+        files += copy_tokenizer(tmp, model.source)  # the files beside it, or a GGUF's own
         if kind == "decoder":
             genai = genai_config(config, model.cfg)
             (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
             files.append("genai_config.json")
-    return {
-        "source": str(src),
-        "family": model.family.name,
-        "kind": kind,
-        "dtype": dtype,
-        "quantized_linears": 0 if quantized is None else len(quantized.names),
-        "accuracy_level": None if quantized is None else accuracy_level,
-        "nodes": len(proto.graph.node),
-        "initializers": len(proto.graph.initializer),
-        "weight_bytes": weight_bytes,
-        "external_data": external,
-        "files": files,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+        report["files"] = files
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+export = export_onnx  # the format registry's exporter hook (slimport.io.formats, --to onnx)
 
 
 def genai_config(config: dict, cfg: dict) -> dict:

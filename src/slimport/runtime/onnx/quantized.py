@@ -10,7 +10,8 @@ q - z, hence every dequantized weight, unchanged. Its layout, per Linear with K 
                (MatMulNBits' default zero point is 2^(b-1), i.e. signed 0)
 
 block_size is our group size. Per-channel and per-tensor scales become equal scales over
-128-wide blocks (K padded with the zero point, which dequantizes to 0).
+128-wide blocks (K padded with the zero point, which dequantizes to 0). A folder whose inputs are
+quantized too (W8A8) computes with MatMulInteger instead (w8a8.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from slimport.errors import SlimportError
 from slimport.io import safetensors
 from slimport.io.compressed import PACKED, read_config, read_linear, scheme_from, weight_args
+from slimport.runtime.onnx import w8a8
 from slimport.runtime.onnx.graph import MS_DOMAIN, Graph
 
 BITS = (4, 8)  # what MatMulNBits runs on CPU (its 2-bit path is not what our recipes make)
@@ -61,11 +63,15 @@ class QuantizedLinears:
         what = f"W{w.bits}" + (
             f"A{a.num_bits} {'dynamic' if a.dynamic else 'static'}" if a is not None else ""
         )
-        if a is not None:
+        self.inputs = a  # int8 inputs (W8A8): MatMulInteger, see w8a8.py
+        g = f"g{w.group_size}" if w.granularity == "group" else f"per-{w.granularity}"
+        self.scheme = f"{what} {g} {'sym' if w.symmetric else 'asym'}"
+        if a is not None and (w.bits != 8 or w.granularity == "group"):
             raise SlimportError(
-                f"{folder}: {what} (quantized activations) has no ONNX export yet; "
-                "slimport exports weight-only W4/W8 as MatMulNBits",
-                hint="quantize weight-only (no --activations) to export to ONNX",
+                f"{folder}: {what} {w.granularity} weights with quantized activations: the ONNX "
+                "integer GEMM (MatMulInteger) takes 8-bit weights with one scale per row",
+                hint="quantize W8A8 per channel (--bits 8 --activations dynamic|static), "
+                "or weight-only for MatMulNBits",
             )
         if w.bits not in BITS:
             raise SlimportError(
@@ -134,9 +140,24 @@ class QuantizedLinears:
 
     def emit(self, g: Graph, x: str, prefix: str, bias: str | None) -> str:
         """x [tokens, K] -> [tokens, N] through the integers of Linear `prefix`."""
+        if self.inputs is not None:
+            return self._emit_w8a8(g, x, prefix, bias)
         arrays, attrs = self.arrays(prefix)
         names = [None if a is None else g.tensor(f"{prefix}.{key}", a) for key, a in arrays.items()]
         y = g.op(
             "MatMulNBits", x, *names, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **attrs
         )
         return y if bias is None else g.op("Add", y, bias)
+
+    def _emit_w8a8(self, g: Graph, x: str, prefix: str, bias: str | None) -> str:
+        q, scale, zero = read_linear(
+            self.ckpt, prefix, self._shape(prefix), self.wargs, self.fmt, self._take
+        )
+        arrays = w8a8.weight_arrays(q, scale, zero, self.wargs.symmetric)
+        a, static = self.inputs, None
+        if not a.dynamic:
+            s = self._take(f"{prefix}.input_scale", "static input scale").float().reshape(1)
+            z = (torch.zeros(1) if a.symmetric
+                 else self._take(f"{prefix}.input_zero_point", "input zero point").float().reshape(1))  # fmt: skip
+            static = {"scale": s.numpy(), "zero": z.numpy()}
+        return w8a8.emit(g, x, prefix, arrays, a.symmetric, static, bias)

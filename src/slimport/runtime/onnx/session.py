@@ -76,10 +76,13 @@ class OnnxModel:
         temperature: float = 1.0,
         top_k: int = 0,
         eos_token_id: int | list[int] | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
     ) -> np.ndarray:
         """Prompt [batch, seq] (left-padded when batched) -> prompt + new tokens, greedy or
-        sampled; the prompt is read once, then each step feeds one token and the cache."""
+        sampled (transformers' order: repetition penalty, temperature, top-k, top-p); the prompt
+        is read once, then each step feeds one token and the cache."""
         if not self.is_decoder:
             raise SlimportError("generate needs a decoder model (this folder is an encoder)")
         ids = np.asarray(input_ids, np.int64)
@@ -90,7 +93,10 @@ class OnnxModel:
         out, feed, cache = ids, ids, self.empty_cache(len(ids))
         for _ in range(max_new_tokens):
             logits, cache = self.step(feed, mask, cache)
-            nxt = _choose(logits[:, -1].astype(np.float64), do_sample, temperature, top_k, rng)
+            last = logits[:, -1].astype(np.float64)
+            if repetition_penalty != 1.0:
+                last = _penalize(last, np.where(mask.astype(bool), out, -1), repetition_penalty)
+            nxt = _choose(last, do_sample, temperature, top_k, top_p, rng)
             if eos:
                 nxt = np.where(done, next(iter(eos)), nxt)
                 done |= np.isin(nxt, list(eos))
@@ -102,7 +108,18 @@ class OnnxModel:
         return out
 
 
-def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, rng) -> np.ndarray:
+def _penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' repetition penalty: every token seen so far (-1: padding, none) is made
+    less likely, a positive logit divided by `penalty`, a negative one multiplied."""
+    logits = logits.copy()
+    for row, tokens in enumerate(seen):
+        t = np.unique(tokens[tokens >= 0])
+        v = logits[row, t]
+        logits[row, t] = np.where(v < 0, v * penalty, v / penalty)
+    return logits
+
+
+def _choose(logits, do_sample: bool, temperature: float, top_k: int, top_p: float, rng):
     if not do_sample:
         return logits.argmax(-1)
     logits = logits / max(temperature, 1e-6)
@@ -111,4 +128,12 @@ def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int,
         logits = np.where(logits < kth, -np.inf, logits)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
+    if top_p < 1.0:  # the smallest set of most likely tokens whose probability reaches top_p
+        order = np.argsort(-p, axis=-1)
+        ranked = np.take_along_axis(p, order, -1)
+        drop = np.cumsum(ranked, -1) - ranked >= top_p  # the first token is always kept
+        kept = np.where(drop, 0.0, ranked)
+        p = np.zeros_like(p)
+        np.put_along_axis(p, order, kept, -1)
+        p /= p.sum(-1, keepdims=True)
     return np.array([rng.choice(len(row), p=row) for row in p])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from slimport.errors import SlimportError, name_list
+from slimport.runtime.onnx.embedding import QuantizedEmbedding
 from slimport.runtime.onnx.graph import Graph
 
 
@@ -12,9 +13,27 @@ class Weights:
     """Reads hub tensors on demand; Linears that the folder holds as integers go to `quantized`
     (a `QuantizedLinears`), every other one is a float `Gemm`."""
 
-    def __init__(self, hub: dict, where: str, quantized=None):
+    def __init__(self, hub: dict, where: str, quantized=None, embeddings: str | None = None,
+                 accuracy_level: int = 4):  # fmt: skip
         self.hub, self.where, self.quantized = hub, where, quantized
+        self.embeddings, self.accuracy_level = embeddings, accuracy_level  # see embedding.py
         self.used: set[str] = set()
+        self._quantized_embeddings: dict = {}
+
+    def lookup(self, g: Graph, name: str, ids: str) -> str:
+        """Rows `ids` of the token embedding `name`: a Gather, or GatherBlockQuantized when the
+        export quantizes the embedding."""
+        if self.embeddings is None:
+            return g.op("Gather", self.value(g, name), ids)
+        emb = QuantizedEmbedding(g, name, self.array(name), self.embeddings, self.accuracy_level)
+        self._quantized_embeddings[name] = emb
+        return emb.gather(g, ids)
+
+    def tied_head(self, g: Graph, x: str, name: str) -> str:
+        """x @ E^T for an output head tied to embedding `name` (on its integers if quantized)."""
+        if name in self._quantized_embeddings:
+            return self._quantized_embeddings[name].head(g, x)
+        return g.linear(x, self.value(g, name))
 
     def has(self, name: str) -> bool:
         return name in self.hub

@@ -47,9 +47,7 @@ def _inspect(args) -> int:
 def _convert(args) -> int:
     from slimport import api
 
-    options = {}
-    if args.gguf_type:
-        options["gguf_type"] = args.gguf_type
+    options = {k: v for k in ("gguf_type", "gguf_requantize") if (v := getattr(args, k))}
     report = api.convert(
         args.src,
         args.out,
@@ -284,24 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("src", help="checkpoint file or HF-style folder")
     sp.add_argument("out", help="output folder (weights, config.json, conversion_report.json)")
     sp.add_argument("--to", required=True, choices=list(TARGETS))
+    # fmt: off
     sp.add_argument("--dtype", choices=CAST_DTYPES, help="cast floating tensors")
-    sp.add_argument("--gguf-type", choices=GGUF_TYPES, help="GGUF tensor type (2-D weights)")
-    sp.add_argument(
-        "--mapping",
-        help="YAML/JSON file of extra name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'",
-    )
-    sp.add_argument(
-        "--ignore-mismatched-sizes",
-        action="store_true",
-        help="keep tensors whose shape disagrees with the config (reported)",
-    )
-    sp.add_argument(
-        "--allow-missing",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="source tensor names allowed to be absent (reported)",
-    )
+    sp.add_argument("--gguf-type", choices=GGUF_TYPES,
+                    help="GGUF tensor type of 2-D weights (a quantized model: its scheme's type)")
+    sp.add_argument("--gguf-requantize", action="store_true",
+                    help="requantize a quantized model's Linears with gguf-py where the type "
+                    "cannot hold its integers exactly (lossy; default: an error)")
+    sp.add_argument("--mapping", help="YAML/JSON file of extra name mappings: "
+                    "'layer_{}.q': 'model.layers.{}.self_attn.q_proj'")
+    sp.add_argument("--ignore-mismatched-sizes", action="store_true",
+                    help="keep tensors whose shape disagrees with the config (reported)")
+    sp.add_argument("--allow-missing", action="append", default=[], metavar="REGEX",
+                    help="source tensor names allowed to be absent (reported)")
+    # fmt: on
     overwrite(sp)
     common(sp)
     sp.set_defaults(fn=_convert)
@@ -389,7 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--protect",
         action="append",
-        help="regex of Linear names to keep in float (repeatable; replaces the default lm_head/classifier)",
+        help="regex of Linear names to keep in float "
+        "(repeatable; replaces the default lm_head/classifier)",
+    )
+    sp.add_argument(
+        "--gguf-compatible",
+        action="store_true",
+        default=None,
+        help="float16 scales (and Q4_1 minimums), so --to gguf writes the integers exactly",
     )
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     overwrite(sp)

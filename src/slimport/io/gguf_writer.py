@@ -61,8 +61,9 @@ def write_model(folder: Path, tensors: list, job, progress=None) -> list[str]:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        requantized: list[tuple[str, str]] = []  # (tensor, why its integers did not fit)
         for t, qtype, exact in plan:
-            data = _integer_blocks(t, qtype, requantize, job.notes) if exact else None
+            data = _integer_blocks(t, qtype, requantize, requantized) if exact else None
             if data is None:
                 data = _encode(_computed(t), qtype, Q, gguf)
             writer.write_tensor_data(data)
@@ -70,6 +71,10 @@ def write_model(folder: Path, tensors: list, job, progress=None) -> list[str]:
                 progress(int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize)
     finally:
         writer.close()
+    if requantized:
+        names = [n for n, _ in requantized]
+        job.notes.append(f"{len(names)} quantized Linear weight(s) requantized by gguf-py "
+                         f"(--gguf-requantize; {requantized[0][1]}): {name_list(names)}")  # fmt: skip
     return ["model.gguf"]
 
 
@@ -120,16 +125,16 @@ def _float_type(t, choice: str, has_output: bool, Q):
     return qtype
 
 
-def _integer_blocks(t, qtype, requantize: bool, notes: list[str]) -> np.ndarray | None:
+def _integer_blocks(t, qtype, requantize: bool, requantized: list) -> np.ndarray | None:
     """The blocks of a quantized Linear's own integers; None (then requantized from its float
-    weight) when a scale is no float16 value and the user allowed requantizing."""
+    weight) when they do not fit exactly and the user allowed requantizing."""
     lin = t.quantized
     try:
         return encode(t.name, *lin.read(), lin.weights.bits, qtype.name.lower())
     except SlimportError as e:
         if not requantize:
             raise
-        notes.append(f"{t.name}: requantized by gguf-py ({e.message.split(', so')[0]})")
+        requantized.append((t.name, e.message.split(", so")[0]))
         return None
 
 

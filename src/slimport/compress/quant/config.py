@@ -254,13 +254,13 @@ class QuantizationConfig:
             bad("num_samples/seq_len", "must be positive")
         if self.weight_observer not in ("min_max", "mse"):
             bad("weight_observer", f"unknown {self.weight_observer!r}", "min_max or mse")
-        if self.gguf_compatible and (
-            self.activations or not scheme_fits(self.bits, self.symmetric, self.granularity, self.group_size)
-        ):  # fmt: skip
-            bad("gguf_compatible", f"no GGUF block type holds W{self.bits} {self.granularity} "
-                f"{self.group_size or ''} {'sym' if self.symmetric else 'asym'}"
-                f"{' with quantized activations' if self.activations else ''}",
-                "weight-only, groups of a multiple of 32 (or per channel); " + GGUF_LAYOUTS)  # fmt: skip
+        fits = scheme_fits(self.bits, self.symmetric, self.granularity, self.group_size)
+        if self.gguf_compatible and (self.activations or not fits):
+            g = f"g{self.group_size}" if self.granularity == "group" else f"per-{self.granularity}"
+            act = " with quantized activations" if self.activations else ""
+            scheme = f"W{self.bits} {g} {'sym' if self.symmetric else 'asym'}{act}"
+            bad("gguf_compatible", f"no GGUF block type holds {scheme}",
+                "weight-only, groups of a multiple of 32 (or per channel): " + GGUF_LAYOUTS)  # fmt: skip
         for p in self.protect:
             try:
                 re.compile(p)

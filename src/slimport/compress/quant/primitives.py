@@ -27,7 +27,7 @@ def qparams(
 
     fp16: the scale is the nearest float16 value, and asymmetric (qmin - zero) * scale too (the
     minimum of a GGUF Q4_1 block): where it is not, the scale keeps 7 significant bits, so any
-    multiple by 0..15 fits float16's 11 (a relative change of at most 2^-8)."""
+    multiple by 0..15 fits float16's 11 (a relative change of at most 2^-7)."""
     qmin, qmax = qrange(bits)
     xmin = torch.clamp(xmin, max=0.0)
     xmax = torch.clamp(xmax, min=0.0)

@@ -6,10 +6,10 @@ our own AWQ+GPTQ W4 g32 integers (`gguf_compatible: true`): asymmetric -> Q4_1, 
 Q4_0, the float tensors (tied embedding, norms) as the folder holds them (F32), or cast to F16
 with `--dtype float16`. Every GGUF file is loaded by transformers' own GGUF loader
 (`from_pretrained(folder, gguf_file=...)`, which dequantizes to float32) and scored in float32
-on CPU; "our model" is the compressed-tensors folder the file was written from, scored by
-slimport's QuantLinear reference (`load_simulated`): the two are the same numbers when the write
-is lossless. The last row is the same recipe without `gguf_compatible`, for what float16 scales
-cost.
+on CPU. For the files of our folders, "= our model" is the logits' max |Δ| on the first window
+between that file and the compressed-tensors folder it was written from, run by slimport's
+QuantLinear reference (`load_simulated`): 0 when the write is lossless. The last row is the same
+recipe without `gguf_compatible` (the folder's perplexity, no file), for what float16 scales cost.
 
 Protocol (the quantization table's, BENCHMARKS.md): the first 16 non-overlapping 512-token
 windows of WikiText-2 raw test, perplexity = exp(mean per-window NLL); calibration 64 x 512
@@ -52,24 +52,45 @@ OURS = {
     "ours-q4_0": (dict(symmetric=True, gguf_compatible=True), {}),
     "ours-plain": (dict(symmetric=False), None),  # no GGUF file: the option's cost
 }
+# the rows that answer the issue first: a run stopped early still has them
+ORDER = [
+    "ours-q4_1",
+    "q4_1",
+    "q4_0",
+    "ours-q4_0",
+    "q8_0",
+    "f16",
+    "fp32",
+    "ours-q4_1-f16",
+    "ours-plain",
+]
 LABELS = {
     "fp32": "fp32 safetensors in transformers (reference)",
     **{t: f"GGUF {t.upper()} from float (gguf-py quantizer)" for t in FLOAT_TYPES},
     "ours-q4_1": "our AWQ+GPTQ W4 g32 asym, gguf-compatible -> Q4_1",
     "ours-q4_1-f16": "  same, float tensors --dtype float16",
     "ours-q4_0": "our AWQ+GPTQ W4 g32 sym, gguf-compatible -> Q4_0",
-    "ours-plain": "our AWQ+GPTQ W4 g32 asym, no gguf-compatible (folder only)",
+    "ours-plain": "our AWQ+GPTQ W4 g32 asym, no gguf-compatible (the folder; no file)",
 }
 
 
-def gguf_perplexity(folder: Path, windows: torch.Tensor) -> float:
+def gguf_perplexity(folder: Path, windows: torch.Tensor, ours: Path | None = None) -> dict:
+    """Perplexity of a GGUF file through transformers' loader (and, given the folder it was
+    written from, the logits' max |Δ| against that folder on the first window)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf").eval()
-    ppl = perplexity(model, windows, progress=False)["perplexity"]
+    r = {"ppl": perplexity(model, windows, progress=False)["perplexity"]}
+    if ours is not None:
+        reference, _ = load_simulated(ours)
+        with torch.no_grad():
+            r["delta"] = (
+                (model(windows[:1]).logits - reference(windows[:1]).logits).abs().max().item()
+            )
+        del reference
     del model
     gc.collect()
-    return ppl
+    return r
 
 
 def main() -> None:
@@ -79,9 +100,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", help="comma-separated rows (fp32, f16, q8_0, q4_0, q4_1, " + ", ".join(OURS) + ")")  # fmt: skip
     ap.add_argument("--work", help="folder for the models (default: a temporary one)")
+    ap.add_argument(
+        "--method", default="awq+gptq", help="our folders' method (rtn: minutes, not an hour)"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    rows = a.only.split(",") if a.only else ["fp32", *FLOAT_TYPES, *OURS]
+    rows = a.only.split(",") if a.only else ORDER
     if unknown := [r for r in rows if r not in LABELS]:
         ap.error(f"unknown rows {unknown}")
     shared = shared_dir()
@@ -107,28 +131,30 @@ def main() -> None:
             out = work / row
             api.convert(hf, out, to="gguf", options={"gguf_type": row}, progress=False, overwrite=True)  # fmt: skip
             r["bytes"] = (out / "model.gguf").stat().st_size
-            r["ppl"] = gguf_perplexity(out, windows)
+            r |= gguf_perplexity(out, windows)
         else:
             recipe, convert = OURS[row]
-            folder = work / f"w4-{'sym' if recipe['symmetric'] else 'asym'}-{recipe.get('gguf_compatible', False)}"  # fmt: skip
+            folder = work / f"{a.method}-w4-{'sym' if recipe['symmetric'] else 'asym'}-{recipe.get('gguf_compatible', False)}"  # fmt: skip
             if not folder.exists():
                 tq = time.perf_counter()
-                quant_api.quantize(hf, folder, method="awq+gptq", bits=4, group_size=32,
+                quant_api.quantize(hf, folder, method=a.method, bits=4, group_size=32,
                                    calib_data=str(shared / VALID), num_samples=a.calib,
                                    seq_len=SEQ_LEN, progress=False, **recipe)  # fmt: skip
                 r["quant_s"] = time.perf_counter() - tq
-            model, _ = load_simulated(folder)
-            r["ours"] = perplexity(model, windows, progress=False)["perplexity"]
-            del model
-            if convert is not None:
+            if convert is None:
+                model, _ = load_simulated(folder)
+                r["ppl"] = perplexity(model, windows, progress=False)["perplexity"]
+                del model
+            else:
                 out = work / row
                 api.convert(folder, out, to="gguf", progress=False, overwrite=True, **convert)
                 r["bytes"] = (out / "model.gguf").stat().st_size
-                r["ppl"] = gguf_perplexity(out, windows)
+                r |= gguf_perplexity(out, windows, ours=folder)
         gc.collect()
         r["seconds"] = time.perf_counter() - t0
         results[row] = r
         print(f"{row}: {r}", file=sys.stderr, flush=True)
+        (work / "table.md").write_text(table(results, a) + "\n")  # a partial run too
     print(table(results, a))
 
 
@@ -139,14 +165,15 @@ def table(results: dict[str, dict], a) -> str:
         f"protocol: {a.windows} x {SEQ_LEN} WikiText-2 raw test windows, fp32 CPU, {a.threads} threads; "
         f"calibration {a.calib} x {SEQ_LEN} tokens of WikiText-2 valid (seed 0)",
         "",
-        "| model | file MB | perplexity (file, transformers' GGUF loader) | perplexity (our folder) |",
+        "| model | file MB | WikiText-2 perplexity | = our model (logits max abs diff) |",
         "|---|---|---|---|",
     ]  # fmt: skip
     for row, r in results.items():
+        label = LABELS[row].replace("AWQ+GPTQ", a.method.upper())
         mb = f"{r['bytes'] / 1e6:.1f}" if "bytes" in r else "-"
         ppl = f"{r['ppl']:.4f}" if "ppl" in r else "-"
-        ours = f"{r['ours']:.4f}" if "ours" in r else "-"
-        lines.append(f"| {LABELS[row]} | {mb} | {ppl} | {ours} |")
+        same = f"{r['delta']:.3g}" if "delta" in r else "-"
+        lines.append(f"| {label} | {mb} | {ppl} | {same} |")
     return "\n".join(lines)
 
 

@@ -286,11 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=CAST_DTYPES, help="cast floating tensors")
     sp.add_argument("--gguf-type", choices=GGUF_TYPES,
                     help="GGUF tensor type of 2-D weights (a quantized model: its scheme's type)")
-    sp.add_argument("--gguf-requantize", action="store_true",
-                    help="requantize a quantized model's Linears with gguf-py where the type "
-                    "cannot hold its integers exactly (lossy; default: an error)")
-    sp.add_argument("--mapping", help="YAML/JSON file of extra name mappings: "
-                    "'layer_{}.q': 'model.layers.{}.self_attn.q_proj'")
+    sp.add_argument("--gguf-requantize", action="store_true", help="requantize a quantized "
+                    "model's Linears with gguf-py where the type cannot hold its integers (lossy)")
+    sp.add_argument("--mapping", help="YAML/JSON of name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'")
     sp.add_argument("--ignore-mismatched-sizes", action="store_true",
                     help="keep tensors whose shape disagrees with the config (reported)")
     sp.add_argument("--allow-missing", action="append", default=[], metavar="REGEX",
@@ -386,12 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="regex of Linear names to keep in float "
         "(repeatable; replaces the default lm_head/classifier)",
     )
-    sp.add_argument(
-        "--gguf-compatible",
-        action="store_true",
-        default=None,
-        help="float16 scales (and Q4_1 minimums), so --to gguf writes the integers exactly",
-    )
+    sp.add_argument("--gguf-compatible", action="store_true", default=None,
+                    help="float16 scales (and Q4_1 minimums): --to gguf writes the integers exactly")  # fmt: skip
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     overwrite(sp)
     sp.set_defaults(fn=_quantize)

@@ -83,7 +83,7 @@ def _convert(args) -> int:
 
 
 # writer options -> the --to target they belong to
-WRITER_OPTIONS = {"gguf_type": "gguf", "accuracy_level": "onnx", "embeddings": "onnx"}
+WRITER_OPTIONS = {"gguf_type": "gguf", "gguf_requantize": "gguf", "accuracy_level": "onnx", "embeddings": "onnx"}  # fmt: skip
 
 
 def _verify(args) -> int:
@@ -251,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", required=True, choices=TO_CHOICES)
     sp.add_argument("--dtype", choices=CAST_DTYPES,
                     help="cast floating tensors (onnx: float32 or float16 storage, fp32 compute)")  # fmt: skip
-    sp.add_argument("--gguf-type", choices=GGUF_TYPES, help="GGUF tensor type (2-D weights)")
+    sp.add_argument("--gguf-type", choices=GGUF_TYPES,
+                    help="GGUF tensor type of 2-D weights (a quantized model: its scheme's type)")  # fmt: skip
+    sp.add_argument("--gguf-requantize", action="store_true", default=None, help="requantize a quantized "
+                    "model's Linears with gguf-py where the type cannot hold its integers (lossy)")  # fmt: skip
     sp.add_argument(
         "--accuracy-level",
         type=int,
@@ -370,8 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--protect",
         action="append",
-        help="regex of Linear names to keep in float (repeatable; replaces the default lm_head/classifier)",
+        help="regex of Linear names to keep in float "
+        "(repeatable; replaces the default lm_head/classifier)",
     )
+    sp.add_argument("--gguf-compatible", action="store_true", default=None,
+                    help="float16 scales (and Q4_1 minimums): --to gguf writes the integers exactly")  # fmt: skip
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     overwrite(sp)
     sp.set_defaults(fn=_quantize)

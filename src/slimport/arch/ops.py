@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -25,6 +26,9 @@ class Op:
 
     arity_in: int | None = 1
     arity_out: int | None = 1
+    # forward moves or copies whole rows (dim 0) and works for any trailing shape, so it lays out
+    # a quantized Linear's integers, scales and zero points as it lays out the weight
+    rowwise: ClassVar[bool] = False
 
     def outputs(self, n: int) -> int:
         """How many tensors `forward` returns for `n` inputs; ValueError if it cannot take `n`."""
@@ -84,6 +88,7 @@ class PermuteRope(Unary):
     """
 
     heads: str
+    rowwise: ClassVar[bool] = True
 
     def _n(self, t: torch.Tensor, cfg: dict) -> int:
         n = int(cfg[self.heads])
@@ -147,6 +152,7 @@ class Tie(Op):
     output.weight); the inverse checks that both copies are equal and keeps one."""
 
     arity_out = 2
+    rowwise: ClassVar[bool] = True
 
     def forward(self, ts, cfg):
         (t,) = ts

@@ -17,6 +17,7 @@ from slimport.io.hf import load_tokenizer
 CLI_OPTIONS = (
     "bits", "method", "group_size", "granularity", "symmetric", "activations", "act_symmetric", "observer",
     "weight_observer", "smoothquant", "calib_data", "num_samples", "seq_len", "seed", "protect",
+    "gguf_compatible",
 )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ the config implies present with the shape the config implies, every target tenso
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from slimport.arch.ops import Cast, run_ops
 from slimport.arch.rules import Bound, Family
 from slimport.errors import SlimportError, name_list
 from slimport.io.base import Checkpoint
+from slimport.io.compressed import IntLinear
 
 # Known leftovers that carry no model weights, for every family.
 ALWAYS_IGNORABLE = (
@@ -37,6 +39,9 @@ class Planned:
     sources: tuple[str, ...]
     ops: tuple[str, ...]
     compute: Callable[[], torch.Tensor] = field(repr=False)
+    # the quantized Linear this weight dequantizes, its read() laid out as this tensor is:
+    # for writers that store the integers (GGUF); None when the ops do more than move rows
+    quantized: IntLinear | None = field(default=None, repr=False)
 
 
 class _Group:
@@ -77,16 +82,35 @@ def _apply(
     sources = tuple(s for p in inputs for s in p.sources)
     prior = tuple(o for p in inputs for o in p.ops)
     return [
-        Planned(name, tuple(m.shape), m.dtype, sources, prior + desc, (lambda i=i: group.get(i)))
+        Planned(name, tuple(m.shape), m.dtype, sources, prior + desc, (lambda i=i: group.get(i)),
+                _integers(inputs, ops, cfg, inverse, names, i))
         for i, (name, m) in enumerate(zip(out_names, metas, strict=True))
-    ]
+    ]  # fmt: skip
+
+
+def _integers(inputs, ops, cfg, inverse, names, i) -> IntLinear | None:
+    """The quantized Linear of a one-input rule's output `i`, when the rule only moves rows: its
+    integers, scales and zero points go through the same ops (a Cast changes the float weight,
+    not the integers and scales it comes from)."""
+    lin = inputs[0].quantized if len(inputs) == 1 else None
+    ops = tuple(op for op in ops if not isinstance(op, Cast))
+    if lin is None or not all(op.rowwise for op in ops):
+        return None
+    if not ops:
+        return lin
+
+    def read():
+        return tuple(run_ops(ops, [t], cfg, inverse, names)[i] for t in lin.read())
+
+    return dataclasses.replace(lin, read=read)
 
 
 def source_tensors(ckpt: Checkpoint) -> dict[str, Planned]:
     return {
-        n: Planned(n, info.shape, info.dtype, (n,), (), (lambda n=n: ckpt.load(n)))
+        n: Planned(n, info.shape, info.dtype, (n,), (), (lambda n=n: ckpt.load(n)),
+                   ckpt.quantized.get(n.removesuffix(".weight")) if n.endswith(".weight") else None)
         for n, info in ckpt.infos.items()
-    }
+    }  # fmt: skip
 
 
 def _patterns(patterns: tuple[str, ...], option: str) -> list[re.Pattern]:

@@ -36,6 +36,7 @@ class Job:
     dialect: str
     dtype: torch.dtype | None = None
     options: dict = field(default_factory=dict)  # writer-specific (e.g. gguf tensor type)
+    notes: list[str] = field(default_factory=list)  # what the writer chose, for the report
 
 
 @dataclass
@@ -205,6 +206,7 @@ def convert(
             files = importlib.import_module(writer).write_model(
                 tmp, tensors, job, progress=bar.update
             )
+            model.notes += job.notes
             report = _report(model, to, dialect, tensors, files, dtype, time.perf_counter() - t0)
             (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:

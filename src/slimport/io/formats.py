@@ -65,7 +65,27 @@ TO_CHOICES = (*TARGETS, *EXPORTS)  # every --to target, layouts first
 
 # writer options with a fixed set of values (CLI choices; the writers check them too)
 CAST_DTYPES = ("float32", "float16", "bfloat16")  # --dtype
-GGUF_TYPES = ("f32", "f16", "q8_0")  # --gguf-type: tensor type of 2-D GGUF weights
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")  # --gguf-type: tensor type of 2-D GGUF weights
+
+# The GGUF types that hold a weight-only quantization scheme's integers exactly (io.gguf_blocks),
+# by (bits, symmetric), the default first, for groups of whole 32-value blocks (or per channel).
+# 8-bit asymmetric values q - zero span up to 511 steps, more than Q8_0's int8 holds.
+GGUF_BLOCK = 32
+GGUF_FITS: dict[tuple[int, bool], tuple[str, ...]] = {
+    (8, True): ("q8_0",),
+    (4, True): ("q4_0", "q4_1", "q8_0"),
+    (4, False): ("q4_1", "q8_0"),
+    (3, True): ("q4_0", "q4_1", "q8_0"),
+    (3, False): ("q4_1", "q8_0"),
+}
+GGUF_LAYOUTS = "W8 sym -> q8_0; W4/W3 sym -> q4_0, q4_1, q8_0; W4/W3 asym -> q4_1, q8_0"
+
+
+def scheme_fits(bits: int, symmetric: bool, granularity: str, group_size: int | None) -> bool:
+    """Whether a GGUF block type holds this weight scheme (given rows of whole blocks)."""
+    whole = granularity != "group" or bool(group_size) and group_size % GGUF_BLOCK == 0
+    return whole and (bits, symmetric) in GGUF_FITS
+
 
 # What to open when SRC is a folder, most preferred first: the names transformers and the
 # writers give, then a lone file of one kind (`*.bin` late: training_args.bin is no model).

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slimport.errors import SlimportError
+from slimport.errors import SlimportError, name_list
 from slimport.io.formats import GGUF_TYPES
 from slimport.io.gguf import gguf_package
+from slimport.io.gguf_blocks import BLOCK, check_fits, encode, scheme_name
 from slimport.io.gguf_tokenizer import gguf_tokenizer_from_hf
 
 # source metadata we never copy: recomputed for the new file, or describing the old one's layout
@@ -34,11 +35,15 @@ def write_model(folder: Path, tensors: list, job, progress=None) -> list[str]:
     gguf = gguf_package()
     Q = gguf.GGMLQuantizationType
     choice = job.options.get("gguf_type")
+    requantize = bool(job.options.get("gguf_requantize"))
     if choice is not None and choice not in GGUF_TYPES:
         raise SlimportError(
             f"unknown --gguf-type {choice!r}", hint="one of: " + ", ".join(GGUF_TYPES)
         )
-    plan = [(t, _tensor_type(t, choice, Q)) for t in tensors]
+    has_output = any(t.name == "output.weight" for t in tensors)
+    quantized = {f"{n}.weight" for n in job.source.quantized}
+    plan = [(t, *_tensor_type(t, choice, requantize, has_output, bool(quantized), Q)) for t in tensors]  # fmt: skip
+    job.notes += _plan_notes(plan, choice, quantized)
     meta, vtypes = _metadata(job, plan, gguf)
     arch = meta.pop("general.architecture", None)
     if not arch:
@@ -48,7 +53,7 @@ def write_model(folder: Path, tensors: list, job, progress=None) -> list[str]:
     writer = gguf.GGUFWriter(folder / "model.gguf", arch)
     for key, value in meta.items():
         _add_kv(writer, key, value, vtypes.get(key), gguf)
-    for t, qtype in plan:
+    for t, qtype, _ in plan:
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(t.shape, dtype=np.int64)) // block * type_size
         writer.add_tensor_info(t.name, t.shape, np.float32, nbytes, raw_dtype=qtype)
@@ -56,30 +61,104 @@ def write_model(folder: Path, tensors: list, job, progress=None) -> list[str]:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, qtype in plan:
-            value = t.compute()
-            if tuple(value.shape) != tuple(t.shape) or value.dtype != t.dtype:
-                raise SlimportError(
-                    f"tensor {t.name!r}: planned {list(t.shape)} {t.dtype}, got {list(value.shape)} {value.dtype}"
-                )
-            writer.write_tensor_data(_encode(value, qtype, Q, gguf))
+        requantized: list[tuple[str, str]] = []  # (tensor, why its integers did not fit)
+        for t, qtype, exact in plan:
+            data = _integer_blocks(t, qtype, requantize, requantized) if exact else None
+            if data is None:
+                data = _encode(_computed(t), qtype, Q, gguf)
+            writer.write_tensor_data(data)
             if progress:
-                progress(value.numel() * value.element_size())
+                progress(int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize)
     finally:
         writer.close()
+    if requantized:
+        names = [n for n, _ in requantized]
+        job.notes.append(f"{len(names)} quantized Linear weight(s) requantized by gguf-py "
+                         f"(--gguf-requantize; {requantized[0][1]}): {name_list(names)}")  # fmt: skip
     return ["model.gguf"]
 
 
-def _tensor_type(t, choice: str | None, Q):
-    """llama.cpp's choice: 1-D tensors (norms, biases) F32; 2-D ones the requested type, by
-    default the source precision (bf16 stays BF16: never silently fp16)."""
+def _computed(t) -> torch.Tensor:
+    value = t.compute()
+    if tuple(value.shape) != tuple(t.shape) or value.dtype != t.dtype:
+        raise SlimportError(
+            f"tensor {t.name!r}: planned {list(t.shape)} {t.dtype}, got {list(value.shape)} {value.dtype}"
+        )
+    return value
+
+
+def _tensor_type(
+    t, choice: str | None, requantize: bool, has_output: bool, quantized_model: bool, Q
+) -> tuple:
+    """(ggml type, from its integers?) of a planned tensor, as llama.cpp chooses: 1-D tensors
+    (norms, biases) F32; 2-D ones the requested type, by default the source precision (bf16
+    stays BF16: never silently fp16). A quantized Linear's integers are written as they are
+    (by default as the type its scheme maps to); the float tensors of a quantized model keep
+    their precision, so the file computes what the model computes."""
     if len(t.shape) == 1 or not t.dtype.is_floating_point:
-        return Q.F32
-    if choice is None:
-        return {torch.float16: Q.F16, torch.bfloat16: Q.BF16}.get(t.dtype, Q.F32)
-    if choice == "q8_0" and t.shape[-1] % 32:
-        return Q.F16  # rows not a whole number of Q8_0 blocks: llama.cpp falls back to F16 too
-    return {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}[choice]
+        return Q.F32, False
+    lin = t.quantized
+    if lin is not None and choice not in ("f32", "f16"):
+        try:
+            return Q[check_fits(t.name, lin.weights, t.shape[-1], choice).upper()], True
+        except SlimportError:
+            if not (requantize and choice):
+                raise
+        return _float_type(t, choice, has_output, Q), False
+    if choice is None or (lin is None and quantized_model):
+        return {torch.float16: Q.F16, torch.bfloat16: Q.BF16}.get(t.dtype, Q.F32), False
+    return _float_type(t, choice, has_output, Q), False
+
+
+def _float_type(t, choice: str, has_output: bool, Q):
+    """llama.cpp's type for a float 2-D tensor asked to be `choice`. Rows not a whole number of
+    blocks fall back to F16 (convert_hf_to_gguf's fallback). For Q4_0/Q4_1 the output head (the
+    embedding when there is no output.weight) is Q8_0: llama-quantize's choice when its rows
+    are no multiple of 256 (Q6_K otherwise, which gguf-py cannot write)."""
+    qtype = Q[choice.upper()]
+    if qtype in (Q.Q4_0, Q.Q4_1) and (
+        t.name == "output.weight" or (t.name == "token_embd.weight" and not has_output)
+    ):
+        qtype = Q.Q8_0
+    if qtype not in (Q.F32, Q.F16) and t.shape[-1] % BLOCK:
+        return Q.F16
+    return qtype
+
+
+def _integer_blocks(t, qtype, requantize: bool, requantized: list) -> np.ndarray | None:
+    """The blocks of a quantized Linear's own integers; None (then requantized from its float
+    weight) when they do not fit exactly and the user allowed requantizing."""
+    lin = t.quantized
+    try:
+        return encode(t.name, *lin.read(), lin.weights.bits, qtype.name.lower())
+    except SlimportError as e:
+        if not requantize:
+            raise
+        requantized.append((t.name, e.message.split(", so")[0]))
+        return None
+
+
+def _plan_notes(plan, choice: str | None, quantized: set[str]) -> list[str]:
+    """What the report says about a quantized model's Linears: which kept their integers."""
+    exact = Counter(q.name for t, q, e in plan if e)
+    notes = []
+    if exact:
+        scheme = scheme_name(next(t for t, _, e in plan if e).quantized.weights)
+        kinds = ", ".join(f"{n} {k}" for k, n in exact.items())
+        notes.append(f"{sum(exact.values())} quantized Linear weight(s) written from their {scheme} integers as {kinds}")  # fmt: skip
+    asked = choice in ("f32", "f16")
+    requantized = [t.name for t, q, e in plan if t.quantized is not None and not e and not asked]
+    if requantized:
+        notes.append(f"{len(requantized)} quantized Linear weight(s) requantized by gguf-py (--gguf-requantize): {name_list(requantized)}")  # fmt: skip
+    floats = [t.name for t, _, e in plan if not e and set(t.sources) & quantized and (asked or t.quantized is None)]  # fmt: skip
+    if floats:
+        why = (
+            f"--gguf-type {choice}"
+            if asked
+            else "their GGUF layout is more than the checkpoint's rows reordered"
+        )
+        notes.append(f"{len(floats)} quantized Linear weight(s) written as their dequantized float weights ({why}): {name_list(floats)}")  # fmt: skip
+    return notes
 
 
 def _encode(value: torch.Tensor, qtype, Q, gguf) -> np.ndarray:
@@ -95,11 +174,10 @@ def _encode(value: torch.Tensor, qtype, Q, gguf) -> np.ndarray:
 
 def _file_type(plan, gguf) -> int:
     Q, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    kinds = Counter(q for t, q in plan if len(t.shape) > 1)
+    kinds = Counter(q for t, q, _ in plan if len(t.shape) > 1)
     main = kinds.most_common(1)[0][0] if kinds else Q.F32
-    return {Q.F32: F.ALL_F32, Q.F16: F.MOSTLY_F16, Q.BF16: F.MOSTLY_BF16, Q.Q8_0: F.MOSTLY_Q8_0}[
-        main
-    ]
+    return {Q.F32: F.ALL_F32, Q.F16: F.MOSTLY_F16, Q.BF16: F.MOSTLY_BF16, Q.Q8_0: F.MOSTLY_Q8_0,
+            Q.Q4_0: F.MOSTLY_Q4_0, Q.Q4_1: F.MOSTLY_Q4_1}[main]  # fmt: skip
 
 
 def _metadata(job, plan, gguf) -> tuple[dict, dict]:
@@ -128,7 +206,7 @@ def _metadata(job, plan, gguf) -> tuple[dict, dict]:
             gguf.GGMLQuantizationType.F16,
             gguf.GGMLQuantizationType.BF16,
         )
-        for _, q in plan
+        for _, q, _ in plan
     ):
         meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION
     if src.format == "gguf":  # the tokenizer travels verbatim, with its own value types

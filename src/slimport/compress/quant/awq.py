@@ -27,7 +27,7 @@ REFINE = 2
 def _fake_rtn(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """primitives' min-max RTN quantize-dequantize, same operations in the same order (so the
     same values), done in place on a grouped view: this runs once per grid point."""
-    scale, zero = P.qparams(*P.minmax(w, args), args.bits, args.symmetric)
+    scale, zero = P.weight_qparams(*P.minmax(w, args), args)
     qmin, qmax = P.qrange(args.bits)
     g = P._grouped(w, args)
     if args.granularity != "tensor":  # [rows, groups] -> [rows, groups, 1]

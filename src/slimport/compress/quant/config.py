@@ -21,6 +21,7 @@ from slimport.compress.modifiers import (
     parse_modifiers,
 )
 from slimport.errors import SlimportError
+from slimport.io.formats import GGUF_LAYOUTS, scheme_fits
 
 # the flat `method` spellings the CLI offers (any "+"-joined registered modifiers also parse):
 # awq+gptq = AWQ's activation-aware channel scales, then GPTQ's error-compensating rounding
@@ -45,6 +46,9 @@ class QuantArgs:
     granularity: str = "channel"  # tensor | channel | group | token (activations, dynamic)
     group_size: int | None = None
     dynamic: bool = False
+    # scales (and asymmetric minimums -zero*scale) that are float16 values, so GGUF's Q8_0 /
+    # Q4_0 / Q4_1 blocks hold the integers exactly (primitives.qparams)
+    fp16_scales: bool = False
 
 
 @dataclass
@@ -84,6 +88,9 @@ class QuantizationConfig:
     gptq: dict | None = None
     awq: dict | None = None
     modifiers: list | None = None
+    # weight scales GGUF holds exactly (float16 d and Q4_1 minimum): `convert --to gguf` then
+    # writes the integers as they are (needs a scheme a GGUF block type fits, io.gguf_blocks)
+    gguf_compatible: bool = False
     # calibration data
     calib_data: str | None = None
     num_samples: int = 64
@@ -145,7 +152,10 @@ class QuantizationConfig:
     # ---- views used by the quantizers
     @property
     def weights(self) -> QuantArgs:
-        return QuantArgs(self.bits, self.symmetric, self.granularity, self.group_size)
+        return QuantArgs(
+            self.bits, self.symmetric, self.granularity, self.group_size,
+            fp16_scales=self.gguf_compatible,
+        )  # fmt: skip
 
     @property
     def inputs(self) -> QuantArgs | None:
@@ -244,6 +254,13 @@ class QuantizationConfig:
             bad("num_samples/seq_len", "must be positive")
         if self.weight_observer not in ("min_max", "mse"):
             bad("weight_observer", f"unknown {self.weight_observer!r}", "min_max or mse")
+        fits = scheme_fits(self.bits, self.symmetric, self.granularity, self.group_size)
+        if self.gguf_compatible and (self.activations or not fits):
+            g = f"g{self.group_size}" if self.granularity == "group" else f"per-{self.granularity}"
+            act = " with quantized activations" if self.activations else ""
+            scheme = f"W{self.bits} {g} {'sym' if self.symmetric else 'asym'}{act}"
+            bad("gguf_compatible", f"no GGUF block type holds {scheme}",
+                "weight-only, groups of a multiple of 32 (or per channel): " + GGUF_LAYOUTS)  # fmt: skip
         for p in self.protect:
             try:
                 re.compile(p)

@@ -80,7 +80,7 @@ def _qparams(w: torch.Tensor, args: QuantArgs, observer: str) -> tuple[torch.Ten
         return mse_weight_qparams(w, args)
     if observer != "min_max":
         raise SlimportError(f"GPTQ: unknown weight_observer {observer!r}", hint="min_max or mse")
-    return P.qparams(*P.minmax(w, args), args.bits, args.symmetric)
+    return P.weight_qparams(*P.minmax(w, args), args)
 
 
 class GPTQResult(NamedTuple):
@@ -156,7 +156,9 @@ def gptq(
     g = args.group_size if grouped else cols
     if grouped and cols % g:
         raise ValueError(f"GPTQ: {cols} columns are not a multiple of group size {g}")
-    ch_args = QuantArgs(args.bits, args.symmetric, "channel")  # for one group's columns
+    ch_args = QuantArgs(
+        args.bits, args.symmetric, "channel", fp16_scales=args.fp16_scales
+    )  # one group's columns
     qmin, qmax = P.qrange(args.bits)
 
     # inputs that never fire carry no information: quantize those weights to exactly 0

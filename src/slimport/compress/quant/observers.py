@@ -189,7 +189,7 @@ def mse_weight_qparams(w: torch.Tensor, args: QuantArgs, grid: int = 50, shrink:
     g = P._grouped(w, args)
     best_s = best_z = best_err = None
     for r in torch.linspace(1.0, shrink, grid):
-        s, z = P.qparams(lo * r, hi * r, args.bits, args.symmetric)
+        s, z = P.weight_qparams(lo * r, hi * r, args)
         sg, zg = (
             s.reshape(g.shape[0], g.shape[1], 1) if s.numel() > 1 else s,
             z.reshape(g.shape[0], g.shape[1], 1) if z.numel() > 1 else z,

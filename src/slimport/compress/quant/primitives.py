@@ -21,9 +21,13 @@ def qrange(bits: int) -> tuple[int, int]:
 
 
 def qparams(
-    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, fp16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and (integer-valued float) zero point from observed ranges, any shape."""
+    """Scale and (integer-valued float) zero point from observed ranges, any shape.
+
+    fp16: the scale is the nearest float16 value, and asymmetric (qmin - zero) * scale too (the
+    minimum of a GGUF Q4_1 block): where it is not, the scale keeps 7 significant bits, so any
+    multiple by 0..15 fits float16's 11 (a relative change of at most 2^-7)."""
     qmin, qmax = qrange(bits)
     xmin = torch.clamp(xmin, max=0.0)
     xmax = torch.clamp(xmax, min=0.0)
@@ -34,8 +38,17 @@ def qparams(
         scale = (xmax - xmin) / (qmax - qmin)
     eps = torch.finfo(scale.dtype).eps
     scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)
+    if fp16:
+        scale = _as_fp16(scale)
     if not symmetric:
         zero = torch.clamp(torch.round(qmin - xmin / scale), qmin, qmax)
+        if fp16:
+            low = (qmin - zero) * scale
+            inexact = low.to(torch.float16).to(low.dtype) != low
+            mantissa, exponent = torch.frexp(scale)
+            short = _as_fp16(torch.ldexp(torch.round(mantissa * 128) / 128, exponent))
+            scale = torch.where(inexact, short, scale)
+            zero = torch.clamp(torch.round(qmin - xmin / scale), qmin, qmax)
     return scale, zero
 
 
@@ -51,6 +64,15 @@ def check_scale(name: str, scale: torch.Tensor) -> None:
             "the values' range is beyond what a float32 scale holds",
             hint="the checkpoint is damaged, or keep this layer in float with --protect",
         )
+
+
+def _as_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(x.dtype)
+
+
+def weight_qparams(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs):
+    """qparams of weight ranges under `args` (float16 scales when args.fp16_scales)."""
+    return qparams(xmin, xmax, args.bits, args.symmetric, args.fp16_scales)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -126,7 +148,7 @@ def fake_quantize(
 
 def rtn(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest of a weight [out, in] with min-max ranges: (q, scale, zero)."""
-    scale, zero = qparams(*minmax(w, args), args.bits, args.symmetric)
+    scale, zero = weight_qparams(*minmax(w, args), args)
     return quantize_tensor(w, args, scale, zero), scale, zero
 
 

@@ -87,12 +87,26 @@ def _verify(args) -> int:
         prompt=args.prompt, mode=args.mode,
     )  # fmt: skip
     print(markdown(report))
+    if args.report:
+        from slimport.evaluate.verify_report import save_report
+
+        print("wrote " + ", ".join(map(str, save_report(report, args.report))))
     if args.json:
         from slimport.io.base import atomic_path
 
         with atomic_path(Path(args.json)) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["passed"] else 1
+
+
+def _analyze(args) -> int:
+    from slimport.analyze import analyze, markdown, report
+
+    result = analyze(args.model, args.target, args.batch, args.seq)
+    print(json.dumps(result, indent=1) if args.json else markdown(result))
+    if args.report:
+        print("wrote " + ", ".join(map(str, report(result, args.report))), file=sys.stderr)
+    return 0
 
 
 def _generate(args) -> int:
@@ -290,18 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--mapping",
         help="YAML/JSON file of extra name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'",
     )
-    sp.add_argument(
-        "--ignore-mismatched-sizes",
-        action="store_true",
-        help="keep tensors whose shape disagrees with the config (reported)",
-    )
-    sp.add_argument(
-        "--allow-missing",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="source tensor names allowed to be absent (reported)",
-    )
+    sp.add_argument("--ignore-mismatched-sizes", action="store_true",
+                    help="keep tensors whose shape disagrees with the config (reported)")  # fmt: skip
+    sp.add_argument("--allow-missing", action="append", default=[], metavar="REGEX",
+                    help="source tensor names allowed to be absent (reported)")  # fmt: skip
     overwrite(sp)
     common(sp)
     sp.set_defaults(fn=_convert)
@@ -316,14 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["pynative", "graph"], default="pynative", help="MindSpore execution mode"
     )
     sp.add_argument("--atol", type=float, default=1e-5, help="max |Δ| allowed (default 1e-5, fp32)")
-    sp.add_argument(
-        "--tokens", type=int, default=16, help="greedy tokens to compare for causal LMs"
-    )
-    sp.add_argument(
-        "--prompt", default=DEFAULT_PROMPT, help="input text (tokenized by the model's tokenizer)"
-    )
+    sp.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare for causal LMs")  # fmt: skip
+    sp.add_argument("--prompt", default=DEFAULT_PROMPT, help="input text (tokenized by the model's tokenizer)")  # fmt: skip
     sp.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with the per-layer parity plot")  # fmt: skip
     sp.set_defaults(fn=_verify)
+
+    # fmt: off
+    sp = sub.add_parser("analyze", help="migration feasibility: op inventory vs a target, memory for inference and training",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        epilog="example: slimport analyze out/smollm2 --target ascend --batch 4 --seq 512 --report smollm2.html")
+    sp.add_argument("model", help="checkpoint file or folder (only its config is read)")
+    sp.add_argument("--target", choices=("mindspore", "onnx", "ascend"), help="one target (default: all)")
+    sp.add_argument("--batch", type=int, default=1, help="batch size of the memory estimates")
+    sp.add_argument("--seq", type=int, default=128, help="sequence length of the memory estimates")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with plots")
+    sp.set_defaults(fn=_analyze)
+    # fmt: on
 
     sp = sub.add_parser("generate", help="generate text with a causal LM in MindSpore or PyTorch")
     sp.add_argument("model", help="checkpoint file or folder (with its tokenizer)")
@@ -359,38 +375,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--group-size", type=int, help="per-group weight scales of this many columns")
     sp.add_argument("--granularity", choices=GRANULARITIES)
     sym = sp.add_mutually_exclusive_group()
-    sym.add_argument(
-        "--symmetric",
-        dest="symmetric",
-        action="store_true",
-        default=None,
-        help="symmetric weight grid (default: asymmetric below 8 bits, symmetric at 8)",
-    )
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="symmetric weight grid (default: asymmetric below 8 bits, symmetric at 8)")  # fmt: skip
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
                      help="weight zero points (the default below 8 bits)")  # fmt: skip
-    sp.add_argument(
-        "--activations", choices=("static", "dynamic"), help="also quantize Linear inputs to 8 bits"
-    )
+    sp.add_argument("--activations", choices=("static", "dynamic"), help="also quantize Linear inputs to 8 bits")  # fmt: skip
     sp.add_argument("--act-symmetric", action="store_true", default=None,
                     help="symmetric activation grid (default: asymmetric, with a zero point)")  # fmt: skip
     sp.add_argument("--calib-method", dest="observer", choices=OBSERVERS,
                     help="observer for static activation ranges")  # fmt: skip
     sp.add_argument("--weight-observer", choices=("min_max", "mse"))
-    sp.add_argument(
-        "--smoothquant",
-        type=float,
-        metavar="ALPHA",
-        help="SmoothQuant migration strength (0.5 typical)",
-    )
+    sp.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant migration strength (0.5 typical)")  # fmt: skip
     sp.add_argument("--calib-data", help="calibration text: .txt, .tsv or .jsonl")
     sp.add_argument("--num-samples", type=int)
     sp.add_argument("--seq-len", type=int)
     sp.add_argument("--seed", type=int)
-    sp.add_argument(
-        "--protect",
-        action="append",
-        help="regex of Linear names to keep in float (repeatable; replaces the default lm_head/classifier)",
-    )
+    sp.add_argument("--protect", action="append",
+                    help="regex of Linear names to keep in float (repeatable; replaces the default lm_head/classifier)")  # fmt: skip
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     overwrite(sp)
     sp.set_defaults(fn=_quantize)
@@ -454,6 +455,8 @@ BOUNDS = {
     "seq_len": (lambda v: v > 0, "a positive integer"),
     "windows": (lambda v: v > 0, "a positive integer"),
     "batch_size": (lambda v: v > 0, "a positive integer"),
+    "batch": (lambda v: v > 0, "a positive integer"),
+    "seq": (lambda v: v > 0, "a positive integer"),
     "num_samples": (lambda v: v > 0, "a positive integer"),
     "max_steps": (lambda v: v > 0, "a positive integer"),
     "epochs": (lambda v: v > 0, "a positive number"),

@@ -44,7 +44,10 @@ def analyze(model, target: str | None = None, batch: int = 1, seq: int = 128) ->
         "model_type": config.model_type,
         "family": family,
         "class": type(module).__name__,
-        "ops": [{"op": u.op, "count": u.count, "modules": dict(u.modules), "where": u.paths} for u in uses],  # fmt: skip
+        "ops": [
+            {"op": u.op, "count": u.count, "modules": dict(u.modules), "where": u.paths}
+            for u in uses
+        ],  # fmt: skip
         "targets": {t: targets.CHECKS[t](uses, cfg) for t in chosen},
         "memory": estimate(module, family, batch, seq),
     }
@@ -59,16 +62,51 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
     m = result["memory"]
     w = m["weights"]
     out = [
-        ("Op inventory (ATen ops of the exported forward)", ["op", "count", "modules", "e.g. at"],
-         [[o["op"], o["count"], ", ".join(f"{k}×{v}" for k, v in o["modules"].items()), ", ".join(o["where"])] for o in result["ops"]]),  # fmt: skip
-        (f"Weights ({w['parameters']:,} parameters, {w['quantized_parameters']:,} in quantizable Linears)",
-         ["storage", "MiB", "bytes"], [[k, _mib(v), v] for k, v in w["bytes"].items()]),  # fmt: skip
-        ("KV cache per token (all layers)", ["dtype", "bytes"], [[k, v] for k, v in m["kv_cache_per_token"].items()]),  # fmt: skip
-        (f"Inference at batch {m['batch']} x seq {m['seq']} (MiB)", ["dtype", "weights", "activations (peak)", "KV cache", "total"],
-         [[d, *(_mib(r[k]) for k in ("weights", "activations", "kv_cache", "total"))] for d, r in m["inference"].items()]),  # fmt: skip
-        (f"Training at batch {m['batch']} x seq {m['seq']}, fp32 + AdamW (MiB; estimate)",
-         ["setup", "weights", "gradients", "optimizer", "activations", "total"],
-         [[s, *(_mib(r[k]) for k in ("weights", "gradients", "optimizer", "activations", "total"))] for s, r in m["training"].items()]),  # fmt: skip
+        (
+            "Op inventory (ATen ops of the exported forward)",
+            ["op", "count", "modules", "e.g. at"],
+            [
+                [
+                    o["op"],
+                    o["count"],
+                    ", ".join(f"{k}×{v}" for k, v in o["modules"].items()),
+                    ", ".join(o["where"]),
+                ]
+                for o in result["ops"]
+            ],
+        ),  # fmt: skip
+        (
+            f"Weights ({w['parameters']:,} parameters, {w['quantized_parameters']:,} in quantizable Linears)",
+            ["storage", "MiB", "bytes"],
+            [[k, _mib(v), v] for k, v in w["bytes"].items()],
+        ),  # fmt: skip
+        (
+            "KV cache per token (all layers)",
+            ["dtype", "bytes"],
+            [[k, v] for k, v in m["kv_cache_per_token"].items()],
+        ),  # fmt: skip
+        (
+            f"Inference at batch {m['batch']} x seq {m['seq']} (MiB)",
+            ["dtype", "weights", "activations (peak)", "KV cache", "total"],
+            [
+                [d, *(_mib(r[k]) for k in ("weights", "activations", "kv_cache", "total"))]
+                for d, r in m["inference"].items()
+            ],
+        ),  # fmt: skip
+        (
+            f"Training at batch {m['batch']} x seq {m['seq']}, fp32 + AdamW (MiB; estimate)",
+            ["setup", "weights", "gradients", "optimizer", "activations", "total"],
+            [
+                [
+                    s,
+                    *(
+                        _mib(r[k])
+                        for k in ("weights", "gradients", "optimizer", "activations", "total")
+                    ),
+                ]
+                for s, r in m["training"].items()
+            ],
+        ),  # fmt: skip
     ]
     for name, t in result["targets"].items():
         out.append((f"Target {name}: {t['verdict']}", ["ATen op", "count", "equivalent", "supported", "e.g. at"],
@@ -87,8 +125,12 @@ def _document(result: dict, figures: bool = True):
 
     doc = Report(
         f"slimport analyze: {result['model']}",
-        {"class": result["class"], "family": result["family"], "model_type": result["model_type"],
-         "batch x seq": f"{result['memory']['batch']} x {result['memory']['seq']}"},  # fmt: skip
+        {
+            "class": result["class"],
+            "family": result["family"],
+            "model_type": result["model_type"],
+            "batch x seq": f"{result['memory']['batch']} x {result['memory']['seq']}",
+        },  # fmt: skip
     )
     doc.add("Verdicts", Table(["target", "verdict", "reasons"],
                               [[n, t["verdict"], "; ".join(t["reasons"])] for n, t in result["targets"].items()]))  # fmt: skip

@@ -146,7 +146,9 @@ def onnx(uses: list[OpUse], config: dict) -> dict:
         reasons.append("no ONNX op for: " + ", ".join(f"{u.op} (at {_where(u)})" for u in missing))  # fmt: skip
     for u, need in newer:
         reasons.append(f"{u.op} as one op needs opset {need} (> {OPSET}); at opset {OPSET} it is decomposed")  # fmt: skip
-    verdict = "supported" if family in built and not missing else "portable" if not missing else "blocked"
+    verdict = (
+        "supported" if family in built and not missing else "portable" if not missing else "blocked"
+    )
     return {"target": "onnx", "verdict": verdict, "reasons": reasons, "ops": rows, "opset": OPSET}
 
 
@@ -157,7 +159,9 @@ def ascend(uses: list[OpUse], config: dict) -> dict:
     for u in uses:
         names = _names(u.op, "onnx")
         lacking = [n for n in (names or []) if known.get(n, 1 << 30) > top]
-        status = "unmapped" if names is None else "yes" if not lacking else "no: " + ", ".join(lacking)
+        status = (
+            "unmapped" if names is None else "yes" if not lacking else "no: " + ", ".join(lacking)
+        )
         if names is None or lacking:
             missing.append((u, lacking))
         rows.append({"op": u.op, "count": u.count, "equivalent": "+".join(names or []) or "—",

@@ -45,7 +45,9 @@ class Report:
             f"<h1>{_e(self.title)}</h1>",
         ]
         if self.settings:
-            out.append(_html_table(Table(["setting", "value"], list(map(list, self.settings.items())))))
+            out.append(
+                _html_table(Table(["setting", "value"], list(map(list, self.settings.items()))))
+            )
         for heading, item in self.parts:
             if heading:
                 out.append(f"<h2>{_e(heading)}</h2>")

@@ -95,3 +95,20 @@ def test_chromium_renders_the_plots(tmp_path):
     for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
         near = (np.abs(rgb * 255 - np.array(colour)) < 12).all(-1)
         assert near.sum() > 500, f"no plot pixels of colour {colour}"
+
+
+def test_verify_report_plots_per_layer_and_per_tensor_parity(tmp_path):
+    import transformers
+
+    from slimport.evaluate.verify import verify
+    from slimport.evaluate.verify_report import save_report
+
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
+    report = verify(tmp_path / "m", tmp_path / "m", runtime="torch", tokens=2)
+    save_report(report, tmp_path / "v.html")
+    scan = _Scan()
+    scan.feed((tmp_path / "v.html").read_text())
+    assert scan.tags.count("svg") == 2 and scan.external == []
+    md = (tmp_path / "v.md").read_text()
+    assert "## Per layer" in md and "## Per tensor" in md and "| emb | 0 |" in md

@@ -115,9 +115,8 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
 
 
 def markdown(result: dict) -> str:
-    from slimport.report import Report
-
-    return _document(result, figures=False).markdown() if Report else ""
+    """The analysis as Markdown tables (no plots: those need matplotlib and go to --report)."""
+    return _document(result, figures=False).markdown()
 
 
 def _document(result: dict, figures: bool = True):

@@ -300,10 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", required=True, choices=list(TARGETS))
     sp.add_argument("--dtype", choices=CAST_DTYPES, help="cast floating tensors")
     sp.add_argument("--gguf-type", choices=GGUF_TYPES, help="GGUF tensor type (2-D weights)")
-    sp.add_argument(
-        "--mapping",
-        help="YAML/JSON file of extra name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'",
-    )
+    sp.add_argument("--mapping", help="YAML/JSON file of extra name mappings: 'layer_{}.q': 'model.layers.{}.self_attn.q_proj'")  # fmt: skip
     sp.add_argument("--ignore-mismatched-sizes", action="store_true",
                     help="keep tensors whose shape disagrees with the config (reported)")  # fmt: skip
     sp.add_argument("--allow-missing", action="append", default=[], metavar="REGEX",
@@ -318,9 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("src", help="the original checkpoint (run by transformers)")
     sp.add_argument("target", help="the converted checkpoint (run by --runtime)")
     sp.add_argument("--runtime", choices=["mindspore", "torch"], default="mindspore")
-    sp.add_argument(
-        "--mode", choices=["pynative", "graph"], default="pynative", help="MindSpore execution mode"
-    )
+    sp.add_argument("--mode", choices=["pynative", "graph"], default="pynative", help="MindSpore execution mode")  # fmt: skip
     sp.add_argument("--atol", type=float, default=1e-5, help="max |Δ| allowed (default 1e-5, fp32)")
     sp.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare for causal LMs")  # fmt: skip
     sp.add_argument("--prompt", default=DEFAULT_PROMPT, help="input text (tokenized by the model's tokenizer)")  # fmt: skip

@@ -1,0 +1,7 @@
+"""`python -m slimport.cli`."""
+
+import sys
+
+from slimport.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""Commands that compress: quantize, prune."""
+
+from __future__ import annotations
+
+import argparse
+
+from slimport.cli.options import overwrite_option
+from slimport.compress.prune import PRUNE_METHODS, QUANT_METHODS
+from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS
+
+# Each command imports what it runs inside its function: those modules pull in torch,
+# transformers or MindSpore (seconds each), which `slimport --help` and the other commands never
+# need. The choices come from modules that import none of them.
+
+
+def _quantize(args) -> int:
+    from slimport.compress import api
+
+    report = api.quantize(
+        args.model, args.out, recipe=args.recipe, progress=not args.quiet, overwrite=args.overwrite,
+        **{k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None},
+    )  # fmt: skip
+    print(api.summary(report))
+    return 0
+
+
+PRUNE_OPTIONS = ("method", "sparsity", "pattern", "ignore", "bits", "quant_method", "group_size",
+           "symmetric", "calib_data", "num_samples", "seq_len", "seed", "protect")  # fmt: skip
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from slimport.compress.prune import api
+
+    options = {k: getattr(args, k) for k in PRUNE_OPTIONS if getattr(args, k) is not None}
+    report = api.prune(args.model, args.out, recipe=args.recipe, progress=not args.quiet, **options)
+    print(api.summary(report))
+    return 0
+
+
+def register(sub) -> None:
+    sp = sub.add_parser(
+        "quantize",
+        help="post-training quantization (RTN, GPTQ, AWQ, SmoothQuant) to compressed-tensors",
+        description="Quantize MODEL block by block and save it in the compressed-tensors format "
+        "(loads in transformers and vLLM). Options override the --recipe YAML.",
+    )
+    sp.add_argument("model", help="checkpoint file or folder (any format `slimport inspect` reads)")
+    sp.add_argument("out", help="output folder")
+    sp.add_argument("--recipe", help="YAML recipe (QuantizationConfig fields, or `modifiers:`)")
+    sp.add_argument("--bits", type=int, choices=(16, 8, 4, 3))
+    sp.add_argument("--method", choices=METHODS)
+    sp.add_argument("--group-size", type=int, help="per-group weight scales of this many columns")
+    sp.add_argument("--granularity", choices=GRANULARITIES)
+    sym = sp.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="symmetric weight grid (default: asymmetric below 8 bits, symmetric at 8)")  # fmt: skip
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                     help="weight zero points (the default below 8 bits)")  # fmt: skip
+    sp.add_argument("--activations", choices=("static", "dynamic"), help="also quantize Linear inputs to 8 bits")  # fmt: skip
+    sp.add_argument("--act-symmetric", action="store_true", default=None,
+                    help="symmetric activation grid (default: asymmetric, with a zero point)")  # fmt: skip
+    sp.add_argument("--calib-method", dest="observer", choices=OBSERVERS,
+                    help="observer for static activation ranges")  # fmt: skip
+    sp.add_argument("--weight-observer", choices=("min_max", "mse"))
+    sp.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant migration strength (0.5 typical)")  # fmt: skip
+    sp.add_argument("--calib-data", help="calibration text: .txt, .tsv or .jsonl")
+    sp.add_argument("--num-samples", type=int)
+    sp.add_argument("--seq-len", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument(
+        "--protect",
+        action="append",
+        help="regex of Linear names to keep in float "
+        "(repeatable; replaces the default lm_head/classifier)",
+    )
+    sp.add_argument("--gguf-compatible", action="store_true", default=None,
+                    help="float16 scales (and Q4_1 minimums): --to gguf writes the integers exactly")  # fmt: skip
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    overwrite_option(sp)
+    sp.set_defaults(fn=_quantize)
+
+    sp = sub.add_parser(
+        "prune",
+        help="one-shot pruning (magnitude, Wanda, SparseGPT; unstructured or N:M), optionally + W4/W8",
+        description="Prune MODEL block by block (each block calibrated on the pruned previous "
+        "ones). Without --bits the output is a float Hugging Face folder; with --bits the kept "
+        "weights are quantized (GPTQ keeps the pruned ones at zero) into compressed-tensors.",
+    )
+    sp.add_argument("model", help="checkpoint file or folder (any format `slimport inspect` reads)")
+    sp.add_argument("out", help="output folder")
+    sp.add_argument("--recipe", help="YAML recipe with a pruning modifier in `modifiers:`")
+    sp.add_argument("--method", choices=PRUNE_METHODS, help="default sparsegpt")
+    sp.add_argument("--sparsity", type=float, help="fraction of weights zeroed, in [0, 1) (0.5)")
+    sp.add_argument("--pattern", help="unstructured (default) or N:M, N of every M zero: 2:4, 4:8")
+    sp.add_argument("--ignore", action="append",
+                    help="regex of Linear names left dense (repeatable; still quantized)")  # fmt: skip
+    sp.add_argument("--bits", type=int, choices=(8, 4, 3), help="then quantize the kept weights")
+    sp.add_argument("--quant-method", choices=QUANT_METHODS, help="with --bits: default gptq")
+    sp.add_argument("--group-size", type=int, help="with --bits: per-group scales")
+    sym = sp.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    sp.add_argument(
+        "--calib-data", help="calibration text: .txt, .tsv or .jsonl (Wanda, SparseGPT)"
+    )
+    sp.add_argument("--num-samples", type=int)
+    sp.add_argument("--seq-len", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--protect", action="append",
+                    help="regex of Linear names left untouched (default: the output heads)")  # fmt: skip
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(fn=_prune)

@@ -37,6 +37,8 @@ def matches(value: object, annotation) -> bool:
     if origin is list:
         (item,) = typing.get_args(annotation) or (object,)
         return isinstance(value, list | tuple) and all(matches(v, item) for v in value)
+    if annotation is tuple or origin is tuple:  # a YAML list fills a tuple field
+        return isinstance(value, list | tuple)
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
@@ -54,6 +56,8 @@ def describe(annotation) -> str:
         return " or ".join(describe(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if annotation is tuple or origin is tuple:
+        return "a list"
     if origin is list:
         args = typing.get_args(annotation)
         return "a list" + (f" of {describe(args[0]).split(' ', 1)[-1]}s" if args else "")

@@ -215,6 +215,32 @@ def _finetune(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from slimport.compress.merge import merge
+
+    if len(args.paths) < 2:
+        raise SlimportError("merge needs the models and then OUT (the output folder)")
+    *models, out = args.paths
+    report = merge(
+        models, out, method=args.method, weights=args.weights, t=args.t, density=args.density,
+        base=args.base, to=args.to, dtype=args.dtype, normalize=args.normalize, seed=args.seed,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    m = report["merge"]
+    knobs = {k: m[k] for k in ("weights", "t", "density", "normalize", "seed") if m[k] is not None}
+    print(f"merged {len(m['models'])} model(s) with {m['method']}"
+          + (f" into base {m['base']}" if m["base"] else "")
+          + "".join(f", {k}={v}" for k, v in knobs.items()))  # fmt: skip
+    print(
+        f"{m['tensors']} tensors ({report['parameter_count']:,} parameters; "
+        f"{m['stats']['identical']} equal in every input, kept as they are"
+        + (f"; {m['stats']['lerp_fallback']} nearly parallel, interpolated linearly"
+           if m["method"] == "slerp" else "")
+        + f") in {report['seconds']:.1f} s -> {out} ({report['target']})"
+    )  # fmt: skip
+    return 0
+
+
 def _demo(args) -> int:
     from slimport.demo import run
 
@@ -414,6 +440,54 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, help="torch CPU threads while training (default 1: robust on a shared machine)")
     sp.set_defaults(fn=_finetune)
     # fmt: on
+
+    sp = sub.add_parser(
+        "merge", help="merge same-architecture models (linear, SLERP, task arithmetic, TIES, DARE)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="example: slimport merge sst2-seed0/ sst2-seed1/ merged/ --method slerp --t 0.5\n"
+        "         slimport merge ft-a/ ft-b/ merged/ --method ties --base base/ --density 0.5",
+    )  # fmt: skip
+    sp.add_argument(
+        "paths",
+        nargs="+",
+        metavar="MODEL ... OUT",
+        help="checkpoints (any format slimport reads), then the output folder",
+    )
+    sp.add_argument(
+        "--method",
+        default="linear",
+        choices=("linear", "slerp", "task_arithmetic", "ties", "dare", "dare_ties", "dare_linear"),
+        help="dare = dare_linear (the DARE paper); mergekit's semantics throughout",
+    )
+    sp.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        help="one per model (default 1 each); with --base the task-vector scales λ",
+    )
+    sp.add_argument(
+        "--t", type=float, help="slerp: 0 gives the first model, 1 the second (default 0.5)"
+    )
+    sp.add_argument(
+        "--density",
+        type=float,
+        help="ties/dare: share of each task vector kept, in (0, 1] (default 0.5)",
+    )
+    sp.add_argument(
+        "--base", help="task_arithmetic/ties/dare: the model the others were fine-tuned from"
+    )
+    sp.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        help="divide by the sum of the weights (default: as mergekit, on for linear and ties)",
+    )
+    sp.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
+    sp.add_argument("--to", choices=list(TARGETS), default="hf", help="output layout, as convert")
+    sp.add_argument(
+        "--dtype", choices=CAST_DTYPES, help="cast floating tensors (default: the first model's)"
+    )
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    sp.set_defaults(fn=_merge)
 
     sp = sub.add_parser(
         "demo", help="convert the real MiniLM (TF) and SmolLM2 (GGUF) checkpoints and verify them"

@@ -216,28 +216,12 @@ def _finetune(args) -> int:
 
 
 def _merge(args) -> int:
-    from slimport.compress.merge import merge
+    from slimport.compress.merge import merge, summary
 
-    if len(args.paths) < 2:
-        raise SlimportError("merge needs the models and then OUT (the output folder)")
     *models, out = args.paths
-    report = merge(
-        models, out, method=args.method, weights=args.weights, t=args.t, density=args.density,
-        base=args.base, to=args.to, dtype=args.dtype, normalize=args.normalize, seed=args.seed,
-        overwrite=args.overwrite,
-    )  # fmt: skip
-    m = report["merge"]
-    knobs = {k: m[k] for k in ("weights", "t", "density", "normalize", "seed") if m[k] is not None}
-    print(f"merged {len(m['models'])} model(s) with {m['method']}"
-          + (f" into base {m['base']}" if m["base"] else "")
-          + "".join(f", {k}={v}" for k, v in knobs.items()))  # fmt: skip
-    print(
-        f"{m['tensors']} tensors ({report['parameter_count']:,} parameters; "
-        f"{m['stats']['identical']} equal in every input, kept as they are"
-        + (f"; {m['stats']['lerp_fallback']} nearly parallel, interpolated linearly"
-           if m["method"] == "slerp" else "")
-        + f") in {report['seconds']:.1f} s -> {out} ({report['target']})"
-    )  # fmt: skip
+    opts = {k: getattr(args, k) for k in ("method", "weights", "t", "density", "base", "to",
+                                          "dtype", "normalize", "seed", "overwrite")}  # fmt: skip
+    print(summary(merge(models, out, **opts)))
     return 0
 
 
@@ -439,55 +423,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dev", help="evaluation set (default: shared SST-2 dev.tsv); needs --out")
     sp.add_argument("--threads", type=int, help="torch CPU threads while training (default 1: robust on a shared machine)")
     sp.set_defaults(fn=_finetune)
-    # fmt: on
-
-    sp = sub.add_parser(
-        "merge", help="merge same-architecture models (linear, SLERP, task arithmetic, TIES, DARE)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="example: slimport merge sst2-seed0/ sst2-seed1/ merged/ --method slerp --t 0.5\n"
-        "         slimport merge ft-a/ ft-b/ merged/ --method ties --base base/ --density 0.5",
-    )  # fmt: skip
-    sp.add_argument(
-        "paths",
-        nargs="+",
-        metavar="MODEL ... OUT",
-        help="checkpoints (any format slimport reads), then the output folder",
-    )
-    sp.add_argument(
-        "--method",
-        default="linear",
-        choices=("linear", "slerp", "task_arithmetic", "ties", "dare", "dare_ties", "dare_linear"),
-        help="dare = dare_linear (the DARE paper); mergekit's semantics throughout",
-    )
-    sp.add_argument(
-        "--weights",
-        type=float,
-        nargs="+",
-        help="one per model (default 1 each); with --base the task-vector scales λ",
-    )
-    sp.add_argument(
-        "--t", type=float, help="slerp: 0 gives the first model, 1 the second (default 0.5)"
-    )
-    sp.add_argument(
-        "--density",
-        type=float,
-        help="ties/dare: share of each task vector kept, in (0, 1] (default 0.5)",
-    )
-    sp.add_argument(
-        "--base", help="task_arithmetic/ties/dare: the model the others were fine-tuned from"
-    )
-    sp.add_argument(
-        "--normalize",
-        action=argparse.BooleanOptionalAction,
-        help="divide by the sum of the weights (default: as mergekit, on for linear and ties)",
-    )
-    sp.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
-    sp.add_argument("--to", choices=list(TARGETS), default="hf", help="output layout, as convert")
-    sp.add_argument(
-        "--dtype", choices=CAST_DTYPES, help="cast floating tensors (default: the first model's)"
-    )
+    sp = sub.add_parser("merge", help="merge same-architecture models: linear, SLERP, task arithmetic, TIES, DARE",
+                        epilog="example: slimport merge sst2-a/ sst2-b/ out/ --method slerp --t 0.5; "
+                        "slimport merge ft-a/ ft-b/ out/ --method ties --base base/ --density 0.5")
+    sp.add_argument("paths", nargs="+", metavar="MODEL", help="two or more checkpoints (any format; one with --base), then OUT")
+    sp.add_argument("--method", default="linear", choices=("linear", "slerp", "task_arithmetic", "ties", "dare",
+                    "dare_ties", "dare_linear"), help="default linear; semantics as mergekit's; dare = dare_linear (the DARE paper)")
+    sp.add_argument("--weights", type=float, nargs="+", help="one per model (default 1 each); with --base: the λ of each task vector")
+    sp.add_argument("--t", type=float, help="slerp: 0 gives the first model, 1 the second (default 0.5)")
+    sp.add_argument("--density", type=float, help="ties/dare: share of each task vector kept, in (0, 1] (default 0.5)")
+    sp.add_argument("--base", help="task_arithmetic/ties/dare: the model the others were fine-tuned from")
+    sp.add_argument("--normalize", action=argparse.BooleanOptionalAction,
+                    help="divide by the sum of the weights (default as mergekit: on for linear and ties)")
+    sp.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop (default 0)")
+    sp.add_argument("--to", choices=list(TARGETS), default="hf", help="output layout, as convert's (default hf: safetensors + config + tokenizer)")
+    sp.add_argument("--dtype", choices=CAST_DTYPES, help="cast floating tensors (default: keep the first model's)")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     sp.set_defaults(fn=_merge)
+    # fmt: on
 
     sp = sub.add_parser(
         "demo", help="convert the real MiniLM (TF) and SmolLM2 (GGUF) checkpoints and verify them"

@@ -348,6 +348,7 @@ def merge(
             "density": opts.density,
             "normalize": opts.normalize,
             "seed": opts.seed if METHODS[opts.method].sparsify == "random" else None,
+            "out": str(out),
             "tensors": len(hub),
             "stats": stats,  # filled in while the tensors are written
         }
@@ -360,3 +361,20 @@ def merge(
         for m in loaded:
             m.source.close()
     return report
+
+
+def summary(report: dict) -> str:
+    """What `slimport merge` prints at the end."""
+    m = report["merge"]
+    knobs = {k: m[k] for k in ("weights", "t", "density", "normalize", "seed") if m[k] is not None}
+    lines = [
+        f"merged {len(m['models'])} model(s) with {m['method']}"
+        + (f" onto base {m['base']}" if m["base"] else "")
+        + "".join(f", {k}={v}" for k, v in knobs.items()),
+        f"{m['tensors']} tensors, {report['parameter_count']:,} parameters; "
+        f"{m['stats']['identical']} tensor(s) equal in every input kept as they are"
+        + (f"; {m['stats']['lerp_fallback']} nearly parallel, interpolated linearly"
+           if m["method"] == "slerp" else ""),
+        f"wrote {m['out']} ({report['target']}) in {report['seconds']:.1f} s",
+    ]  # fmt: skip
+    return "\n".join(lines)

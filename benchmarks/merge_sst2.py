@@ -1,0 +1,121 @@
+"""Model merging on real fine-tunes: two SST-2 classifiers trained from all-MiniLM-L6-v2 with
+different seeds (`slimport.finetune`, cached), merged by `slimport merge`; SST-2 dev accuracy
+of each input and of every merge.
+
+Task arithmetic needs the model the fine-tune started from. MiniLM has no classification head,
+so the base is MiniLM with the head the first seed's fine-tune was initialised with (the same
+`torch.manual_seed(seed)` then `from_pretrained` as finetune.py): base + λ·(finetuned − base)
+is then exactly the initialisation at λ = 0 and the fine-tune at λ = 1. The second seed's head
+started elsewhere, so merges of both seeds (linear, SLERP, TIES, DARE) average heads that were
+initialised differently; the encoders share MiniLM.
+
+    python benchmarks/merge_sst2.py                          # recipe ci, seeds 0 and 1
+    python benchmarks/merge_sst2.py --recipe full --lambdas 0.5 1 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import header  # noqa: E402
+
+from slimport.compress.merge import merge  # noqa: E402
+from slimport.evaluate.classification import sst2_accuracy  # noqa: E402
+from slimport.finetune import LABELS, default_model, ensure_sst2_classifier, sst2_path  # noqa: E402
+
+
+def initial_classifier(seed: int, out: Path) -> Path:
+    """MiniLM with the classification head finetune(seed=seed) started from."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    model = default_model()
+    torch.manual_seed(seed)
+    net = BertForSequenceClassification.from_pretrained(
+        model, num_labels=len(LABELS), id2label=LABELS, label2id={v: k for k, v in LABELS.items()}
+    )
+    net.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
+
+
+def evaluate(folder: Path, reference: dict | None) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    net = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+    return sst2_accuracy(
+        net, AutoTokenizer.from_pretrained(folder), sst2_path("dev"), reference=reference
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--recipe", default="ci", choices=("ci", "full"))
+    ap.add_argument("--seeds", type=int, nargs=2, default=(0, 1))
+    ap.add_argument("--t", type=float, nargs="+", default=(0.5,), help="SLERP t values")
+    ap.add_argument("--lambdas", type=float, nargs="+", default=(0.5, 1.0, 1.5, 2.0))
+    ap.add_argument("--density", type=float, default=0.5, help="TIES / DARE density")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # a shared 2-core machine (see finetune.py)
+
+    s0, s1 = args.seeds
+    # the cache key ignores the wall-clock budget: a generous one never cuts a busy run short
+    a, b = (ensure_sst2_classifier(recipe=args.recipe, seed=s, minutes=60.0) for s in (s0, s1))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="merge-sst2-") as tmp:
+        work = Path(tmp)
+        base = initial_classifier(s0, work / "base")
+        ref = evaluate(a, None)
+        rows += [
+            (f"fine-tune, seed {s0}", ref, None),
+            (f"fine-tune, seed {s1}", evaluate(b, ref), None),
+        ]
+        rows.append((f"base: MiniLM + seed {s0}'s initial head", evaluate(base, ref), None))
+
+        def merged(label: str, models, **kw) -> None:
+            out = work / f"m{len(rows)}"
+            t0 = time.perf_counter()
+            merge(models, out, progress=False, **kw)
+            rows.append((label, evaluate(out, ref), time.perf_counter() - t0))
+
+        merged("linear, weights 0.5 / 0.5", [a, b], method="linear")
+        for t in args.t:
+            merged(f"SLERP, t = {t:g}", [a, b], method="slerp", t=t)
+        for lam in args.lambdas:
+            merged(f"task arithmetic, base + {lam:g}·(seed {s0} − base)", [a], method="task_arithmetic",
+                   base=base, weights=[lam])  # fmt: skip
+        merged(
+            f"task arithmetic, base + 1·τ{s0} + 1·τ{s1}",
+            [a, b],
+            method="task_arithmetic",
+            base=base,
+        )
+        merged(f"TIES, density {args.density:g}, both seeds", [a, b], method="ties", base=base,
+               density=args.density)  # fmt: skip
+        merged(f"DARE-TIES, density {args.density:g}, both seeds", [a, b], method="dare_ties",
+               base=base, density=args.density)  # fmt: skip
+        merged(f"DARE (linear), density {args.density:g}, both seeds, weights 0.5", [a, b],
+               method="dare", base=base, density=args.density, weights=[0.5, 0.5])  # fmt: skip
+
+    print(header(" ".join(["python", *sys.argv]), ("torch", "transformers")))
+    print(f"inputs: {a.name} (seed {s0}), {b.name} (seed {s1}); recipe {args.recipe}; "
+          f"SST-2 dev, {ref['n']} sentences\n")  # fmt: skip
+    print(f"| model | dev accuracy | agreement with seed {s0} | merge + write s |")
+    print("|---|---:|---:|---:|")
+    for label, r, seconds in rows:
+        agree = f"{r['agreement']:.2%}" if "agreement" in r else "—"
+        print(
+            f"| {label} | {r['accuracy']:.2%} | {agree} | {'—' if seconds is None else f'{seconds:.1f}'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

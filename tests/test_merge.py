@@ -179,6 +179,26 @@ def test_ties_of_a_model_with_itself_over_another_base_is_the_trimmed_task_vecto
         assert torch.allclose(got[n], wa[n], atol=1e-6, rtol=0), n
 
 
+def test_inputs_are_streamed_one_tensor_at_a_time(ab, tmp_path, monkeypatch):
+    import slimport.compress.merge as m
+
+    reads = []
+
+    def logged_load(path):
+        model = real_load(path)
+        inner = model.source.loader
+        model.source.loader = lambda n: reads.append((str(path), n)) or inner(n)
+        return model
+
+    real_load = m.load
+    monkeypatch.setattr(m, "load", logged_load)
+    merge(list(ab), tmp_path / "out", "linear", progress=False)
+    # tensor i of A, tensor i of B, then tensor i+1: never a whole model read ahead
+    assert len(reads) == 2 * len(weights(ab[0]))
+    for (pa, na), (pb, nb) in zip(reads[::2], reads[1::2], strict=True):
+        assert (pa, pb) == (str(ab[0]), str(ab[1])) and na == nb
+
+
 def test_dare_is_reproducible_for_a_seed(ab, tmp_path):
     a, b = ab
     base = tiny(tmp_path / "base", 9)

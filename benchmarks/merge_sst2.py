@@ -11,6 +11,7 @@ initialised differently; the encoders share MiniLM.
 
     python benchmarks/merge_sst2.py                          # recipe ci, seeds 0 and 1
     python benchmarks/merge_sst2.py --recipe full --lambdas 0.5 1 1.5
+    python benchmarks/merge_sst2.py --part pair              # only the merges of both seeds
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--t", type=float, nargs="+", default=(0.5,), help="SLERP t values")
     ap.add_argument("--lambdas", type=float, nargs="+", default=(0.5, 1.0, 1.5))
     ap.add_argument("--density", type=float, default=0.5, help="TIES / DARE density")
+    ap.add_argument("--part", choices=("all", "single", "pair"), default="all",
+                    help="single: base and task arithmetic of the first seed; pair: merges of both")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)  # a shared 2-core machine (see finetune.py)
 
@@ -95,10 +98,13 @@ def main() -> None:
         # the first seed's rows first: the second fine-tune may still be training (cache lock)
         row(f"fine-tune, seed {s0} ({a.name})", a)
         base = initial_classifier(s0, work / "base")
-        row(f"base: MiniLM + seed {s0}'s initial head", base)
-        for lam in args.lambdas:
+        if args.part != "pair":
+            row(f"base: MiniLM + seed {s0}'s initial head", base)
+        for lam in args.lambdas if args.part != "pair" else ():
             merged(f"task arithmetic, base + {lam:g}·(seed {s0} − base)", [a],
                    method="task_arithmetic", base=base, weights=[lam])  # fmt: skip
+        if args.part == "single":
+            return
         b = ensure_sst2_classifier(recipe=args.recipe, seed=s1, minutes=60.0)
         row(f"fine-tune, seed {s1} ({b.name})", b)
         merged("linear, weights 0.5 / 0.5", [a, b], method="linear")

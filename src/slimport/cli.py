@@ -12,7 +12,7 @@ from pathlib import Path
 from slimport.compress.prune import command as prune_command
 from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS
 from slimport.errors import SlimportError
-from slimport.io.formats import CAST_DTYPES, GGUF_TYPES, TO_CHOICES
+from slimport.io.formats import CAST_DTYPES, GGUF_TYPES, TARGETS, TO_CHOICES
 
 # Each command imports what it runs inside its function: those modules pull in torch,
 # transformers or MindSpore (seconds each), which `slimport --help` and the other commands never

@@ -185,32 +185,60 @@ def convert(
             raise SlimportError(f"unknown --dtype {dtype!r}", hint="one of: " + ", ".join(DTYPES))
         dtype = DTYPES[dtype]
     model = load(src, from_format, config, mapping, ignore_mismatched_sizes, allow_missing)
+    try:
+        return write(model, model.hub, out, to, dtype, options, progress, overwrite, [src], t0)
+    finally:
+        model.source.close()
+
+
+def write(
+    model: Model,
+    hub: dict[str, engine.Planned],
+    out: str | Path,
+    to: str,
+    dtype: torch.dtype | None = None,
+    options: dict | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    sources: list[str | Path] = (),
+    t0: float | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Lay `hub` tensors (planned, e.g. `model.hub` or merged from several models) out as the
+    `to` target and write them into folder `out` atomically, with `model`'s config and
+    tokenizer; `sources` are refused as output folders. `extra` is added to the report once
+    every tensor is written (a merge fills in what it saw). Returns the report dict."""
+    t0 = time.perf_counter() if t0 is None else t0
+    if to not in TARGETS:
+        raise SlimportError(f"unknown --to target {to!r}", hint="one of: " + ", ".join(TARGETS))
     dialect, writer = TARGETS[to]
     if dialect not in model.family.dialects:
         raise SlimportError(f"--to {to}: {model.family.name} models have no '{dialect}' layout")
-    tensors = engine.from_hub(model.hub, model.family, dialect, model.cfg, dtype)
+    tensors = engine.from_hub(hub, model.family, dialect, model.cfg, dtype)
     job = Job(model.family, model.config, model.cfg, model.source, dialect, dtype, options or {})
     total = sum(nbytes(t) for t in tensors)
     out = Path(out)
-    try:
-        with (
-            atomic_dir(out, overwrite, source=Path(src)) as tmp,
-            tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc=f"to {to}",
-                disable=not progress or None,
-            ) as bar,
-        ):
-            files = importlib.import_module(writer).write_model(
-                tmp, tensors, job, progress=bar.update
+    for src in sources[1:]:  # atomic_dir checks the first
+        if Path(src).resolve().is_relative_to(out.resolve()):
+            raise SlimportError(
+                f"{out}: the output folder holds the input {src}; writing it would destroy it",
+                hint="choose a new output folder",
             )
-            model.notes += job.notes
-            report = _report(model, to, dialect, tensors, files, dtype, time.perf_counter() - t0)
-            (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    finally:
-        model.source.close()
+    with (
+        atomic_dir(out, overwrite, source=Path(sources[0]) if sources else None) as tmp,
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"to {to}",
+            disable=not progress or None,
+        ) as bar,
+    ):
+        files = importlib.import_module(writer).write_model(tmp, tensors, job, progress=bar.update)
+        model.notes += job.notes
+        report = _report(model, to, dialect, tensors, files, dtype, time.perf_counter() - t0)
+        report.update(extra or {})
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -157,22 +156,12 @@ def worker(a) -> None:
 # ----------------------------------------------------------------- driver
 def run_one(name: str, a, data: Path, work: Path) -> dict:
     python = a.peer_python if ROWS[name][1] == "llmc" and a.peer_python else sys.executable
-    cmd = [python, __file__, "--worker", name, "--model", str(a.model), "--data", str(data),
-           "--out", str(work / name.replace(":", "_").replace("+", "_")),
-           "--threads", str(a.threads), "--shared", str(a.shared)]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(a.threads),
-               TOKENIZERS_PARALLELISM="false")  # fmt: skip
-    env.pop("PYTHONPATH", None)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        print(f"{name}: failed (exit {proc.returncode})\n  " + "\n  ".join(tail), file=sys.stderr)
-        return {"error": tail[-1] if tail else f"exit {proc.returncode}"}
-    r = json.loads(lines[-1][len("RESULT ") :])
-    r["wall_seconds"] = time.perf_counter() - t0
-    return r
+    from _workers import run_row
+
+    argv = [__file__, "--worker", name, "--model", str(a.model), "--data", str(data),
+            "--out", str(work / name.replace(":", "_").replace("+", "_")), "--threads", str(a.threads),
+            "--shared", str(a.shared)]  # fmt: skip
+    return run_row(python, argv, a.threads, name)
 
 
 def verdicts(rows: dict[str, dict]) -> list[str]:

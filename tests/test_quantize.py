@@ -195,8 +195,8 @@ def test_algorithms_are_typed_modifiers_and_the_flat_spelling_maps_onto_them():
         ({"gptq": {"dmap": 0.1}}, "unknown gptq option(s): dmap"),
         ({"awq": {"grid": 20, "clipping": True}}, "unknown awq option(s): clipping"),
         ({"modifiers": ["gptq", "rtn"]}, "rounds the weights exactly once"),
-        ({"modifiers": ["gptq", "awq"]}, "must come before the weights are rounded"),
-        ({"modifiers": [{"sparsegpt": {}}]}, "unknown quantization method 'sparsegpt'"),
+        ({"modifiers": ["gptq", "awq"]}, "must come before the weights are pruned or rounded"),
+        ({"modifiers": [{"sparsify": {}}]}, "unknown quantization method 'sparsify'"),
         ({"method": "gptq", "modifiers": ["awq"]}, "method disagree with `modifiers`"),
     ],
 )

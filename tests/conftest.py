@@ -23,6 +23,7 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
+SESSION_DIR = "session-"  # prefix of tmp folders that session fixtures make: they outlive a file
 SHARED = Path(os.environ.get("SLIMPORT_SHARED", ROOT.parent / "shared"))
 
 
@@ -90,7 +91,7 @@ def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M as an fp32 Hugging Face folder (our GGUF -> HF conversion, ~2 s, once)."""
     from slimport.api import convert
 
-    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    out = tmp_path_factory.mktemp(f"{SESSION_DIR}smollm2") / "hf"
     convert(smollm2_gguf, out, to="hf", progress=False)
     return out
 
@@ -115,6 +116,22 @@ _TRAIN = (
 
 def _needs_classifier(item) -> bool:
     return "sst2_classifier" in getattr(item, "fixturenames", ())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_tmp(request, tmp_path_factory):
+    """Delete the folders a test file's fixtures made once the file is done, unless one of its
+    tests failed: model folders are hundreds of MB and a full run would otherwise fill a disk."""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for p in set(base.iterdir()) - before:
+            if not p.name.startswith(SESSION_DIR):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

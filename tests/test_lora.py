@@ -125,3 +125,24 @@ def test_peft_names_round_trip_and_refuse_strangers():
     assert lora.rename(peft_names.values(), to_peft=False) == {v: k for k, v in peft_names.items()}
     with pytest.raises(SlimportError, match="not a LoRA A/B weight"):
         lora.rename(["model.layers.0.self_attn.q_proj.weight"], to_peft=True)
+
+
+def test_killed_run_resumes_to_the_same_losses(smollm2_hf, text, tmp_path):
+    train = LoraTrainSettings(steps=4, batch_size=1, seq_len=16, eval_windows=1)
+    straight = finetune_lora(smollm2_hf, tmp_path / "a", text, train=train, progress=False)
+    ckpt = tmp_path / "ckpt"
+    first = LoraTrainSettings(steps=2, batch_size=1, seq_len=16, eval_windows=1, checkpoint_every=2)
+    finetune_lora(smollm2_hf, tmp_path / "b", text, train=first, progress=False, checkpoint=ckpt)
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == 2
+    resumed = finetune_lora(
+        smollm2_hf, tmp_path / "c", text, train=train, progress=False, checkpoint=ckpt
+    )
+    assert resumed["losses"] == straight["losses"]
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    c = load_file(str(tmp_path / "c" / "adapter_model.safetensors"))
+    assert all(np.array_equal(a[k], c[k]) for k in a)
+    with pytest.raises(SlimportError, match="checkpoint of another model or trainable set"):
+        finetune_lora(
+            smollm2_hf, tmp_path / "d", text, lora.LoraSettings(rank=4), train,
+            progress=False, checkpoint=ckpt,
+        )  # fmt: skip

@@ -15,7 +15,7 @@ from slimport.errors import SlimportError
 def _finetune(args) -> int:
     if args.lora:
         return _finetune_lora(args)
-    for flag in ("data", "rank", "alpha", "targets", "dropout", "seq_len"):
+    for flag in ("data", "rank", "alpha", "targets", "dropout", "seq_len", "checkpoint"):
         if getattr(args, flag) is not None:
             raise SlimportError(f"--{flag.replace('_', '-')} needs --lora")
     if args.runtime != "torch":
@@ -64,11 +64,16 @@ def _finetune_lora(args) -> int:
     }
     settings = LoraSettings(**{k: v for k, v in given.items() if v is not None})
     names = {"steps": "max_steps", "lr": "lr", "batch_size": "batch_size", "seq_len": "seq_len",
-             "seed": "seed", "threads": "threads"}  # fmt: skip
+             "seed": "seed", "threads": "threads", "checkpoint_every": "checkpoint_every"}  # fmt: skip
     train = LoraTrainSettings(
         **{k: getattr(args, a) for k, a in names.items() if getattr(args, a) is not None}
     )
-    report = finetune_lora(args.model, args.out, args.data, settings, train, runtime=args.runtime)
+    if args.checkpoint_every and not args.checkpoint:
+        raise SlimportError("--checkpoint-every needs --checkpoint DIR")
+    report = finetune_lora(
+        args.model, args.out, args.data, settings, train, args.runtime,
+        checkpoint=args.checkpoint,
+    )  # fmt: skip
     print(
         f"LoRA ({args.runtime}): {report['trainable_params']:,} trainable parameters "
         f"({report['trainable_percent']:.2f}%), loss {report['losses'][0]:.3f} -> "
@@ -113,6 +118,8 @@ def register(sub) -> None:
     lo.add_argument("--targets", help="regex over whole module names (default: q/v/o/gate/up for Llama)")
     lo.add_argument("--seq-len", type=int, help="tokens per training window (default 128)")
     lo.add_argument("--runtime", choices=("torch", "mindspore"), default="torch")
+    lo.add_argument("--checkpoint", help="checkpoint folder: written every --checkpoint-every steps, resumed from when it exists")
+    lo.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: none)")
     sp.set_defaults(fn=_finetune)
     # fmt: on
 

@@ -24,6 +24,8 @@ from slimport.compress import lora
 from slimport.data import lm_windows
 from slimport.errors import SlimportError
 from slimport.evaluate.perplexity import perplexity
+from slimport.io import train_state
+from slimport.io.base import atomic_dir
 
 RUNTIMES = ("torch", "mindspore")
 
@@ -38,7 +40,9 @@ class LoraTrainSettings:
     seed: int = 0  # adapter init and batch order
     held_out: float = 0.1  # share of the document's tokens kept for perplexity
     eval_windows: int = 16  # held-out windows scored before and after
-    threads: int | None = 1  # torch CPU threads (a shared 2-core machine: see finetune SST-2)
+    threads: int | None = 1  # CPU threads (a shared 2-core machine: see finetune SST-2)
+    ms_graph: bool = True  # MindSpore: the train step compiled by ms.jit (graph mode)
+    checkpoint_every: int = 0  # steps between checkpoints (with a checkpoint folder)
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.eval_windows < 1:
@@ -73,9 +77,10 @@ class TorchLora:
         self.optimizer = torch.optim.AdamW(
             [{"params": self.params, "weight_decay": 0.0}], lr=train.lr
         )
-        self.clip = train.clip
+        self.clip, self.steps = train.clip, 0
 
     def step(self, ids: np.ndarray) -> float:
+        self.steps += 1
         self.net.train()
         batch = torch.from_numpy(ids)
         loss = self.net(input_ids=batch, labels=batch).loss
@@ -88,6 +93,33 @@ class TorchLora:
     def perplexity(self, windows: torch.Tensor) -> float:
         return perplexity(self.net, windows, progress=False, batch_size=4)["perplexity"]
 
+    def _fingerprint(self) -> str:
+        return train_state.fingerprint({n: tuple(p.shape) for n, p in self.net.named_parameters()})
+
+    def save(self, folder: Path, extra: dict) -> None:
+        trainable = {
+            n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad
+        }
+        meta = {
+            "runtime": "torch",
+            "step": self.steps,
+            "model": self._fingerprint(),
+            "extra": extra,
+        }
+        with atomic_dir(folder, overwrite=True) as tmp:
+            torch.save(
+                {"params": trainable, "optimizer": self.optimizer.state_dict()}, tmp / "state.pt"
+            )
+            train_state.write_meta(tmp, meta)
+
+    def restore(self, folder: Path) -> dict:
+        meta = train_state.read_meta(folder, "torch", "state.pt", self._fingerprint())
+        state = torch.load(folder / "state.pt", weights_only=True)
+        self.net.load_state_dict(state["params"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = meta["step"]
+        return meta
+
     def adapter(self) -> dict[str, np.ndarray]:
         return lora.lora_tensors(self.net)
 
@@ -98,12 +130,15 @@ class MindSporeLora:
     def __init__(self, model: Path, settings: lora.LoraSettings, train: LoraTrainSettings):
         from slimport.runtime.mindspore import lora as ms_lora
         from slimport.runtime.mindspore.auto import AutoModelForCausalLM
-        from slimport.runtime.mindspore.train import Trainer, causal_lm_loss
+        from slimport.runtime.mindspore.train import Trainer, causal_lm_loss, cpu_threads
 
+        cpu_threads(train.threads or 1)
         self.net = AutoModelForCausalLM.from_pretrained(model)
         ms_lora.add_lora(self.net, settings, train.seed)
         groups = ms_lora.param_groups(self.net, weight_decay=0.0)
-        self.trainer = Trainer(self.net, causal_lm_loss, groups, lr=train.lr, clip=train.clip)
+        self.trainer = Trainer(
+            self.net, causal_lm_loss, groups, lr=train.lr, clip=train.clip, graph=train.ms_graph
+        )
         self.total = sum(int(np.prod(p.shape)) for p in self.net.get_parameters())
         self.trainable = sum(int(np.prod(p.shape)) for p in self.net.trainable_params())
         self._adapter = ms_lora.lora_tensors
@@ -125,6 +160,12 @@ class MindSporeLora:
     def adapter(self) -> dict[str, np.ndarray]:
         return self._adapter(self.net)
 
+    def save(self, folder: Path, extra: dict) -> None:
+        self.trainer.save(folder, extra)
+
+    def restore(self, folder: Path) -> dict:
+        return self.trainer.restore(folder)
+
 
 def finetune_lora(
     model: str | Path,
@@ -134,9 +175,14 @@ def finetune_lora(
     train: LoraTrainSettings | None = None,
     runtime: str = "torch",
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """Train a LoRA adapter for the causal LM folder `model` on the document `data`; write it
-    to `out` in peft's layout with finetune_report.json (losses, perplexity before/after)."""
+    to `out` in peft's layout with finetune_report.json (losses, perplexity before/after).
+
+    `checkpoint`: a folder written every `checkpoint_every` steps (adapter, optimizer state,
+    step, losses so far; atomically); when it exists, training resumes from it and continues
+    the same loss curve (same batches, same optimizer state)."""
     settings, train = settings or lora.LoraSettings(), train or LoraTrainSettings()
     settings.check()
     train.check()
@@ -157,13 +203,23 @@ def finetune_lora(
         torch.set_num_threads(train.threads)
     try:
         session = (TorchLora if runtime == "torch" else MindSporeLora)(model, settings, train)
-        ppl_before = session.perplexity(held)
-        losses = []
-        bar = tqdm(batch_order(len(windows), train.batch_size, train.steps, train.seed),
-                   desc=f"lora {runtime}", unit="step", disable=not progress)  # fmt: skip
+        ppl_before, losses = session.perplexity(held), []
+        if checkpoint is not None and Path(checkpoint).exists():
+            meta = session.restore(Path(checkpoint))
+            losses, ppl_before = meta["extra"]["losses"], meta["extra"]["perplexity_before"]
+        order = batch_order(len(windows), train.batch_size, train.steps, train.seed)
+        bar = tqdm(order[len(losses) :], desc=f"lora {runtime}", unit="step",
+                   initial=len(losses), total=train.steps, disable=not progress)  # fmt: skip
         for idx in bar:
             losses.append(session.step(windows[idx].numpy()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if (
+                checkpoint is not None
+                and train.checkpoint_every
+                and (len(losses) % train.checkpoint_every == 0)
+            ):
+                extra = {"losses": losses, "perplexity_before": ppl_before}
+                session.save(Path(checkpoint), extra)
         ppl_after = session.perplexity(held)
         tensors = session.adapter()
     finally:

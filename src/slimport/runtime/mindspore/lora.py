@@ -9,6 +9,7 @@ Parameter names: the wrapped layer keeps its own (`...q_proj.weight`), the adapt
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mindspore as ms
@@ -162,4 +163,8 @@ def merge_and_unload(net: nn.Cell) -> nn.Cell:
     """Fold every adapter into its base layer and put the plain Dense back (peft's merge)."""
     for parent, attr, cell in lora_layers(net):
         _set_child(parent, attr, cell.merged())
+    # graph mode caches the compiled graph per Cell (keyed by its creation time): a new time
+    # makes the next call compile the merged network instead of rerunning the LoRA one
+    for _, cell in net.cells_and_names():
+        object.__setattr__(cell, "_create_time", time.time_ns())
     return net

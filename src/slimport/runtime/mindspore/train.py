@@ -9,14 +9,13 @@ is skipped and halves the scale, `scale_window` good steps double it (torch's Gr
 
 A checkpoint is a folder written atomically (temp folder, one rename): `state.ckpt` holds the
 trainable parameters and the optimizer's moments and step; `trainer.json` the step count, the
-loss scale and a fingerprint of the model (every parameter's name and shape), so resuming
+loss scale (also in state.ckpt, with its counter) and a fingerprint of the model (every parameter's name and shape), so resuming
 into another model is refused instead of loading half of it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 from pathlib import Path
 
 import mindspore as ms
@@ -25,10 +24,18 @@ from mindspore import ops
 from mindspore.experimental.optim import AdamW
 
 from slimport.errors import SlimportError
+from slimport.io import train_state
 from slimport.io.base import atomic_dir
 
 AMP_LEVELS = ("O0", "O2")
-STATE, META = "state.ckpt", "trainer.json"
+STATE = "state.ckpt"
+
+
+def cpu_threads(n: int) -> None:
+    """MindSpore's CPU kernel threads. One thread makes runs repeat bit for bit (a resumed run's
+    losses equal the uninterrupted run's); MindSpore allows setting it once per process."""
+    with contextlib.suppress(RuntimeError):  # set already in this process
+        ms.device_context.cpu.op_tuning.threads_num(n)
 
 
 def logits_of(net, *inputs):
@@ -49,8 +56,7 @@ def classification_loss(net, input_ids, attention_mask, labels):
 
 
 def fingerprint(net) -> str:
-    blob = json.dumps(sorted((p.name, list(p.shape)) for p in net.get_parameters()))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return train_state.fingerprint({p.name: tuple(p.shape) for p in net.get_parameters()})
 
 
 class Trainer:
@@ -124,37 +130,39 @@ class Trainer:
         for name, p in self.optimizer.parameters_and_names():
             if name.startswith(("exp_avg", "state_step")):  # its moments and step
                 state["optimizer." + name] = p
+        if self.scaler is not None:  # the scale and its count of good steps
+            state["loss_scaler.scale_value"] = self.scaler.scale_value
+            state["loss_scaler.counter"] = self.scaler.counter
         return state
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the checkpoint folder atomically (a kill mid-write leaves the previous one)."""
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        """Write the checkpoint folder atomically (a kill mid-write leaves the previous one);
+        `extra` (JSON) is kept in trainer.json for the caller (e.g. the losses so far)."""
         folder = Path(folder)
         meta = {
+            "runtime": "mindspore",
             "step": self.steps,
             "loss_scale": self.loss_scale,
             "amp": self.amp,
             "model": fingerprint(self.net),
+            "extra": extra or {},
         }
         with atomic_dir(folder, overwrite=True) as tmp:
             ms.save_checkpoint(
                 [{"name": k, "data": p.value()} for k, p in self._state().items()],
                 str(tmp / STATE),
             )
-            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+            train_state.write_meta(tmp, meta)
         return folder
 
-    def restore(self, folder: str | Path) -> int:
-        """Load a checkpoint written by `save`; returns the step to continue from."""
+    def restore(self, folder: str | Path) -> dict:
+        """Load a checkpoint written by `save`; returns its trainer.json (`step`: where to go on)."""
         folder = Path(folder)
-        if not (folder / META).is_file() or not (folder / STATE).is_file():
-            raise SlimportError(f"{folder}: not a training checkpoint (no {META} / {STATE})")
-        meta = json.loads((folder / META).read_text())
-        if meta["model"] != fingerprint(self.net) or meta["amp"] != self.amp:
+        meta = train_state.read_meta(folder, "mindspore", STATE, fingerprint(self.net))
+        if meta["amp"] != self.amp:
             raise SlimportError(
-                f"{folder}: a checkpoint of another model or precision "
-                f"(fingerprint {meta['model']}, amp {meta['amp']}; this run: "
-                f"{fingerprint(self.net)}, {self.amp})",
-                hint="resume with the model and settings the checkpoint was trained with",
+                f"{folder}: a checkpoint of an amp {meta['amp']} run; this run is {self.amp}",
+                hint="resume with the precision the checkpoint was trained with",
             )
         saved = ms.load_checkpoint(str(folder / STATE))
         state = self._state()
@@ -165,8 +173,6 @@ class Trainer:
                 hint="resume with the same LoRA targets and trainable parameters",
             )
         for name, p in state.items():
-            p.set_data(saved[name].value() if hasattr(saved[name], "value") else saved[name])
-        if self.scaler is not None:
-            self.scaler.scale_value.set_data(ms.Tensor(meta["loss_scale"], ms.float32))
+            p.set_data(ms.Tensor(saved[name].asnumpy()))
         self.steps = int(meta["step"])
-        return self.steps
+        return meta

@@ -235,3 +235,38 @@ def wikitext_windows(
             )
         available = windows
     return ids[: available * seq_len].view(available, seq_len)
+
+
+def lm_windows(
+    tokenizer, path: str | Path, seq_len: int, held_out: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) non-overlapping `seq_len`-token windows of one document.
+
+    The document is tokenized whole and split once: the first `1 - held_out` of its tokens train,
+    the rest measure perplexity (nanoGPT's 90/10 split of tinyshakespeare). Files named like a
+    test split are refused: training text must never be the benchmark's test set.
+    """
+    path = Path(path)
+    if re.search(r"(^|[._-])test([._-]|$)", path.name.lower()):
+        raise SlimportError(
+            f"{path}: looks like a test split; never train on it",
+            hint="train on tinyshakespeare or a train/valid split (WikiText-2 valid.txt)",
+        )
+    if seq_len < 2 or not 0 < held_out < 1:
+        raise SlimportError(
+            f"LM windows need seq_len >= 2 and 0 < held_out < 1 (got {seq_len}, {held_out})"
+        )
+    if path.suffix.lower() in DOCUMENTS:
+        ids = _encode(tokenizer, _read_document(path))
+    else:
+        ids = _sentence_stream(tokenizer, read_texts(path), 1 << 62)
+    cut = int(len(ids) * (1 - held_out))
+    train, held = ids[:cut], ids[cut:]
+    if len(train) < seq_len or len(held) < seq_len:
+        raise SlimportError(
+            f"{path}: too short: {len(ids)} tokens give {len(train) // seq_len} training and "
+            f"{len(held) // seq_len} held-out window(s) of {seq_len}; each needs at least one",
+            hint="use a longer text or a smaller --seq-len",
+        )
+    n, m = len(train) // seq_len, len(held) // seq_len
+    return train[: n * seq_len].view(n, seq_len), held[: m * seq_len].view(m, seq_len)

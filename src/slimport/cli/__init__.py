@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from slimport.cli import models, quantize, run, train
+from slimport.cli.options import HelpFormatter, Parser
 from slimport.errors import SlimportError
 
 COMMANDS = (models, quantize, run, train)  # in --help order
@@ -20,10 +21,10 @@ COMMANDS = (models, quantize, run, train)  # in --help order
 OK, FAILED, USAGE, REFUSED, CRASHED, INTERRUPTED, TERMINATED = 0, 1, 2, 3, 4, 130, 143
 EXIT_CODES = {
     OK: "success",
-    FAILED: "a check failed (verify: the candidate missed the pass criterion)",
+    FAILED: "a check failed (verify: the candidate missed its pass criterion)",
     USAGE: "usage error (unknown option, missing argument)",
-    REFUSED: "refused input: a file, model name or option slimport cannot use (the message says why)",
-    CRASHED: "internal error, a bug: rerun with SLIMPORT_DEBUG=1 for the traceback and report it",
+    REFUSED: "refused input: a file, model name or option slimport cannot use",
+    CRASHED: "internal error (a bug): rerun with SLIMPORT_DEBUG=1 for the traceback",
     INTERRUPTED: "interrupted (Ctrl-C; 143: SIGTERM); no partial output is kept",
 }
 
@@ -31,16 +32,18 @@ EXIT_CODES = {
 def build_parser() -> argparse.ArgumentParser:
     from slimport import __version__
 
-    codes = "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
+    codes = "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())  # hangs at 7
     p = argparse.ArgumentParser(
         prog="slimport",
         description="Make transformer models small and portable, with numbers.",
-        epilog=f"exit status:\n{codes}\n\nexample: slimport models; slimport convert smollm2 "
-        "out/smollm2 --to mindspore; slimport verify smollm2 out/smollm2",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"exit status:\n{codes}\n\nexample: slimport models\n"
+        "         slimport convert smollm2 out/smollm2 --to mindspore\n"
+        "         slimport verify smollm2 out/smollm2\n\n"
+        "slimport CMD --help shows each command's options, defaults and examples.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"slimport {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for module in COMMANDS:
         module.register(sub)
     return p
@@ -70,6 +73,19 @@ BOUNDS = {
 }
 
 
+# the arguments that name a model: a path, a `slimport models` name or a Hub id org/name
+MODEL_ARGS = ("path", "src", "model")
+
+
+def resolve_models(args: argparse.Namespace) -> None:
+    """Replace each model name by its local path (io.locate), before any command runs."""
+    from slimport.io.locate import resolve_model
+
+    for key in MODEL_ARGS:
+        if isinstance(value := getattr(args, key, None), str):
+            setattr(args, key, str(resolve_model(value)))
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Refuse out-of-range numbers and a --json FILE that is a folder, before the run."""
     for key, (ok, what) in BOUNDS.items():
@@ -95,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         check_options(args)
+        resolve_models(args)
         code = args.fn(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return code

@@ -188,3 +188,23 @@ def test_a_hub_id_not_cached_offline_is_one_clear_error(hub_cache, capsys):
     assert err.count("slimport: error:") == 1 and "Traceback" not in err
     assert "org/not-cached" in err and "not in the Hugging Face cache" in err
     assert "HF_HUB_OFFLINE=1" in err and "unset HF_HUB_OFFLINE" in err
+
+
+# --- fail early --------------------------------------------------------------------------------
+
+
+def test_group_size_128_on_smollm2_is_refused_before_any_weight_is_read(
+    smollm2_gguf, tmp_path, capsys, monkeypatch
+):
+    from slimport.compress.skeleton import Skeleton
+
+    def read(*_):
+        raise AssertionError("a weight was read before the group size was checked")
+
+    monkeypatch.setattr(Skeleton, "materialize", read)
+    out = tmp_path / "q"
+    assert main(["quantize", "smollm2", str(out), "--bits", "4", "--group-size", "128"]) == 3
+    err = capsys.readouterr().err
+    assert "--group-size" in err and "576 input features" in err and "Traceback" not in err
+    assert "32, 48, 64, 96, 192" in err  # the sizes that would work
+    assert not out.exists()

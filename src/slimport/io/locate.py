@@ -73,7 +73,9 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None) -> Path
     `smollm2`, ...); else a Hub id `org/name` from the Hugging Face cache, downloaded when
     online. Anything else is one SlimportError that says which names exist."""
     p = Path(model)
-    if p.exists() and revision is None:
+    if p.exists():
+        if revision is not None:
+            raise SlimportError(f"{p}: a local path has no revision={revision!r}", hint="revision picks a Hub id's revision")  # fmt: skip
         return p
     text = os.fspath(model)
     if text.lower() in ALIASES:

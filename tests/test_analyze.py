@@ -163,6 +163,6 @@ def test_cli_analyze_json_and_bad_input(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert list(out["targets"]) == ["onnx"] and out["targets"]["onnx"]["verdict"] == "supported"
     assert out["memory"]["kv_cache_per_token"]["float32"] == 2 * 2 * 64 * 4
-    assert main(["analyze", str(tmp_path), "--batch", "0"]) == 2
+    assert main(["analyze", str(tmp_path), "--batch", "0"]) == 3
     assert "--batch 0" in capsys.readouterr().err
-    assert main(["analyze", str(tmp_path / "nothing")]) == 2
+    assert main(["analyze", str(tmp_path / "nothing")]) == 3

@@ -1,4 +1,4 @@
-"""Bad input gets one clear error naming the file, tensor or option, exit code 2, and no output."""
+"""Bad input gets one clear error naming the file, tensor or option, exit code 3, and no output."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def fails(capsys, tmp_path, src, *needles, extra=()):
     out = tmp_path / "out"
     code = main(["convert", str(src), str(out), "--to", "hf", *extra])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 3
     assert err.startswith("slimport: error:") and "Traceback" not in err
     for needle in needles:
         assert needle in err, err
@@ -137,7 +137,7 @@ def test_output_not_writable_as_user(llama_dir, tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     code = main(["convert", str(llama_dir), str(locked / "out"), "--to", "hf"])
-    assert code == 2 and "not writable" in capsys.readouterr().err
+    assert code == 3 and "not writable" in capsys.readouterr().err
 
 
 def test_output_path_under_a_file(llama_dir, tmp_path, capsys):
@@ -145,4 +145,4 @@ def test_output_path_under_a_file(llama_dir, tmp_path, capsys):
     blocker.write_text("x")
     code = main(["convert", str(llama_dir), str(blocker / "out"), "--to", "hf"])
     err = capsys.readouterr().err
-    assert code == 2 and "not writable" in err and str(blocker) in err
+    assert code == 3 and "not writable" in err and str(blocker) in err

@@ -129,5 +129,5 @@ def test_cli_finetune_into_a_folder(minilm_dir, tiny_sst2, tmp_path, capsys):
 
 
 def test_cli_finetune_train_data_needs_out(tiny_sst2, capsys):
-    assert main(["finetune", "--train", str(tiny_sst2)]) == 2
+    assert main(["finetune", "--train", str(tiny_sst2)]) == 3
     assert "--train/--dev need --out" in capsys.readouterr().err

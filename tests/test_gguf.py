@@ -345,7 +345,7 @@ def test_bad_gguf_is_a_clear_error_and_leaves_nothing(
     out = tmp_path / "out"
     with pytest.raises(SlimportError, match=message.replace("(", r"\(")):
         api.convert(src, out, to="hf", progress=False)
-    assert cli.main(["convert", str(src), str(out), "--to", "hf"]) == 2
+    assert cli.main(["convert", str(src), str(out), "--to", "hf"]) == 3
     err = capsys.readouterr().err
     assert err.startswith("slimport: error: ") and message in err and "Traceback" not in err
     assert str(src) in err or "mamba" in err

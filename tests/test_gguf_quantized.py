@@ -214,7 +214,7 @@ def test_a_scheme_gguf_cannot_hold_is_one_clear_error_and_no_output(
         api.convert(folder, out, to="gguf", options=options, progress=False)
     argv = ["convert", str(folder), str(out), "--to", "gguf"]
     argv += ["--gguf-type", options["gguf_type"]] if options else []
-    assert cli.main(argv) == 2
+    assert cli.main(argv) == 3
     err = capsys.readouterr().err
     assert err.startswith("slimport: error: ") and message in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".gguf*"))

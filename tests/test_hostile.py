@@ -65,7 +65,7 @@ def cli(*args, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def assert_refused(code: int, err: str, out: Path | None, *needles: str) -> None:
     lines = [line for line in err.splitlines() if line.startswith("slimport: error:")]
-    assert code == 2, err
+    assert code == 3, err
     assert len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], err

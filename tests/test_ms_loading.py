@@ -59,3 +59,32 @@ def test_ignore_mismatched_sizes_reinitialises_like_transformers(minilm_dir, tmp
         "classifier.weight: checkpoint [2, 384] vs model [3, 384]" in n
         for n in three.load_report.notes
     )
+
+
+# transformers' keywords: translated, warned about, or refused; never merged into the config unseen
+
+
+def test_torch_dtype_is_dtype_and_a_name_resolves(stories260k):
+    model = AutoModelForCausalLM.from_pretrained("stories260k", torch_dtype="float16")
+    assert model.model.embed_tokens.embedding_table.dtype == ms.float16
+
+
+def test_unused_transformers_keywords_are_named_in_one_warning(stories260k):
+    with pytest.warns(UserWarning, match="ignores device_map='auto'.*trust_remote_code=True"):
+        AutoModelForCausalLM.from_pretrained(stories260k, device_map="auto", trust_remote_code=True)
+
+
+def test_an_unknown_keyword_is_refused_not_merged_into_the_config(stories260k):
+    with pytest.raises(SlimportError, match="unknown keyword.*torch_dtpye"):
+        AutoModelForCausalLM.from_pretrained(stories260k, torch_dtpye="float16")
+    with pytest.raises(SlimportError, match="a local path has no revision"):
+        AutoModelForCausalLM.from_pretrained(stories260k, revision="main")
+
+
+def test_transformers_compressed_tensors_config_is_a_clear_error(stories260k):
+    from transformers import CompressedTensorsConfig
+
+    with pytest.raises(SlimportError, match="CompressedTensorsConfig.*not how to quantize"):
+        AutoModelForCausalLM.from_pretrained(
+            stories260k, quantization_config=CompressedTensorsConfig()
+        )

@@ -295,7 +295,7 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(tiny_lm, tmp_path, caps
     out = tmp_path / "out"
 
     def refused(argv, match):
-        assert main(argv) == 2
+        assert main(argv) == 3
         err = capsys.readouterr().err
         assert err.startswith("slimport: error:") and match in err, err
         assert not out.exists()
@@ -317,7 +317,7 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(tiny_lm, tmp_path, caps
 
 
 def test_eval_refuses_a_task_the_exported_graph_cannot_run(tiny_onnx, capsys):
-    assert main(["eval", str(tiny_onnx), "--task", "sst2"]) == 2
+    assert main(["eval", str(tiny_onnx), "--task", "sst2"]) == 3
     assert "an ONNX decoder, which cannot run sst2" in capsys.readouterr().err
 
 
@@ -325,7 +325,7 @@ def test_an_occupied_output_folder_is_refused_unless_overwrite(tiny_lm, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert main(["convert", str(tiny_lm), str(out), "--to", "onnx"]) == 2
+    assert main(["convert", str(tiny_lm), str(out), "--to", "onnx"]) == 3
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert main(["convert", str(tiny_lm), str(out), "--to", "onnx", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()

@@ -169,4 +169,4 @@ def test_cli_prune_prints_the_per_module_table(llama, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "out")]) == 0
     assert "sparsity.mlp.down_proj  0.5" in capsys.readouterr().out
     code = main(["prune", str(folder), str(tmp_path / "bad"), "--sparsity", "1.5"])
-    assert code == 2 and "outside [0, 1)" in capsys.readouterr().err
+    assert code == 3 and "outside [0, 1)" in capsys.readouterr().err

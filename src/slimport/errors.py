@@ -1,7 +1,7 @@
 """One exception type for everything a user can get wrong.
 
 Every error names the file, tensor or option at fault and says what to do; the CLI prints the
-message (no traceback) and exits with status 2.
+message (no traceback) and exits with status 3 (`slimport.cli.REFUSED`).
 """
 
 from __future__ import annotations

@@ -1,26 +1,49 @@
 """`slimport` command line: a thin shell over slimport's Python API. Each module of this package
 registers its commands (`register(sub)`); `main` parses, checks the numbers and turns errors into
-one line and an exit code."""
+one line and an exit code (`EXIT_CODES`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from slimport.cli import models, quantize, run, train
+from slimport.cli.options import HelpFormatter, Parser
 from slimport.errors import SlimportError
 
 COMMANDS = (models, quantize, run, train)  # in --help order
 
+# Distinct so scripts can tell a failed check from bad input from a bug (as pytest and ruff do).
+OK, FAILED, USAGE, REFUSED, CRASHED, INTERRUPTED, TERMINATED = 0, 1, 2, 3, 4, 130, 143
+EXIT_CODES = {
+    OK: "success",
+    FAILED: "a check failed (verify: the candidate missed its pass criterion)",
+    USAGE: "usage error (unknown option, missing argument)",
+    REFUSED: "refused input: a file, model name or option slimport cannot use",
+    CRASHED: "internal error (a bug): rerun with SLIMPORT_DEBUG=1 for the traceback",
+    INTERRUPTED: "interrupted (Ctrl-C; 143: SIGTERM); no partial output is kept",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from slimport import __version__
+
+    codes = "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())  # hangs at 7
     p = argparse.ArgumentParser(
-        prog="slimport", description="Make transformer models small and portable, with numbers."
+        prog="slimport",
+        description="Make transformer models small and portable, with numbers.",
+        epilog=f"exit status:\n{codes}\n\nexample: slimport models\n"
+        "         slimport convert smollm2 out/smollm2 --to mindspore\n"
+        "         slimport verify smollm2 out/smollm2\n\n"
+        "slimport CMD --help shows each command's options, defaults and examples.",
+        formatter_class=HelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"slimport {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for module in COMMANDS:
         module.register(sub)
     return p
@@ -50,6 +73,19 @@ BOUNDS = {
 }
 
 
+# the arguments that name a model: a path, a `slimport models` name or a Hub id org/name
+MODEL_ARGS = ("path", "src", "model")
+
+
+def resolve_models(args: argparse.Namespace) -> None:
+    """Replace each model name by its local path (io.locate), before any command runs."""
+    from slimport.io.locate import resolve_model
+
+    for key in MODEL_ARGS:
+        if isinstance(value := getattr(args, key, None), str):
+            setattr(args, key, str(resolve_model(value)))
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Refuse out-of-range numbers and a --json FILE that is a folder, before the run."""
     for key, (ok, what) in BOUNDS.items():
@@ -70,16 +106,32 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a usage error exits here, with USAGE
     if threading.current_thread() is threading.main_thread():  # signal() works only there
         signal.signal(signal.SIGTERM, _terminate)
     try:
         check_options(args)
-        return args.fn(args)
+        resolve_models(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
     except SlimportError as e:
         print(f"slimport: error: {e}", file=sys.stderr)
-        return 2
+        return REFUSED
     except KeyboardInterrupt as e:
         name = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"slimport: {name}; no partial output was kept", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return TERMINATED if isinstance(e, Terminated) else INTERRUPTED
+    except BrokenPipeError:  # `slimport inspect --json | head -1`: the reader left; not an error
+        # stdout's buffer still holds bytes: point it at /dev/null so exit's flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
+    except Exception as e:
+        if os.environ.get("SLIMPORT_DEBUG"):
+            raise
+        print(
+            f"slimport: internal error: {type(e).__name__}: {e}\n"
+            "  hint: this is a bug; rerun with SLIMPORT_DEBUG=1 for the traceback and report it",
+            file=sys.stderr,
+        )
+        return CRASHED

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import fields
 
-from slimport.cli.options import overwrite_option
+from slimport.cli.options import DeprecatedAlias, overwrite_option, stdout_kept_for_json
 from slimport.compress.prune import PRUNE_METHODS, QUANT_METHODS
-from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS
+from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS, QuantizationConfig
 from slimport.io.formats import CAST_DTYPES, TARGETS
 
 # Each command imports what it runs inside its function: those modules pull in torch,
@@ -17,11 +19,12 @@ from slimport.io.formats import CAST_DTYPES, TARGETS
 def _quantize(args) -> int:
     from slimport.compress import api
 
-    report = api.quantize(
-        args.model, args.out, recipe=args.recipe, progress=not args.quiet, overwrite=args.overwrite,
-        **{k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None},
-    )  # fmt: skip
-    print(api.summary(report))
+    with stdout_kept_for_json(args.json):
+        report = api.quantize(
+            args.model, args.out, recipe=args.recipe, progress=not args.quiet, overwrite=args.overwrite,
+            **{k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None},
+        )  # fmt: skip
+    print(json.dumps(report, indent=2) if args.json else api.summary(report))
     return 0
 
 
@@ -40,52 +43,72 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from slimport.compress.merge import merge, summary
+    from slimport.io.locate import resolve_model
 
     *models, out = args.paths
+    models = [resolve_model(m) for m in models]
+    args.base = args.base and resolve_model(args.base)
     opts = {k: getattr(args, k) for k in ("method", "weights", "t", "density", "base", "to",
                                           "dtype", "normalize", "seed", "overwrite")}  # fmt: skip
     print(summary(merge(models, out, **opts)))
     return 0
 
 
+# QuantizationConfig's own defaults, shown in --help (the options default to None so that a
+# --recipe's values are kept unless an option is given)
+D = {f.name: f.default for f in fields(QuantizationConfig)}
+
+
 def register(sub) -> None:
+    # fmt: off
     sp = sub.add_parser(
         "quantize",
         help="post-training quantization (RTN, GPTQ, AWQ, SmoothQuant) to compressed-tensors",
         description="Quantize MODEL block by block and save it in the compressed-tensors format "
-        "(loads in transformers and vLLM). Options override the --recipe YAML.",
+        "(loads in transformers and vLLM). Options override the --recipe YAML; the defaults shown "
+        "are the recipe's when neither gives a value.",
+        epilog="example: slimport quantize smollm2 out/smollm2-w4 --bits 4 --group-size 64 --method gptq "
+        "--calib-data ../shared/data/wikitext-2/valid.txt\n"
+        "         slimport quantize minilm out/minilm-w8 --recipe recipe.yaml",
     )
-    sp.add_argument("model", help="checkpoint file or folder (any format `slimport inspect` reads)")
+    sp.add_argument("model", metavar="MODEL", help="checkpoint file or folder, a `slimport models` name, or a hub id org/name")
     sp.add_argument("out", help="output folder")
-    sp.add_argument("--recipe", help="YAML recipe (QuantizationConfig fields, or `modifiers:`)")
-    sp.add_argument("--bits", type=int, choices=(16, 8, 4, 3))
-    sp.add_argument("--method", choices=METHODS)
-    sp.add_argument("--group-size", type=int, help="per-group weight scales of this many columns")
-    sp.add_argument("--granularity", choices=GRANULARITIES)
+    sp.add_argument("--recipe", help="YAML recipe: QuantizationConfig fields or `modifiers:`; llm-compressor's "
+                    "names (scheme: W4A16, ignore, num_calibration_samples, max_seq_length) also read "
+                    "(default: none, the options alone)")
+    sp.add_argument("--bits", type=int, choices=(16, 8, 4, 3), help=f"weight bits; 16 casts to float16 (default: {D['bits']})")
+    sp.add_argument("--method", choices=METHODS, help="rounding algorithm; awq+gptq: AWQ's scales then GPTQ (default: rtn)")
+    sp.add_argument("--group-size", type=int, help="per-group weight scales of this many columns; must divide "
+                    "every quantized Linear's in_features (default: none, per output channel)")
+    sp.add_argument("--granularity", choices=GRANULARITIES,
+                    help=f"weight scale granularity (default: {D['granularity']}; group with --group-size)")
     sym = sp.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
-                     help="symmetric weight grid (default: asymmetric below 8 bits, symmetric at 8)")  # fmt: skip
+                     help="symmetric weight grid (default: asymmetric below 8 bits, symmetric at 8)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
-                     help="weight zero points (the default below 8 bits)")  # fmt: skip
-    sp.add_argument("--activations", choices=("static", "dynamic"), help="also quantize Linear inputs to 8 bits")  # fmt: skip
+                     help="weight zero points (the default below 8 bits)")
+    sp.add_argument("--activations", choices=("static", "dynamic"),
+                    help="also quantize Linear inputs to 8 bits (default: weight-only)")
     sp.add_argument("--act-symmetric", action="store_true", default=None,
-                    help="symmetric activation grid (default: asymmetric, with a zero point)")  # fmt: skip
-    sp.add_argument("--calib-method", dest="observer", choices=OBSERVERS,
-                    help="observer for static activation ranges")  # fmt: skip
-    sp.add_argument("--weight-observer", choices=("min_max", "mse"))
-    sp.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant migration strength (0.5 typical)")  # fmt: skip
-    sp.add_argument("--calib-data", help="calibration text: .txt, .tsv or .jsonl")
-    sp.add_argument("--num-samples", type=int)
-    sp.add_argument("--seq-len", type=int)
-    sp.add_argument("--seed", type=int)
-    sp.add_argument(
-        "--protect",
-        action="append",
-        help="regex of Linear names to keep in float "
-        "(repeatable; replaces the default lm_head/classifier)",
-    )
+                    help="symmetric activation grid (default: asymmetric, with a zero point)")
+    sp.add_argument("--observer", choices=OBSERVERS,
+                    help=f"observer of static activation ranges, as the recipe's `observer` (default: {D['observer']})")
+    sp.add_argument("--calib-method", dest="observer", choices=OBSERVERS, action=DeprecatedAlias, new="--observer",
+                    help=argparse.SUPPRESS)
+    sp.add_argument("--weight-observer", choices=("min_max", "mse"),
+                    help=f"weight range: min_max, or mse to search a clipping range (default: {D['weight_observer']})")
+    sp.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                    help="SmoothQuant migration strength, 0.5 typical (default: off)")
+    sp.add_argument("--calib-data", help="calibration text: .txt, .tsv or .jsonl (default: none; GPTQ, AWQ, "
+                    "SmoothQuant and static activations need it)")
+    sp.add_argument("--num-samples", type=int, help=f"calibration windows (default: {D['num_samples']})")
+    sp.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default: {D['seq_len']})")
+    sp.add_argument("--seed", type=int, help=f"seed of the calibration windows (default: {D['seed']})")
+    sp.add_argument("--protect", action="append", help="regex of Linear names to keep in float "
+                    "(repeatable; replaces the default: the output heads lm_head/classifier)")
     sp.add_argument("--gguf-compatible", action="store_true", default=None,
-                    help="float16 scales (and Q4_1 minimums): --to gguf writes the integers exactly")  # fmt: skip
+                    help="float16 scales (and Q4_1 minimums): --to gguf writes the integers exactly")
+    sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     overwrite_option(sp)
     sp.set_defaults(fn=_quantize)
@@ -96,47 +119,47 @@ def register(sub) -> None:
         description="Prune MODEL block by block (each block calibrated on the pruned previous "
         "ones). Without --bits the output is a float Hugging Face folder; with --bits the kept "
         "weights are quantized (GPTQ keeps the pruned ones at zero) into compressed-tensors.",
+        epilog="example: slimport prune smollm2 out/smollm2-24 --method sparsegpt --pattern 2:4 "
+        "--calib-data ../shared/data/wikitext-2/valid.txt",
     )
-    sp.add_argument("model", help="checkpoint file or folder (any format `slimport inspect` reads)")
+    sp.add_argument("model", metavar="MODEL", help="checkpoint file or folder, a `slimport models` name, or a hub id org/name")
     sp.add_argument("out", help="output folder")
-    sp.add_argument("--recipe", help="YAML recipe with a pruning modifier in `modifiers:`")
-    sp.add_argument("--method", choices=PRUNE_METHODS, help="default sparsegpt")
-    sp.add_argument("--sparsity", type=float, help="fraction of weights zeroed, in [0, 1) (0.5)")
+    sp.add_argument("--recipe", help="YAML recipe with a pruning modifier in `modifiers:` (default: none)")
+    sp.add_argument("--method", choices=PRUNE_METHODS, help="default: sparsegpt")
+    sp.add_argument("--sparsity", type=float, help="fraction of weights zeroed, in [0, 1) (default: 0.5)")
     sp.add_argument("--pattern", help="unstructured (default) or N:M, N of every M zero: 2:4, 4:8")
     sp.add_argument("--ignore", action="append",
-                    help="regex of Linear names left dense (repeatable; still quantized)")  # fmt: skip
-    sp.add_argument("--bits", type=int, choices=(8, 4, 3), help="then quantize the kept weights")
+                    help="regex of Linear names left dense (repeatable; still quantized; default: none)")
+    sp.add_argument("--bits", type=int, choices=(8, 4, 3), help="then quantize the kept weights (default: float)")
     sp.add_argument("--quant-method", choices=QUANT_METHODS, help="with --bits: default gptq")
-    sp.add_argument("--group-size", type=int, help="with --bits: per-group scales")
+    sp.add_argument("--group-size", type=int, help="with --bits: per-group scales (default: per channel)")
     sym = sp.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None)
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
-    sp.add_argument(
-        "--calib-data", help="calibration text: .txt, .tsv or .jsonl (Wanda, SparseGPT)"
-    )
-    sp.add_argument("--num-samples", type=int)
-    sp.add_argument("--seq-len", type=int)
-    sp.add_argument("--seed", type=int)
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="with --bits: symmetric grid (default: asymmetric below 8 bits)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="with --bits: zero points")
+    sp.add_argument("--calib-data", help="calibration text: .txt, .tsv or .jsonl (Wanda, SparseGPT; default: none)")
+    sp.add_argument("--num-samples", type=int, help=f"calibration windows (default: {D['num_samples']})")
+    sp.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default: {D['seq_len']})")
+    sp.add_argument("--seed", type=int, help=f"seed of the calibration windows (default: {D['seed']})")
     sp.add_argument("--protect", action="append",
-                    help="regex of Linear names left untouched (default: the output heads)")  # fmt: skip
+                    help="regex of Linear names left untouched (default: the output heads)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=_prune)
 
-    # fmt: off
     sp = sub.add_parser("merge", help="merge same-architecture models: linear, SLERP, task arithmetic, TIES, DARE",
-                        epilog="example: slimport merge sst2-a/ sst2-b/ out/ --method slerp --t 0.5; "
-                        "slimport merge ft-a/ ft-b/ out/ --method ties --base base/ --density 0.5")
+                        epilog="example: slimport merge sst2-a/ sst2-b/ out/ --method slerp --t 0.5\n"
+                        "         slimport merge ft-a/ ft-b/ out/ --method ties --base base/ --density 0.5")
     sp.add_argument("paths", nargs="+", metavar="MODEL", help="two or more checkpoints (any format; one with --base), then OUT")
     sp.add_argument("--method", default="linear", choices=("linear", "slerp", "task_arithmetic", "ties", "dare",
-                    "dare_ties", "dare_linear"), help="default linear; semantics as mergekit's; dare = dare_linear (the DARE paper)")
+                    "dare_ties", "dare_linear"), help="semantics as mergekit's; dare = dare_linear (the DARE paper)")
     sp.add_argument("--weights", type=float, nargs="+", help="one per model (default 1 each); with --base: the λ of each task vector")
     sp.add_argument("--t", type=float, help="slerp: 0 gives the first model, 1 the second (default 0.5)")
     sp.add_argument("--density", type=float, help="ties/dare: share of each task vector kept, in (0, 1] (default 0.5)")
-    sp.add_argument("--base", help="task_arithmetic/ties/dare: the model the others were fine-tuned from")
+    sp.add_argument("--base", help="task_arithmetic/ties/dare: the model the others were fine-tuned from (default: none)")
     sp.add_argument("--normalize", action=argparse.BooleanOptionalAction,
                     help="divide by the sum of the weights (default as mergekit: on for linear and ties)")
-    sp.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop (default 0)")
-    sp.add_argument("--to", choices=list(TARGETS), default="hf", help="output layout, as convert's (default hf: safetensors + config + tokenizer)")
+    sp.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
+    sp.add_argument("--to", choices=list(TARGETS), default="hf", help="output layout, as convert's (hf: safetensors + config + tokenizer)")
     sp.add_argument("--dtype", choices=CAST_DTYPES, help="cast floating tensors (default: keep the first model's)")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     sp.set_defaults(fn=_merge)

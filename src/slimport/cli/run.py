@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from slimport.cli.options import compute_dtype_option
+from slimport.cli.options import compute_dtype_option, stdout_kept_for_json
 from slimport.errors import SlimportError
 
 # Each command imports what it runs inside its function: those modules pull in torch,
@@ -50,9 +50,10 @@ def _eval(args) -> int:
     data = Path(args.data or shared_dir() / "data" / default)
     if not data.is_file():
         raise SlimportError(f"{data}: no such file", hint="pass the task file with --data")
-    model, tokenizer = load_for_eval(
-        args.model, args.task, args.compute_dtype, args.runtime, args.threads
-    )
+    with stdout_kept_for_json(args.json):
+        model, tokenizer = load_for_eval(
+            args.model, args.task, args.compute_dtype, args.runtime, args.threads
+        )
     progress = sys.stderr.isatty()
     result = {"task": args.task, "model": str(args.model)}
     if args.task == "wikitext2":
@@ -90,45 +91,41 @@ def _eval(args) -> int:
 
 
 def register(sub) -> None:
-    sp = sub.add_parser(
-        "generate", help="generate text with a causal LM in MindSpore, PyTorch or ONNX Runtime"
-    )
-    sp.add_argument("model", help="checkpoint file or folder (with its tokenizer)")
+    # fmt: off
+    sp = sub.add_parser("generate", help="generate text with a causal LM in MindSpore, PyTorch or ONNX Runtime",
+                        epilog='example: slimport generate smollm2 --prompt "What is the capital of France?" --max-new-tokens 32')
+    sp.add_argument("model", metavar="MODEL", help="checkpoint file or folder (with its tokenizer), a `slimport models` name, or a hub id org/name")
     sp.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     sp.add_argument("--runtime", choices=["mindspore", "torch", "onnx"],
-                    help="default: onnx for an exported ONNX folder, else mindspore")  # fmt: skip
-    sp.add_argument(
-        "--mode", choices=["pynative", "graph"], default="pynative", help="MindSpore execution mode"
-    )
-    sp.add_argument("--max-new-tokens", type=int, default=64)
-    sp.add_argument(
-        "--temperature", type=float, help="sample with this temperature (default: greedy)"
-    )
-    sp.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    sp.add_argument("--top-p", type=float, help="nucleus sampling threshold")
-    sp.add_argument("--repetition-penalty", type=float, default=1.0)
-    sp.add_argument("--seed", type=int, help="seed for sampling")
+                    help="default: onnx for an exported ONNX folder, else mindspore")
+    sp.add_argument("--mode", choices=["pynative", "graph"], default="pynative", help="MindSpore execution mode")
+    sp.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    sp.add_argument("--temperature", type=float, help="sample with this temperature (default: greedy)")
+    sp.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: all)")
+    sp.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: 1.0 when sampling)")
+    sp.add_argument("--repetition-penalty", type=float, default=1.0, help="divide repeated tokens' logits by this")
+    sp.add_argument("--seed", type=int, help="seed for sampling (default: unseeded)")
     sp.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                    help="wrap each prompt in the tokenizer's chat template (default: when it has one)")  # fmt: skip
+                    help="wrap each prompt in the tokenizer's chat template (default: when it has one)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
     compute_dtype_option(sp)
     sp.set_defaults(fn=_generate)
 
-    # fmt: off
-    sp = sub.add_parser(
-        "eval", help="perplexity (WikiText-2) or accuracy (SST-2) of a model folder"
-    )
-    sp.add_argument("model", help="Hugging Face or exported ONNX model folder (with its tokenizer)")
+    sp = sub.add_parser("eval", help="perplexity (WikiText-2) or accuracy (SST-2) of a model folder",
+                        epilog="example: slimport eval out/smollm2-w4 --task wikitext2 --windows 16\n"
+                        "         slimport eval minilm-sst2/ --task sst2 --json")
+    sp.add_argument("model", metavar="MODEL", help="Hugging Face or exported ONNX model folder (with its tokenizer), "
+                    "a `slimport models` name, or a hub id org/name")
     sp.add_argument("--task", choices=("wikitext2", "sst2"), required=True)
     sp.add_argument("--data", help="task file (default: shared WikiText-2 raw test / SST-2 dev)")
     sp.add_argument("--seq-len", type=int, default=512, help="wikitext2 window length in tokens")
-    sp.add_argument("--windows", type=int, help="wikitext2: score only the first N windows")
+    sp.add_argument("--windows", type=int, help="wikitext2: score only the first N windows (default: all)")
     sp.add_argument("--batch-size", type=int, default=64, help="sst2 sentences per batch")
-    sp.add_argument("--reference", help="sst2: an earlier --json output; adds prediction agreement")
+    sp.add_argument("--reference", help="sst2: an earlier --json output; adds prediction agreement (default: none)")
     sp.add_argument("--runtime", choices=("torch", "onnx"),
                     help="default: onnx for an exported ONNX folder, else torch")
-    sp.add_argument("--threads", type=int, help="CPU threads (torch, or ONNX Runtime)")
+    sp.add_argument("--threads", type=int, help="CPU threads, torch or ONNX Runtime (default: the library's)")
     compute_dtype_option(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(fn=_eval)
-
     # fmt: on

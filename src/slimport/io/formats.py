@@ -112,8 +112,10 @@ def resolve_path(path: str | Path) -> Path:
     from slimport.io.base import regular_file  # torch: not for the CLI's choices lists
 
     p = Path(path)
-    if not p.exists():
-        raise SlimportError(f"{p}: no such file or folder")
+    if not p.exists():  # a model name or Hub id (the CLI resolved those already)
+        from slimport.io.locate import resolve_model
+
+        p = resolve_model(path)
     if not p.is_dir():
         return regular_file(p)  # a FIFO would block the first read forever
     for name in FOLDER_FILES:

@@ -8,6 +8,7 @@ from pathlib import Path
 from slimport.convert.loader import model_config
 from slimport.errors import SlimportError
 from slimport.io import open_checkpoint
+from slimport.io.locate import resolve_model
 
 # task -> model_type -> "module:Class" (modules under slimport.runtime.mindspore)
 REGISTRY: dict[str, dict[str, str]] = {
@@ -53,7 +54,9 @@ class _Auto:
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs):
         """Like transformers' Auto classes: the config's model_type picks the class; any
-        checkpoint slimport reads (flags from_pt/from_tf/from_gguf only confirm the format)."""
+        checkpoint slimport reads (flags from_pt/from_tf/from_gguf only confirm the format);
+        `path` may be a `slimport models` name or a Hub id (`revision=` picks its revision)."""
+        path = resolve_model(path, kwargs.pop("revision", None))
         with open_checkpoint(path, config=kwargs.get("config")) as ckpt:
             config = model_config(ckpt)
         if not config:

@@ -19,12 +19,14 @@ from typing import Any, ClassVar
 import mindspore as ms
 import numpy as np
 from mindspore import nn
+from tqdm import tqdm
 
 from slimport.compress import api as quant_api
 from slimport.convert import engine, loader
 from slimport.errors import SlimportError, name_list
 from slimport.io.base import atomic_dir
 from slimport.io.mindspore_ckpt import write
+from slimport.runtime.mindspore import hf_kwargs
 from slimport.runtime.mindspore.bridge import _torch_dtype, from_ms, to_ms
 from slimport.runtime.mindspore.quantized import DEQUANTIZE_MODES, hold_integer_linears
 
@@ -112,7 +114,14 @@ class PreTrainedCell(nn.Cell):
         quantized weights; its report is `model.quantization_report`. A compressed-tensors folder
         loads with integer-held weights (QuantDense): `dequantize="per_call"` keeps only the
         integers (the memory saving), `"at_load"` float weights (fastest on CPU); quantized
-        inputs (W8A8) are computed as torch's QuantLinear does."""
+        inputs (W8A8) are computed as torch's QuantLinear does.
+
+        `path` may be a `slimport models` name or a Hub id (`revision=` picks its revision);
+        transformers' keywords are translated (`torch_dtype`) or named in a warning
+        (`device_map`, `trust_remote_code`); any other keyword must be a config attribute."""
+        path, dtype, config_kwargs = hf_kwargs.translate(
+            path, dtype, quantization_config, config_kwargs
+        )
         if dequantize not in DEQUANTIZE_MODES:
             raise SlimportError(
                 f"dequantize={dequantize!r}", hint="one of: " + ", ".join(DEQUANTIZE_MODES)
@@ -148,6 +157,7 @@ class PreTrainedCell(nn.Cell):
                     hint="use the Auto class, or the model class of that family",
                 )
             cfg = dict(model.cfg)
+            hf_kwargs.check_config_kwargs(config_kwargs, {**model.config, **cfg}, str(path))
             cfg.update(config_kwargs)
             if (
                 "num_labels" in config_kwargs
@@ -248,7 +258,10 @@ class PreTrainedCell(nn.Cell):
         if model.source.quantized:
             planned, held, held_notes = hold_integer_linears(self, model, planned, dequantize)
         params = {}
-        for t in planned:
+        # a progress bar on a terminal (disable=None): SmolLM2's 272 tensors take seconds
+        for t in tqdm(
+            planned, desc="loading into MindSpore", unit="tensor", disable=None, leave=False
+        ):
             value = t.compute()
             # load in float32 (what the Cell's parameters are), cast after: lossless for f16/bf16
             params[t.name] = ms.Parameter(to_ms(value, ms.float32), name=t.name)

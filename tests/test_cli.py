@@ -1,0 +1,210 @@
+"""The command line as a user meets it: exit codes that tell outcomes apart, help with defaults
+and an example for every command, names instead of paths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimport import cli
+from slimport.cli import main
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _slimport(*argv: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC, **kw.pop("env", {})}
+    return subprocess.run(
+        [sys.executable, "-m", "slimport.cli", *argv], capture_output=True, text=True, env=env, **kw
+    )
+
+
+# --- exit codes --------------------------------------------------------------------------------
+
+
+def test_exit_codes_are_distinct_and_documented_in_the_help(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to the terminal's width
+    codes = [cli.OK, cli.FAILED, cli.USAGE, cli.REFUSED, cli.CRASHED, cli.INTERRUPTED]
+    assert codes == [0, 1, 2, 3, 4, 130]
+    top = cli.build_parser().format_help()
+    for code, what in cli.EXIT_CODES.items():
+        assert f"{code:<4} {what}" in top
+    assert "SLIMPORT_DEBUG=1" in top
+
+
+def test_a_usage_error_exits_2_and_a_refused_input_3(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["inspect"])  # no PATH: argparse's own error
+    assert e.value.code == cli.USAGE
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "absent.safetensors")]) == cli.REFUSED
+    err = capsys.readouterr().err
+    assert err.startswith("slimport: error: ") and "absent.safetensors" in err
+    assert "Traceback" not in err
+
+
+def test_a_crash_is_one_line_with_a_debug_hint_and_exit_4(monkeypatch, capsys, stories260k):
+    from slimport import api
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(api, "inspect", broken)
+    monkeypatch.delenv("SLIMPORT_DEBUG", raising=False)
+    assert main(["inspect", str(stories260k)]) == cli.CRASHED
+    err = capsys.readouterr().err
+    assert "internal error: ZeroDivisionError: a bug" in err and "SLIMPORT_DEBUG=1" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("SLIMPORT_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):  # the traceback, for the bug report
+        main(["inspect", str(stories260k)])
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys, stories260k):
+    from slimport import api
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "inspect", interrupted)
+    assert main(["inspect", str(stories260k)]) == cli.INTERRUPTED
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_json_into_a_pipe_closed_early_prints_no_traceback(stories260k):
+    # inspect's JSON made larger than a pipe's buffer, so `head -1` leaves while it writes
+    code = (
+        "import sys; from slimport import api, cli; real = api.inspect;"
+        "api.inspect = lambda *a: {**real(*a), 'padding': ['x' * 100] * 5000};"
+        f"sys.exit(cli.main(['inspect', {str(stories260k)!r}, '--json']))"
+    )
+    run = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -c "{code}" | head -1; exit ${{PIPESTATUS[0]}}'],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC},
+    )  # fmt: skip
+    assert run.stdout == "{\n"
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+    assert run.returncode == 0
+
+
+def test_version():
+    from slimport import __version__
+
+    run = _slimport("--version")
+    assert run.returncode == 0 and run.stdout.strip() == f"slimport {__version__}"
+
+
+# --- help --------------------------------------------------------------------------------------
+
+
+def _subcommands():
+    parser = cli.build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices.items()
+
+
+FLAGS = ("_StoreTrueAction", "_StoreFalseAction", "_HelpAction", "BooleanOptionalAction")
+
+
+@pytest.mark.parametrize("name,parser", _subcommands(), ids=[n for n, _ in _subcommands()])
+def test_every_command_help_shows_each_default_and_an_example(name, parser):
+    text = parser.format_help()
+    assert f"example: slimport {name}" in text, f"{name}: no example in the epilog"
+    for action in parser._actions:
+        hidden = action.help == argparse.SUPPRESS  # a deprecated spelling
+        if not action.option_strings or type(action).__name__ in FLAGS or action.required or hidden:
+            continue
+        shown = parser._get_formatter()._get_help_string(action)
+        assert "default" in shown, f"{name} {action.option_strings[0]}: no default in {shown!r}"
+
+
+def test_help_lists_the_source_formats_and_explains_the_two_mindspore_dialects():
+    from slimport.io.formats import FORMATS
+
+    helps = dict(_subcommands())
+    convert = helps["convert"].format_help()
+    assert all(f in convert for f in FORMATS)
+    assert "MindFormers" in convert and "embedding_table" in convert and "attention.wq" in convert
+
+
+# --- finding a model ---------------------------------------------------------------------------
+
+
+def test_models_lists_the_installed_model_packages_by_name(minilm_dir, smollm2_gguf, capsys):
+    assert main(["models", "--json"]) == 0
+    found = {m["name"]: m["path"] for m in json.loads(capsys.readouterr().out)}
+    assert Path(found["minilm"]) == minilm_dir and Path(found["smollm2"]) == smollm2_gguf
+
+
+def test_a_name_works_wherever_a_path_does(stories260k, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # names work from any working directory
+    assert main(["inspect", "stories260k", "--json"]) == 0
+    assert Path(json.loads(capsys.readouterr().out)["path"]) == stories260k.resolve()
+    from slimport.io.locate import resolve_model
+
+    assert resolve_model("STORIES260K") == resolve_model(stories260k)
+
+
+def test_an_unknown_name_lists_the_known_ones(capsys):
+    assert main(["inspect", "smollm3"]) == cli.REFUSED
+    err = capsys.readouterr().err
+    assert "smollm3: no such file or folder, nor a model name" in err and "minilm, smollm2" in err
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, minilm_dir):
+    """A Hugging Face cache holding `sentence-transformers/all-MiniLM-L6-v2` as the Hub lays it
+    out (refs/main -> snapshots/<commit>/ files)."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2"
+    commit = "0" * 40
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"):
+        (snap / name).symlink_to(minilm_dir / name)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return snap
+
+
+def test_a_hub_id_reads_from_the_local_cache_offline(hub_cache, capsys):
+    assert main(["inspect", "sentence-transformers/all-MiniLM-L6-v2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == str(hub_cache / "model.safetensors") and info["family"] == "bert"
+
+
+def test_a_hub_id_not_cached_offline_is_one_clear_error(hub_cache, capsys):
+    assert main(["convert", "org/not-cached", str(hub_cache.parent / "o"), "--to", "hf"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("slimport: error:") == 1 and "Traceback" not in err
+    assert "org/not-cached" in err and "not in the Hugging Face cache" in err
+    assert "HF_HUB_OFFLINE=1" in err and "unset HF_HUB_OFFLINE" in err
+
+
+# --- fail early --------------------------------------------------------------------------------
+
+
+def test_group_size_128_on_smollm2_is_refused_before_any_weight_is_read(
+    smollm2_gguf, tmp_path, capsys, monkeypatch
+):
+    from slimport.compress.skeleton import Skeleton
+
+    def read(*_):
+        raise AssertionError("a weight was read before the group size was checked")
+
+    monkeypatch.setattr(Skeleton, "materialize", read)
+    out = tmp_path / "q"
+    assert main(["quantize", "smollm2", str(out), "--bits", "4", "--group-size", "128"]) == 3
+    err = capsys.readouterr().err
+    assert "--group-size" in err and "576 input features" in err and "Traceback" not in err
+    assert "32, 48, 64, 96, 192" in err  # the sizes that would work
+    assert not out.exists()

@@ -79,7 +79,7 @@ def test_bfloat16_stays_bfloat16_and_casts_are_explicit(llama_dir, tmp_path):
 def test_sharded_safetensors_read_and_write(llama_dir, tmp_path):
     model = api.load(llama_dir)
     planned = list(model.hub.values())
-    files = st.write_sharded(tmp_path, planned, max_shard_bytes=300_000)
+    files = st.write_sharded(tmp_path, planned, max_shard_size=300_000)
     assert "model.safetensors.index.json" in files and len(files) > 2
     (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
     report = api.convert(tmp_path, tmp_path / "joined", to="hf", progress=False)
@@ -93,7 +93,7 @@ def test_sharded_safetensors_read_and_write(llama_dir, tmp_path):
 
 def test_missing_shard_is_named(llama_dir, tmp_path):
     model = api.load(llama_dir)
-    files = st.write_sharded(tmp_path, list(model.hub.values()), max_shard_bytes=300_000)
+    files = st.write_sharded(tmp_path, list(model.hub.values()), max_shard_size=300_000)
     (tmp_path / files[1]).unlink()
     with pytest.raises(api.SlimportError, match=f"shard {files[1]} is missing"):
         api.load(tmp_path)

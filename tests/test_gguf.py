@@ -261,6 +261,42 @@ def test_round_trip_gguf_hf_gguf_hf_is_bit_exact(smollm2_hf, ours_gguf):
     assert first == second
 
 
+def test_round_trip_gguf_hf_gguf_keeps_the_gguf_metadata(smollm2_gguf, smollm2_hf, ours_gguf):
+    """Every general.* and tokenizer.* key of llama.cpp's file comes back, value and value type
+    (license, organization, the `smollm` pre-tokenizer, add_space_prefix), through the HF folder's
+    gguf_metadata.json; only the keys that describe the new file's tensors are its own."""
+    assert (smollm2_hf / "gguf_metadata.json").is_file()
+    own = {"general.file_type", "general.quantization_version"}  # F32 tensors here, Q4_1 there
+    with gguf_io.read(smollm2_gguf) as src, gguf_io.read(ours_gguf / "model.gguf") as out:
+        keys = [
+            k for k in src.metadata if k.startswith(("general.", "tokenizer.")) and k not in own
+        ]
+        assert {"general.license", "general.organization", "tokenizer.ggml.pre"} <= set(keys)
+        for key in keys:
+            assert key in out.metadata, key
+            assert out.metadata[key] == src.metadata[key], key
+            assert out.metadata["gguf_value_types"][key] == src.metadata["gguf_value_types"][key], (
+                key
+            )
+        assert out.metadata["tokenizer.ggml.pre"] == "smollm"
+        assert out.metadata["general.file_type"] == gguf.LlamaFileType.ALL_F32
+        assert "general.quantization_version" not in out.metadata
+
+
+def test_pre_tokenizer_is_named_by_its_behaviour_on_the_probe_text(smollm2_hf, tmp_path):
+    """llama.cpp's method: the hash of the token ids of a probe text names the pre-tokenizer, so
+    SmolLM2's tokenizer is `smollm` with no help from its pre_tokenizer's shape; one neither
+    the hash nor the shape names is `default`, with a warning."""
+    from slimport.io.gguf_tokenizer import _pre_tokenizer_name
+
+    assert _pre_tokenizer_name(smollm2_hf / "tokenizer.json", None) == "smollm"
+    tj = json.loads((smollm2_hf / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Whitespace"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.warns(UserWarning, match="pre-tokenizer not recognised"):
+        assert _pre_tokenizer_name(tmp_path / "tokenizer.json", tj["pre_tokenizer"]) == "default"
+
+
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
 def test_f16_and_q8_0_writing(gguf_type, smollm2_hf, ours_gguf):
     out = ours_gguf.parent / gguf_type

@@ -147,7 +147,7 @@ def test_w8a8_dynamic_folder_exports_its_int8_integers(tiny_lm, tmp_path, symmet
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("MatMulInteger") == 14 and "MatMulNBits" not in ops
     init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    with safetensors.read(q / "model.safetensors.index.json") as ckpt:
+    with safetensors.read(q / "model.safetensors") as ckpt:
         stored = ckpt.load("model.layers.0.mlp.up_proj.weight")
         assert stored.dtype == torch.int8
         assert np.array_equal(init["model.layers.0.mlp.up_proj.weight_int8"].T, stored.numpy())

@@ -12,6 +12,7 @@ from slimport.convert.loader import model_config
 from slimport.errors import SlimportError
 from slimport.io.auto import open_checkpoint
 from slimport.io.hf import load_tokenizer
+from slimport.io.safetensors import MAX_SHARD_SIZE
 
 # command-line options that map one-to-one onto QuantizationConfig fields
 CLI_OPTIONS = (
@@ -50,10 +51,12 @@ def quantize(
     recipe: str | Path | dict | QuantizationConfig | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     **options,
 ) -> dict:
     """Quantize `model` into the compressed-tensors folder `out`; returns the report. A
-    non-empty `out` is refused unless `overwrite` (then it is replaced as a whole)."""
+    non-empty `out` is refused unless `overwrite` (then it is replaced as a whole). The weights
+    are sharded by size as transformers does (`max_shard_size`: bytes or e.g. "500MB")."""
     config = make_config(recipe, **options)
     calibration = None
     if config.needs_calibration:
@@ -70,7 +73,13 @@ def quantize(
             return calibration_inputs(tokenizer, config.calib_data, config, causal)
 
     return pipeline.quantize(
-        model, out, config, calibration, progress=progress, overwrite=overwrite
+        model,
+        out,
+        config,
+        calibration,
+        progress=progress,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
     )
 
 

@@ -51,6 +51,7 @@ from slimport.errors import SlimportError
 from slimport.io.auto import open_checkpoint
 from slimport.io.base import atomic_dir, bounded_heap, check_output_dir
 from slimport.io.hf import copy_tokenizer
+from slimport.io.safetensors import MAX_SHARD_SIZE, shard_bytes
 
 
 def quantize_block(
@@ -97,24 +98,31 @@ def quantize(
     tokenizer_dir: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> dict:
     """Quantize the checkpoint at `source` block by block into a compressed-tensors folder `out`.
 
     `calibration` is a list of model-input dicts (input_ids, attention_mask, ...), or a function
     returning one, called only once the output folder, the model and the recipe were checked;
     required when the recipe needs data (GPTQ, AWQ, SmoothQuant, static activations). A
-    non-empty `out` is refused unless `overwrite` (then it is replaced as a whole).
+    non-empty `out` is refused unless `overwrite` (then it is replaced as a whole). Weights are
+    sharded by size as transformers does (`max_shard_size`, "5GB" by default).
     """
     with bounded_heap():
-        return _quantize(source, out, config, calibration, tokenizer_dir, progress, overwrite)
+        return _quantize(
+            source, out, config, calibration, tokenizer_dir, progress, overwrite, max_shard_size
+        )
 
 
-def _quantize(source, out, config, calibration, tokenizer_dir, progress, overwrite) -> dict:
+def _quantize(
+    source, out, config, calibration, tokenizer_dir, progress, overwrite, max_shard_size
+) -> dict:
     t_start = time.perf_counter()
     out = Path(out)
     check_output_dir(out, overwrite, Path(source))
+    shard_bytes(max_shard_size)  # a bad size is refused before the model is read
     if config.bits == 16:
-        return _cast16(source, out, config, overwrite)
+        return _cast16(source, out, config, overwrite, max_shard_size)
     sk = Skeleton(source)
     try:
         shapes = linear_shapes(sk.model)
@@ -131,7 +139,7 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress, overwri
             )
         report_rows: list[dict] = []
         with atomic_dir(out, overwrite, Path(source)) as tmp:
-            writer = FolderWriter(tmp, config, sk.tied_head())
+            writer = FolderWriter(tmp, config, sk.tied_head(), max_shard_size)
             sk.calibration = calibration or [{"input_ids": torch.zeros(1, 1, dtype=torch.long)}]
             inputs = capture_inputs(sk.model, sk.blocks, sk.calibration, sk.materialize, sk.free)
             n_blocks = len(sk.blocks)
@@ -150,8 +158,7 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress, overwri
                 if i + 1 < n_blocks or tail:
                     for b, o in zip(inputs, run_block(block, inputs), strict=True):
                         b.hidden = o
-                name = f"model-{i + 2:05d}-of-{n_blocks + 2:05d}.safetensors"
-                writer.shard(name, module_tensors(block, prefix, config))
+                writer.part(i + 1, module_tensors(block, prefix, config))
                 sk.free(block)
                 bar.update(1)
             # the rest: embeddings, final norm, heads
@@ -166,7 +173,7 @@ def _quantize(source, out, config, calibration, tokenizer_dir, progress, overwri
                     if t.name in sk.planned or not t.name.endswith(_IDS)
                 ]
             report_rows += tail_rows
-            writer.shard(f"model-00001-of-{n_blocks + 2:05d}.safetensors", writer.untied(rest))
+            writer.part(0, writer.untied(rest))
             bar.update(1)
             bar.close()
             writer.finish(sk.config, ignore, sparsity_config(config, report_rows))
@@ -349,8 +356,14 @@ def quantize_(
 _IDS = ("position_ids", "token_type_ids")
 
 
-def _cast16(source, out, config, overwrite: bool = False) -> dict:
+def _cast16(source, out, config, overwrite: bool, max_shard_size: int | str) -> dict:
     report = convert(
-        source, out, to="hf", dtype=config.dtype16, progress=False, overwrite=overwrite
+        source,
+        out,
+        to="hf",
+        dtype=config.dtype16,
+        progress=False,
+        overwrite=overwrite,
+        options={"max_shard_size": max_shard_size},
     )
     return {"source": str(source), "config": config.to_dict(), "conversion": report}

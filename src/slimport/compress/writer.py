@@ -25,6 +25,7 @@ from slimport.io.auto import tokenizer_files
 from slimport.io.base import Ready, atomic_dir
 
 RECIPE_FILE = compressed.RECIPE_FILE
+PARTS = "parts"  # inside the atomic_dir only: blocks as written, before sharding by size
 
 
 def module_tensors(module: nn.Module, prefix: str, qconfig: QuantizationConfig) -> list[Ready]:
@@ -105,18 +106,31 @@ def config_json(
 
 
 class FolderWriter:
-    """Writes a compressed-tensors folder into `tmp` (an atomic_dir): shards, then the rest."""
+    """Writes a compressed-tensors folder into `tmp` (an atomic_dir): one part file per block as
+    it is quantized, then shards by size (transformers' `max_shard_size`), then the rest."""
 
-    def __init__(self, tmp: Path, qconfig: QuantizationConfig, tied: dict[str, str]) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        qconfig: QuantizationConfig,
+        tied: dict[str, str],
+        max_shard_size: int | str = safetensors.MAX_SHARD_SIZE,
+    ) -> None:
         self.tmp, self.qconfig, self.tied = tmp, qconfig, tied
-        self.shards: dict[str, list[str]] = {}
+        self.max_shard_size = safetensors.shard_bytes(max_shard_size)  # refused before any work
+        self.parts: dict[int, Path] = {}
         self.written: set[str] = set()
+        self.files: list[str] = []
 
-    def shard(self, file: str, tensors: list[Ready]) -> None:
+    def part(self, order: int, tensors: list[Ready]) -> None:
+        """Write one block's tensors now (its memory is freed next); `order` places them in the
+        shards (0: embeddings and heads, then the blocks)."""
         tensors = [t for t in tensors if t.name not in self.written]
-        safetensors.write(self.tmp / file, sorted(tensors, key=lambda t: t.name))
-        self.shards[file] = [t.name for t in tensors]
-        self.written.update(self.shards[file])
+        (self.tmp / PARTS).mkdir(exist_ok=True)
+        path = self.tmp / PARTS / f"{order:06d}.safetensors"
+        safetensors.write(path, sorted(tensors, key=lambda t: t.name))
+        self.parts[order] = path
+        self.written.update(t.name for t in tensors)
 
     def untied(self, tensors: list[Ready]) -> list[Ready]:
         """Drop a float head tied to the embeddings: transformers re-ties it on load. (A quantized
@@ -125,21 +139,17 @@ class FolderWriter:
         quantized = {h for h in self.tied if f"{h.rpartition('.')[0]}.weight_scale" in names}
         return [t for t in tensors if t.name not in self.tied or t.name in quantized]
 
-    def finish(
-        self, config: dict, ignore: list[str], sparsity: dict | None = None, index: bool = True
-    ) -> None:
-        if index:
-            index_json = {
-                "metadata": {"total_size": self.bytes()},
-                "weight_map": {t: f for f, names in sorted(self.shards.items()) for t in names},
-            }
-            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+    def finish(self, config: dict, ignore: list[str], sparsity: dict | None = None) -> None:
+        if self.parts:
+            parts = [self.parts[k] for k in sorted(self.parts)]
+            self.files = safetensors.reshard(parts, self.tmp, self.max_shard_size)
+            (self.tmp / PARTS).rmdir()
         cfg = config_json(config, self.qconfig, ignore, self.tied, self.written, sparsity)
         (self.tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (self.tmp / RECIPE_FILE).write_text(json.dumps(self.qconfig.to_dict(), indent=2) + "\n")
 
     def bytes(self) -> int:
-        return sum((self.tmp / f).stat().st_size for f in self.shards)
+        return sum((self.tmp / f).stat().st_size for f in self.files if f.endswith(".safetensors"))
 
 
 def save_quantized(
@@ -147,6 +157,7 @@ def save_quantized(
     folder: str | Path,
     qconfig: QuantizationConfig,
     tokenizer_dir: str | Path | None = None,
+    max_shard_size: int | str = safetensors.MAX_SHARD_SIZE,
 ) -> dict:
     """A quantized transformers model (`pipeline.quantize_`) -> a compressed-tensors Hugging
     Face folder, atomically, with the same writer the block-by-block pipeline uses."""
@@ -178,11 +189,13 @@ def save_quantized(
         for m in quantized.values()
     )
     with atomic_dir(Path(folder)) as tmp:
-        writer = FolderWriter(tmp, qconfig, tied)
+        writer = FolderWriter(tmp, qconfig, tied, max_shard_size)
         tensors = writer.untied(module_tensors(model, "", qconfig))
-        files = safetensors.write_sharded(tmp, sorted(tensors, key=lambda t: t.name))
+        files = safetensors.write_sharded(
+            tmp, sorted(tensors, key=lambda t: t.name), max_shard_size
+        )
         writer.written.update(t.name for t in tensors)
-        writer.finish(config, ignore, index=False)
+        writer.finish(config, ignore)
         for f in tok:
             (tmp / f.name).write_bytes(f.read_bytes())
     floats = [t.value for t in tensors if t.name.rpartition(".")[0] not in quantized]

@@ -10,6 +10,7 @@ from slimport.errors import SlimportError
 from slimport.io import formats
 from slimport.io.base import Checkpoint, parse_json, regular_file
 from slimport.io.compressed import dequantized_view, is_compressed
+from slimport.io.gguf_sidecar import SIDECAR
 
 
 def open_checkpoint(
@@ -46,6 +47,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
     "chat_template.jinja",  # transformers >= 4.50 saves the chat template beside the tokenizer
+    SIDECAR,  # gguf_metadata.json: a GGUF source's general.*/tokenizer.* keys
 )
 
 

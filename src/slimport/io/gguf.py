@@ -15,7 +15,7 @@ import functools
 import mmap
 import struct
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 from slimport.errors import SlimportError
 from slimport.io.base import Checkpoint, TensorInfo, element_count
 from slimport.io.formats import FORMATS
+from slimport.io.gguf_sidecar import write_sidecar
 from slimport.io.gguf_tokenizer import has_tokenizer, write_hf_tokenizer
 
 EAGER_ARRAY = 256  # metadata arrays up to this long are decoded into lists up front
@@ -347,9 +348,11 @@ def read(path: Path) -> Checkpoint:
         with contextlib.suppress(BufferError):  # a tensor view is still alive; the map goes with it
             buf.close()
 
-    writer: Callable[[Path], list[str]] | None = None
-    if has_tokenizer(meta):
-        writer = functools.partial(write_hf_tokenizer, meta, where=str(path))
+    def writer(folder: Path) -> list[str]:
+        """The HF tokenizer files it embeds, and its general.*/tokenizer.* metadata beside them."""
+        tok = write_hf_tokenizer(meta, folder, where=str(path)) if has_tokenizer(meta) else []
+        return [*tok, *write_sidecar(meta, folder)]
+
     ckpt = Checkpoint(
         path,
         "gguf",

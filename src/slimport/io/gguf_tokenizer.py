@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from slimport.errors import SlimportError
+from slimport.io import gguf_pretokenizers as pretokenizers
 
 # --- tokenizer: GGUF -> HF files -------------------------------------------------------------
 
@@ -90,8 +91,18 @@ def _looks_special(token: str) -> bool:
     )
 
 
-def _pre_tokenizer_name(pre: dict | None) -> str:
-    """Name llama.cpp gives the pre-tokenizer of a byte-level BPE tokenizer.json."""
+def _pre_tokenizer_name(path: Path, pre: dict | None) -> str:
+    """Name llama.cpp gives the pre-tokenizer of a byte-level BPE tokenizer.json: by the hash of
+    its token ids for a probe text, as convert_hf_to_gguf does; else by the pre-tokenizer's shape
+    (a vocabulary of its own behind a known regex); else `default`, with a warning."""
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(path)).encode(pretokenizers.PROBE, add_special_tokens=True).ids
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()
+    if digest in pretokenizers.BY_HASH:
+        return pretokenizers.BY_HASH[digest]
     steps = (pre or {}).get("pretokenizers") or ([pre] if pre else [])
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
@@ -103,6 +114,13 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         for name, regex in _PRE_SPLITS.items():
             if pattern == regex:
                 return name
+    import warnings
+
+    warnings.warn(
+        f"{path}: pre-tokenizer not recognised (probe hash {digest}); writing "
+        "tokenizer.ggml.pre = default, which llama.cpp may tokenize differently",
+        stacklevel=3,
+    )
     return "default"
 
 
@@ -156,7 +174,7 @@ def gguf_tokenizer_from_hf(folder: Path, vocab_size: int) -> tuple[dict, dict]:
     K = gguf.Keys.Tokenizer
     meta = {
         K.MODEL: "gpt2",
-        K.PRE: _pre_tokenizer_name(tj.get("pre_tokenizer")),
+        K.PRE: _pre_tokenizer_name(path, tj.get("pre_tokenizer")),
         K.LIST: tokens,
         K.TOKEN_TYPE: [int(t) for t in types],
         K.MERGES: special.merges,

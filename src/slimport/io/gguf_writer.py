@@ -19,6 +19,7 @@ from slimport.errors import SlimportError, name_list
 from slimport.io.formats import GGUF_TYPES
 from slimport.io.gguf import gguf_package
 from slimport.io.gguf_blocks import BLOCK, check_fits, encode, scheme_name
+from slimport.io.gguf_sidecar import read_sidecar
 from slimport.io.gguf_tokenizer import gguf_tokenizer_from_hf
 
 # source metadata we never copy: recomputed for the new file, or describing the old one's layout
@@ -193,9 +194,13 @@ def _metadata(job, plan, gguf) -> tuple[dict, dict]:
         for key, value in src.metadata.items():
             if key.startswith("general.") and key not in _NOT_COPIED:
                 meta[key], vtypes[key] = value, src_types.get(key)
-    else:
+    else:  # what the GGUF file it came from said, if it did (gguf_metadata.json)
+        kept, kept_types = read_sidecar(Path(src.path).parent)
+        for key, value in kept.items():
+            if key.startswith("general.") and key not in _NOT_COPIED:
+                meta[key], vtypes[key] = value, kept_types.get(key)
         name = name_from_hf(job.config) or Path(src.path).parent.name
-        if name:
+        if name and "general.name" not in kept:
             meta["general.name"] = name
     meta.update(family.config_to["gguf"](job.cfg))
     meta["general.file_type"] = int(_file_type(plan, gguf))
@@ -220,6 +225,10 @@ def _metadata(job, plan, gguf) -> tuple[dict, dict]:
             tok, tok_types = gguf_tokenizer_from_hf(folders.pop(), int(job.cfg["vocab_size"]))
             meta.update(tok)
             vtypes.update({k: "ARRAY:" + v for k, v in tok_types.items()})
+            if tok:  # the original's keys the tokenizer files cannot say (add_space_prefix, ...)
+                for key, value in kept.items():
+                    if key.startswith("tokenizer.") and key not in meta:
+                        meta[key], vtypes[key] = value, kept_types.get(key)
     return meta, vtypes
 
 

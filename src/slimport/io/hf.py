@@ -13,7 +13,8 @@ from slimport.io.base import Checkpoint
 
 def write_model(folder: Path, tensors: list, job, progress=None) -> list[str]:
     """Write into `folder` (a temp folder the caller renames); return the file names written."""
-    written = safetensors.write_sharded(folder, tensors, progress=progress)
+    size = job.options.get("max_shard_size", safetensors.MAX_SHARD_SIZE)
+    written = safetensors.write_sharded(folder, tensors, size, progress=progress)
     write_config(folder, job)
     return [*written, "config.json", *copy_tokenizer(folder, job.source)]
 

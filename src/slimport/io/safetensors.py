@@ -194,13 +194,38 @@ def write(
                 progress(value.numel() * value.element_size())
 
 
+MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def shard_bytes(size: int | str) -> int:
+    """transformers' `max_shard_size`: bytes, or a string like "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    text = str(size).strip().upper().replace(" ", "")
+    unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if text.endswith(u)), None)
+    try:
+        n = float(text[: -len(unit)]) * _UNITS[unit] if unit else float(text)
+    except ValueError:
+        n = 0
+    if not n >= 1:
+        raise SlimportError(
+            f"max_shard_size {size!r} is not a size", hint='bytes, or e.g. "5GB", "500MB", "2GiB"'
+        )
+    return int(n)
+
+
 def write_sharded(
     folder: Path,
     tensors: list,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """HF layout: model.safetensors, or model-0000i-of-0000n.safetensors + index when large."""
+    """HF layout as transformers' save_pretrained writes it: model.safetensors, or
+    model-0000i-of-0000n.safetensors + index when larger than `max_shard_size` (a tensor
+    opens a new shard when it would overflow the current one; a larger one gets a shard alone)."""
+    limit = shard_bytes(max_shard_size)
     shards: list[list] = [[]]
     size = 0
     total = 0
@@ -208,7 +233,7 @@ def write_sharded(
         n = t.dtype.itemsize
         for d in t.shape:
             n *= d
-        if shards[-1] and size + n > max_shard_bytes:
+        if shards[-1] and size + n > limit:
             shards.append([])
             size = 0
         shards[-1].append(t)
@@ -229,3 +254,35 @@ def write_sharded(
     with atomic_path(folder / "model.safetensors.index.json") as tmp:
         tmp.write_text(json.dumps(index, indent=2))
     return [*names, "model.safetensors.index.json"]
+
+
+class _Stored:
+    """A tensor of a part file, in the form writers take; the part is deleted once all of its
+    tensors have been read, so resharding needs about one part of extra disk, not the model."""
+
+    def __init__(self, name: str, dtype, shape, load, left: list, path: Path) -> None:
+        self.name, self.dtype, self.shape = name, dtype, shape
+        self._load, self._left, self._path = load, left, path
+
+    def compute(self) -> torch.Tensor:
+        value = self._load(self.name)
+        self._left[0] -= 1
+        if not self._left[0]:
+            self._path.unlink()
+        return value
+
+
+def reshard(
+    parts: list[Path], folder: Path, max_shard_size: int | str = MAX_SHARD_SIZE
+) -> list[str]:
+    """Join safetensors part files (written one block at a time) into `folder` in HF's sharded
+    layout, tensor by tensor in the parts' order; each part is removed once it has been read."""
+    tensors = []
+    for path in parts:
+        entries, _, start = _parse_header(path)
+        load, left = _reader(path, entries, start), [len(entries)]
+        order = sorted(entries.items(), key=lambda e: e[1][2])  # as stored
+        tensors += [_Stored(n, e[0], e[1], load, left, path) for n, e in order]
+        if not entries:
+            path.unlink()
+    return write_sharded(folder, tensors, max_shard_size)

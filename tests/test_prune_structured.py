@@ -212,3 +212,16 @@ def test_cli_structured_refuses_unstructured_options(tmp_path, capsys):
     assert main(["prune", str(src), str(tmp_path / "d"), "--structured", "ffn", "--ratio", "0.25",
                  "--method", "magnitude"]) == 0  # fmt: skip
     assert "intermediate_size 48 -> 36" in capsys.readouterr().out
+
+
+def test_pruned_llama_runs_in_the_mindspore_runtime(tmp_path):
+    ms = pytest.importorskip("mindspore")
+    from slimport.runtime.mindspore.auto import AutoModelForCausalLM as MSAutoModel
+
+    src, heads, out = tmp_path / "src", tmp_path / "heads", tmp_path / "small"
+    _llama().save_pretrained(src)
+    structured.prune_structured(src, heads, "heads", 0.33, method="magnitude")
+    structured.prune_structured(heads, out, "ffn", 0.33, method="magnitude")
+    ref = _out(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), IDS)
+    logits = MSAutoModel.from_pretrained(out)(ms.Tensor(IDS.numpy().astype("int32"))).logits
+    assert float((torch.from_numpy(logits.asnumpy()) - ref).abs().max()) <= 1e-4

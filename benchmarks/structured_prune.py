@@ -165,15 +165,22 @@ def lm(a) -> list[dict]:
 
 def table(rows: list[dict], metric: str, unit: str) -> str:
     d = rows[0]
-    lines = [
-        f"| model | {metric} | params (M) | {unit} | speed-up vs dense |",
-        "|---|---|---|---|---|",
-    ]
+    cols = ["model", metric, "params (M)", unit, "speed-up"]
+    if "ms32" in d:
+        cols += ["ms / sentence, batch 32", "speed-up"]
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for r in rows:
         v = f"{r[metric]:.2%}" if metric == "accuracy" else f"{r[metric]:.2f}"
-        lines.append(
-            f"| {r['model']} | {v} | {r['params'] / 1e6:.2f} | {r['ms']:.2f} | {d['ms'] / r['ms']:.2f}x |"
-        )
+        cells = [
+            r["model"],
+            v,
+            f"{r['params'] / 1e6:.2f}",
+            f"{r['ms']:.2f}",
+            f"{d['ms'] / r['ms']:.2f}x",
+        ]
+        if "ms32" in d:
+            cells += [f"{r['ms32']:.3f}", f"{d['ms32'] / r['ms32']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

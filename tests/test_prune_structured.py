@@ -128,6 +128,19 @@ def test_activation_norms_are_the_output_projections_input_norms():
     torch.testing.assert_close(sq[2], torch.cat(seen).square().sum(0))
 
 
+def test_activation_norms_leave_padding_out():
+    model = _bert()
+    a, b = IDS[0, :5], IDS[1, :9]
+    padded = {"input_ids": torch.stack([torch.cat([a, torch.zeros(4, dtype=a.dtype)]), b]),
+              "attention_mask": torch.tensor([[1] * 5 + [0] * 4, [1] * 9])}  # fmt: skip
+    alone = [{"input_ids": a[None]}, {"input_ids": b[None]}]
+    for structure in ("heads", "ffn"):
+        got = structured.activation_norms(model, [padded], structured.BERT, structure)
+        want = structured.activation_norms(model, alone, structured.BERT, structure)
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
 def test_pruned_folder_loads_in_plain_transformers(tmp_path):
     src = tmp_path / "src"
     model = _llama()

@@ -132,15 +132,17 @@ def _linear(block: nn.Module, name: str) -> nn.Linear:
 
 def activation_norms(model: nn.Module, batches: list[dict], layout: StructLayout, structure: str):
     """Per layer: the squared L2 norm over the calibration tokens of every input column of the
-    output projection (o_proj for heads, down_proj for FFN channels)."""
+    output projection (o_proj for heads, down_proj for FFN channels). Padding is no token:
+    the rows where a batch's attention_mask is 0 are left out."""
     name = layout.o if structure == "heads" else layout.down
     layers = blocks(model, layout)
     sums: list[torch.Tensor | None] = [None] * len(layers)
-    hooks = []
+    hooks, real = [], [None]  # real[0]: the current batch's attention mask
 
     def hook(i):
         def record(_mod, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            x = args[0].detach().float()
+            x = x[real[0]] if real[0] is not None else x.reshape(-1, x.shape[-1])
             s = x.square().sum(0)
             sums[i] = s if sums[i] is None else sums[i] + s
 
@@ -151,6 +153,8 @@ def activation_norms(model: nn.Module, batches: list[dict], layout: StructLayout
     try:
         with torch.no_grad():
             for batch in batches:
+                mask = batch.get("attention_mask")
+                real[0] = None if mask is None else mask.bool()
                 model(**batch)
     finally:
         for h in hooks:

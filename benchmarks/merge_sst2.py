@@ -64,8 +64,8 @@ def main() -> None:
     ap.add_argument("--t", type=float, nargs="+", default=(0.5,), help="SLERP t values")
     ap.add_argument("--lambdas", type=float, nargs="+", default=(0.5, 1.0, 1.5))
     ap.add_argument("--density", type=float, default=0.5, help="TIES / DARE density")
-    ap.add_argument("--part", choices=("all", "single", "pair"), default="all",
-                    help="single: base and task arithmetic of the first seed; pair: merges of both")  # fmt: skip
+    ap.add_argument("--part", choices=("all", "single", "pair", "dare"), default="all",
+                    help="single: base and task arithmetic of the first seed; pair: merges of both; dare: only the DARE merges")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)  # a shared 2-core machine (see finetune.py)
 
@@ -98,23 +98,23 @@ def main() -> None:
         # the first seed's rows first: the second fine-tune may still be training (cache lock)
         row(f"fine-tune, seed {s0} ({a.name})", a)
         base = initial_classifier(s0, work / "base")
-        if args.part != "pair":
+        if args.part in ("all", "single"):
             row(f"base: MiniLM + seed {s0}'s initial head", base)
-        for lam in args.lambdas if args.part != "pair" else ():
+        for lam in args.lambdas if args.part in ("all", "single") else ():
             merged(f"task arithmetic, base + {lam:g}·(seed {s0} − base)", [a],
                    method="task_arithmetic", base=base, weights=[lam])  # fmt: skip
         if args.part == "single":
             return
         b = ensure_sst2_classifier(recipe=args.recipe, seed=s1, minutes=60.0)
         row(f"fine-tune, seed {s1} ({b.name})", b)
-        merged("linear, weights 0.5 / 0.5", [a, b], method="linear")
-        for t in args.t:
-            merged(f"SLERP, t = {t:g}", [a, b], method="slerp", t=t)
-        merged(
-            f"task arithmetic, base + τ{s0} + τ{s1}", [a, b], method="task_arithmetic", base=base
-        )
         d = args.density
-        merged(f"TIES, density {d:g}", [a, b], method="ties", base=base, density=d)
+        if args.part != "dare":
+            merged("linear, weights 0.5 / 0.5", [a, b], method="linear")
+            for t in args.t:
+                merged(f"SLERP, t = {t:g}", [a, b], method="slerp", t=t)
+            merged(f"task arithmetic, base + τ{s0} + τ{s1}", [a, b], method="task_arithmetic",
+                   base=base)  # fmt: skip
+            merged(f"TIES, density {d:g}", [a, b], method="ties", base=base, density=d)
         merged(f"DARE-TIES, density {d:g}", [a, b], method="dare_ties", base=base, density=d)
         merged(f"DARE (linear), density {d:g}, weights 0.5 / 0.5", [a, b], method="dare",
                base=base, density=d, weights=[0.5, 0.5])  # fmt: skip

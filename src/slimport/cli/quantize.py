@@ -7,8 +7,9 @@ import json
 from dataclasses import fields
 
 from slimport.cli.options import DeprecatedAlias, overwrite_option, stdout_kept_for_json
-from slimport.compress.prune import PRUNE_METHODS, QUANT_METHODS
+from slimport.compress.prune import PRUNE_METHODS, QUANT_METHODS, STRUCTURES, UNITS
 from slimport.compress.quant.config import GRANULARITIES, METHODS, OBSERVERS, QuantizationConfig
+from slimport.errors import SlimportError
 from slimport.io.formats import CAST_DTYPES, TARGETS
 
 # Each command imports what it runs inside its function: those modules pull in torch,
@@ -33,11 +34,47 @@ PRUNE_OPTIONS = ("method", "sparsity", "pattern", "ignore", "bits", "quant_metho
 
 
 def _prune(args: argparse.Namespace) -> int:
+    if args.structured:
+        return _prune_structured(args)
+    if args.ratio is not None or args.unit is not None:
+        raise SlimportError("--ratio and --unit go with --structured heads|ffn")
     from slimport.compress.prune import api
 
     options = {k: getattr(args, k) for k in PRUNE_OPTIONS if getattr(args, k) is not None}
-    report = api.prune(args.model, args.out, recipe=args.recipe, progress=not args.quiet, **options)
+    report = api.prune(args.model, args.out, recipe=args.recipe, progress=not args.quiet,
+                       overwrite=args.overwrite, **options)  # fmt: skip
     print(api.summary(report))
+    return 0
+
+
+# what structured pruning does not take: it removes whole units, it zeroes nothing
+UNSTRUCTURED_ONLY = ("recipe", "sparsity", "pattern", "ignore", "bits", "quant_method",
+                     "group_size", "symmetric", "protect")  # fmt: skip
+
+
+def _prune_structured(args: argparse.Namespace) -> int:
+    from slimport.compress.prune import structured
+
+    given = [k for k in UNSTRUCTURED_ONLY if getattr(args, k) is not None]
+    if given:
+        raise SlimportError(
+            f"--structured {args.structured} takes --ratio, not --{given[0].replace('_', '-')}",
+            hint="structured pruning removes whole heads/channels; run it and the unstructured "
+            "pruning (or --bits) as two commands",
+        )
+    if args.ratio is None:
+        raise SlimportError(f"--structured {args.structured} needs --ratio (e.g. 0.3)")
+    method = args.method or ("wanda" if args.calib_data else "magnitude")
+    opts = {
+        k: getattr(args, k)
+        for k in ("num_samples", "seq_len", "seed")
+        if getattr(args, k) is not None
+    }
+    report = structured.prune_structured(
+        args.model, args.out, args.structured, args.ratio, method=method,
+        unit=args.unit or "head", calib_data=args.calib_data, overwrite=args.overwrite, **opts,
+    )  # fmt: skip
+    print(structured.summary(report))
     return 0
 
 
@@ -125,7 +162,8 @@ def register(sub) -> None:
     sp.add_argument("model", metavar="MODEL", help="checkpoint file or folder, a `slimport models` name, or a hub id org/name")
     sp.add_argument("out", help="output folder")
     sp.add_argument("--recipe", help="YAML recipe with a pruning modifier in `modifiers:` (default: none)")
-    sp.add_argument("--method", choices=PRUNE_METHODS, help="default: sparsegpt")
+    sp.add_argument("--method", choices=PRUNE_METHODS,
+                    help="default: sparsegpt; with --structured the importance: wanda (default with --calib-data) or magnitude")  # fmt: skip
     sp.add_argument("--sparsity", type=float, help="fraction of weights zeroed, in [0, 1) (default: 0.5)")
     sp.add_argument("--pattern", help="unstructured (default) or N:M, N of every M zero: 2:4, 4:8")
     sp.add_argument("--ignore", action="append",
@@ -142,8 +180,14 @@ def register(sub) -> None:
     sp.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default: {D['seq_len']})")
     sp.add_argument("--seed", type=int, help=f"seed of the calibration windows (default: {D['seed']})")
     sp.add_argument("--protect", action="append",
-                    help="regex of Linear names left untouched (default: the output heads)")
+                    help="regex of Linear names left untouched (default: the output heads)")  # fmt: skip
+    sp.add_argument("--structured", choices=STRUCTURES,
+                    help="remove whole attention heads or FFN channels: a smaller model (default: none)")  # fmt: skip
+    sp.add_argument("--ratio", type=float, help="with --structured: share of every layer's units removed, in (0, 1)")  # fmt: skip
+    sp.add_argument("--unit", choices=UNITS,
+                    help="--structured heads on GQA models: drop query heads in every KV group alike (head, default) or whole KV groups")  # fmt: skip
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    overwrite_option(sp)
     sp.set_defaults(fn=_prune)
 
     sp = sub.add_parser("merge", help="merge same-architecture models: linear, SLERP, task arithmetic, TIES, DARE",

@@ -70,12 +70,13 @@ def prune(
     out: str | Path,
     recipe: str | Path | dict | QuantizationConfig | None = None,
     progress: bool = True,
+    overwrite: bool = False,
     **options,
 ) -> dict:
     """Prune `model` into the folder `out`: a float Hugging Face folder, or with `bits` a
     compressed-tensors folder of the quantized kept weights. Returns the report."""
     config = make_config(recipe, **options)
-    return compress_api.quantize(model, out, config, progress=progress)
+    return compress_api.quantize(model, out, config, progress=progress, overwrite=overwrite)
 
 
 def summary(report: dict) -> str:

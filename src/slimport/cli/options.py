@@ -31,7 +31,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         unset = action.default is None or action.default is False or action.default == []
-        if "default" in text or unset or action.default == argparse.SUPPRESS:
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if "default" in text or unset or flag or action.default == argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
 

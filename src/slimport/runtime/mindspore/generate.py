@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, nn, ops
+from tqdm import tqdm
 
 from slimport.errors import SlimportError
 
@@ -249,8 +250,10 @@ class GenerationMixin:
         return_dict_in_generate: bool = False,
         output_logits: bool = False,
         output_scores: bool = False,
+        progress: bool = False,
     ):
         """Prompt + new tokens, like transformers' `generate` (same type as `input_ids`).
+        `progress`: a bar of the new tokens on stderr (when it is a terminal).
 
         Greedy unless `do_sample`; `top_k=0` and `top_p=1.0` disable those filters. Rows that
         produced an eos get `pad_token_id` afterwards (pad defaults to the config's, then to the
@@ -300,7 +303,10 @@ class GenerationMixin:
         seqs = ids
         unfinished = np.ones(batch, bool)
         raw_steps, score_steps = [], []
+        bar = tqdm(total=max_new_tokens, desc="generating", unit="token", leave=False,
+                   disable=not progress or None)  # fmt: skip
         for t in range(max_new_tokens):
+            bar.update(1)
             raw = logits.asnumpy()  # the model's dtype (float64 models give float64 logits)
             scores = process_logits(
                 raw, seqs, do_sample, temperature, top_k, top_p, repetition_penalty
@@ -321,6 +327,7 @@ class GenerationMixin:
             logits = step.run(nxt[:, None], next_pos, cache_mask, write)
             next_pos = next_pos + 1
 
+        bar.close()
         out = seqs.astype(out_dtype)
         if np.asarray(input_ids if not as_tensor else ids).ndim == 1:
             out = out[0]

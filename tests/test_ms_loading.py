@@ -88,3 +88,21 @@ def test_transformers_compressed_tensors_config_is_a_clear_error(stories260k):
         AutoModelForCausalLM.from_pretrained(
             stories260k, quantization_config=CompressedTensorsConfig()
         )
+
+
+def test_loading_prints_no_deprecation_or_numpy_notice_of_ours(stories260k):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from slimport.mindspore import AutoModelForCausalLM;"
+        f"AutoModelForCausalLM.from_pretrained({str(stories260k)!r}).generate([[1, 2]], max_new_tokens=2)"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    run = subprocess.run([sys.executable, "-W", "always::DeprecationWarning:slimport", "-c", code],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src})  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    for notice in ("pynative_synchronize", "Numpy init failed", "NumPy 1.x"):
+        assert notice not in run.stderr, run.stderr

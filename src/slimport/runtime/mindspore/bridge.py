@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import sys
 
 import mindspore as ms
 import numpy as np
@@ -13,9 +15,18 @@ import torch
 def _init_numpy_bridge() -> None:
     """MindSpore 2.10's wheel is built against NumPy 1.x: under NumPy 2 its first op that parses
     Python arguments fails once (SystemError, "Numpy init failed"); later calls work. Take that
-    one failure here, at import, not in a user's first forward."""
-    with contextlib.suppress(SystemError), contextlib.redirect_stderr(io.StringIO()):
-        ms.ops.reshape(ms.Tensor(np.zeros(1, np.float32)), (1,))
+    one failure here, at import, not in a user's first forward, and silence what it prints (a
+    NumPy notice from Python, a "[WARNING] ... Numpy init failed" line from C++ on fd 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            with contextlib.suppress(SystemError), contextlib.redirect_stderr(io.StringIO()):
+                ms.ops.reshape(ms.Tensor(np.zeros(1, np.float32)), (1,))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # On CPU, MindSpore's asynchronous PyNative dispatch stalls ~3 ms per op on small machines

@@ -14,6 +14,7 @@ import pytest
 
 from slimport import cli
 from slimport.cli import main
+from slimport.errors import SlimportError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -213,7 +214,9 @@ def test_group_size_128_on_smollm2_is_refused_before_any_weight_is_read(
 # --- machine-readable output -------------------------------------------------------------------
 
 
-def test_convert_json_is_alone_on_stdout_while_the_work_prints(stories260k, tmp_path, capfd, monkeypatch):
+def test_convert_json_is_alone_on_stdout_while_the_work_prints(
+    stories260k, tmp_path, capfd, monkeypatch
+):
     from slimport import api
 
     real = api.convert
@@ -237,3 +240,44 @@ def test_quantize_json_prints_the_report(stories260k, tmp_path, capsys):
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["quantized_linears"] == 5 * 7 and report["config"]["bits"] == 8
+
+
+# --- recipes -----------------------------------------------------------------------------------
+
+
+def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    from slimport.compress.api import make_config
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text("quantization:\n  method: gptq\n  calib_data: ../data/c.txt\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path / "data")  # anywhere but the project
+    config = make_config(tmp_path / "recipes" / "r.yaml")
+    assert Path(config.calib_data) == tmp_path / "data" / "c.txt"
+
+
+def test_llm_compressor_names_are_read_in_recipes(tmp_path):
+    from slimport.compress.api import make_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "scheme: W4A16\nignore: [lm_head, 're:.*mlp\\.down_proj$']\n"
+        "num_calibration_samples: 8\nmax_seq_length: 128\n"
+    )
+    c = make_config(recipe)
+    assert (c.bits, c.group_size, c.granularity, c.symmetric) == (4, 128, "group", True)
+    assert (c.num_samples, c.seq_len) == (8, 128)
+    assert c.is_protected("lm_head") and c.is_protected("model.layers.3.mlp.down_proj")
+    assert not c.is_protected("model.layers.3.mlp.up_proj") and not c.is_protected("xlm_head")
+    assert make_config(recipe, protect=["^x$"]).protect == ["^x$"]  # an option still wins
+    recipe.write_text("num_calibration_samples: 8\nnum_samples: 16\n")
+    with pytest.raises(SlimportError, match="num_samples given twice"):
+        make_config(recipe)
+
+
+def test_calib_method_is_the_deprecated_spelling_of_observer(capsys):
+    parser = cli.build_parser()
+    new = parser.parse_args(["quantize", "m", "o", "--observer", "mse"])
+    old = parser.parse_args(["quantize", "m", "o", "--calib-method", "mse"])
+    assert new.observer == old.observer == "mse"
+    assert "--calib-method is deprecated, use --observer" in capsys.readouterr().err

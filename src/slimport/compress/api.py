@@ -34,8 +34,8 @@ def make_config(
         base = ours(recipe)
         QuantizationConfig.from_dict(base)  # the recipe alone must be valid
     elif recipe is not None:
-        base = read_recipe(recipe)
-        QuantizationConfig.from_yaml(recipe)
+        QuantizationConfig.from_yaml(recipe)  # the recipe alone must be valid (errors name it)
+        base = ours(read_recipe(recipe))
     else:
         base = {}
     if options.keys() & {"method", "smoothquant", "gptq", "awq"}:

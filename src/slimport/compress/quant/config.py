@@ -29,8 +29,19 @@ METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 OBSERVERS = ("min_max", "ema_min_max", "percentile", "mse", "kl")
 GRANULARITIES = ("tensor", "channel", "group")
 ACTIVATIONS = (None, "static", "dynamic")
-# other tools' names for our options (llm-compressor / compressed-tensors recipes)
-ALIASES = {"ignore": "protect", "num_bits": "bits", "strategy": "granularity", "scheme": "bits"}
+# llm-compressor's (and compressed-tensors') names for our options, read in recipes
+ALIASES = {
+    "ignore": "protect", "num_bits": "bits", "strategy": "granularity", "scheme": "bits",
+    "num_calibration_samples": "num_samples", "max_seq_length": "seq_len",
+}  # fmt: skip
+# llm-compressor's preset schemes (compressed_tensors.quantization.quant_scheme) in our options
+SCHEMES = {
+    "W4A16": {"bits": 4, "group_size": 128, "symmetric": True},
+    "W4A16_ASYM": {"bits": 4, "group_size": 128, "symmetric": False},
+    "W8A16": {"bits": 8, "granularity": "channel", "symmetric": True},
+    "W8A8": {"bits": 8, "granularity": "channel", "symmetric": True, "activations": "dynamic",
+             "act_symmetric": True},
+}  # fmt: skip
 RECIPE_MAX_BYTES = 1 << 20  # a recipe is a few lines; a bigger file is not one
 # what a default run leaves in full precision: every family's output heads (arch/layout.py),
 # whose errors nothing downstream fixes
@@ -269,8 +280,34 @@ class QuantizationConfig:
 
 
 def ours(d: dict) -> dict:
-    """A recipe mapping in our keys (the seeds' form translated); unset options stay unset."""
-    return _from_seed_form(dict(d)) if "quant_mode" in d else dict(d)
+    """A recipe mapping in our keys (the seeds' form and llm-compressor's names translated);
+    unset options stay unset."""
+    return _from_seed_form(dict(d)) if "quant_mode" in d else _from_llm_compressor(dict(d))
+
+
+def _from_llm_compressor(d: dict) -> dict:
+    """llm-compressor's spellings (ALIASES, SCHEMES) as ours; an option given both ways is an
+    error, as two values for one option would be."""
+    out = {k: v for k, v in d.items() if k not in ALIASES}
+    for key in [k for k in d if k in ALIASES]:
+        value, ours_key = d[key], ALIASES[key]
+        where = f"quantization option {key} (slimport: {ours_key})"
+        if key == "scheme":
+            if str(value).upper() not in SCHEMES:
+                raise SlimportError(f"{where}: unknown scheme {value!r}", hint="one of " + ", ".join(SCHEMES))  # fmt: skip
+            given = SCHEMES[str(value).upper()]
+        elif key == "ignore":
+            if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+                raise SlimportError(f"{where}: {value!r} is not a list of module names")
+            # llm-compressor: a module name, or "re:" + a regex; ours: regexes
+            given = {"protect": [n[3:] if n.startswith("re:") else rf"(^|\.){re.escape(n)}$" for n in value]}  # fmt: skip
+        else:
+            given = {ours_key: value}
+        clash = sorted(k for k in given if k in out)
+        if clash:
+            raise SlimportError(f"{where}: {', '.join(clash)} given twice", hint="give each option once")  # fmt: skip
+        out.update(given)
+    return out
 
 
 def read_recipe(path: str | Path) -> dict:
@@ -312,6 +349,9 @@ def read_recipe(path: str | Path) -> dict:
         data = data["quantization"]
     if not isinstance(data, dict):
         raise SlimportError(f"{path}: `quantization:` is not a mapping of options")
+    if isinstance(data.get("calib_data"), str) and not Path(data["calib_data"]).is_absolute():
+        # the recipe's own folder, so a recipe works from any working directory
+        data = {**data, "calib_data": os.path.normpath(path.parent / data["calib_data"])}
     return data
 
 

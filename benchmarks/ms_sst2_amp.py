@@ -92,7 +92,9 @@ def main() -> None:
     cpu_threads(1)
     rows = [run(amp, args.steps, args.batch_size) for amp in ("O0", "O2")]
     print(header(" ".join(sys.argv)))
-    print("\n| precision | SST-2 dev accuracy | mean loss, last 20 steps | final loss scale | skipped steps | train s |")
+    print(
+        "\n| precision | SST-2 dev accuracy | mean loss, last 20 steps | final loss scale | skipped steps | train s |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         name = "fp32 (O0)" if r["amp"] == "O0" else "O2 + dynamic loss scale"

@@ -196,3 +196,21 @@ def test_o2_loss_scaler_skips_an_overflowing_step_and_halves_the_scale(llama_dir
     assert trainer.loss_scale == 2.0**59
     assert all(np.array_equal(a[k], v) for k, v in ms_lora.lora_tensors(net).items())
     assert net.model.layers[0].self_attn.q_proj.base.weight.dtype == ms.float32  # master weights
+
+
+def test_smollm2_lora_in_mindspore_follows_torch(smollm2_hf, shared, tmp_path):
+    """The CI-sized version of benchmarks/lora_parity.py: 3 steps of SmolLM2, 16 tokens."""
+    from slimport.finetune.lora import finetune_lora
+
+    text = shared / "data/tinyshakespeare/input.txt"
+    train = LoraTrainSettings(steps=3, batch_size=1, seq_len=16, eval_windows=1, ms_graph=False)
+    runs = {
+        rt: finetune_lora(smollm2_hf, tmp_path / rt, text, train=train, runtime=rt, progress=False)
+        for rt in ("torch", "mindspore")
+    }
+    want, got = runs["torch"]["losses"], runs["mindspore"]["losses"]
+    assert all(abs(g - w) <= 1e-3 * abs(w) for g, w in zip(got, want, strict=True))
+    assert runs["mindspore"]["trainable_params"] == runs["torch"]["trainable_params"]
+    ours, _ = lora.read_adapter(tmp_path / "mindspore")
+    theirs, _ = lora.read_adapter(tmp_path / "torch")
+    assert set(ours) == set(theirs)

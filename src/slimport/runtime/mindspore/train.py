@@ -81,7 +81,9 @@ class Trainer:
         if not groups:
             raise SlimportError("nothing to train: the model has no trainable parameters")
         if amp == "O2":
-            net = ms.amp.auto_mixed_precision(net, "O2")
+            # converts net's cells in place (norms stay float32); the float32-output wrapper
+            # it returns is not used: the losses cast the logits themselves
+            ms.amp.auto_mixed_precision(net, "O2")
         self.net, self.amp, self.steps = net, amp, 0
         self.optimizer = AdamW(groups, lr=lr)
         self.params = [p for g in groups for p in g["params"]]

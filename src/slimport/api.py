@@ -88,6 +88,7 @@ def inspect(
         }
         if "gguf_types" in ckpt.metadata:
             info["gguf_types"] = ckpt.metadata["gguf_types"]
+            info.update(_gguf_summary(ckpt))
         if ckpt.quantized:
             info.update(_quantized_summary(ckpt))
         if _pruned(ckpt):
@@ -129,11 +130,27 @@ def _quantized_summary(ckpt) -> dict:
             "packed_bytes": packed,
             "bits_per_parameter": round(8 * packed / params, 3),
             "modules": dict(sorted(kinds.items())),
+            "ignored": ckpt.metadata.get("ignored", []),  # the Linears left in float
             "float_parameters": sum(_numel(i) for i in floats.values()),
             "float_bytes": float_bytes,
             "bits_per_parameter_overall": round(
                 8 * (packed + float_bytes) / ckpt.num_parameters, 3
             ),
+        },
+    }
+
+
+def _gguf_summary(ckpt) -> dict:
+    """A GGUF file as stored: bytes per ggml type and bits per parameter (the reader's `infos`
+    are the float32 tensors it dequantizes to)."""
+    by_type = ckpt.metadata["gguf_type_bytes"]
+    stored = sum(by_type.values())
+    return {
+        "bytes": stored,
+        "dtypes": dict(ckpt.metadata["gguf_types"]),
+        "quantization": {
+            "bytes_by_type": dict(by_type),
+            "bits_per_parameter": round(8 * stored / max(ckpt.num_parameters, 1), 3),
         },
     }
 

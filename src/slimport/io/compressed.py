@@ -313,7 +313,8 @@ def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
     what = f"W{wargs.bits} " + (
         f"g{wargs.group_size}" if wargs.granularity == "group" else f"per-{wargs.granularity}"
     )
-    metadata = {**ckpt.metadata, "dequantized_from": f"compressed-tensors {fmt} ({what})"}
+    metadata = {**ckpt.metadata, "dequantized_from": f"compressed-tensors {fmt} ({what})",
+                "ignored": list(ckpt.config["quantization_config"].get("ignore") or [])}  # fmt: skip
     if inputs is not None:
         metadata["quantized_activations"] = (
             f"{'dynamic' if inputs.dynamic else 'static'} int{inputs.bits} inputs"

@@ -296,6 +296,10 @@ def _parse(path: Path, buf) -> tuple[dict, dict, dict]:
             hint="re-quantize the model to a supported type (e.g. Q8_0, Q4_K, F16) with llama-quantize",
         )
     meta["gguf_types"] = dict(Counter(q.name for q, *_ in tensors.values()))
+    by_type: Counter = Counter()
+    for qtype, _, _, nbytes in tensors.values():
+        by_type[qtype.name] += nbytes
+    meta["gguf_type_bytes"] = dict(by_type)  # what the file stores, per ggml type
     return meta, vtypes, tensors
 
 

@@ -16,6 +16,7 @@ from slimport.compress.pipeline import quantize_  # noqa: E402
 from slimport.compress.quant.compressed import (  # noqa: E402
     RECIPE_FILE,
     checkpoint_format,
+    consumers,
     linear_tensors,
     load_simulated,
     scheme,
@@ -142,6 +143,32 @@ def test_transformers_loads_our_checkpoint_with_equal_logits(llama_saved):
     assert not hasattr(hf.lm_head, "quantization_scheme")
     assert torch.equal(hf.lm_head.weight, model.lm_head.weight)
     assert block["format"] == ("int-quantized" if qc.activations else "pack-quantized")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_what_plain_transformers_does_with_a_w4_folder(symmetric, tmp_path):
+    """What `slimport quantize` tells users (quant.compressed.consumers): transformers loads a
+    symmetric W4 folder packed and decompresses it on its first forward; the packed zero points
+    of an asymmetric one break its compressed load path, hence `"dequantize": true` (dense at
+    load). If the asymmetric load ever succeeds, transformers fixed it: drop the key."""
+    from transformers import AutoModelForCausalLM
+
+    qc = QuantizationConfig(bits=4, group_size=64, symmetric=symmetric)
+    save_quantized(quantize(tiny_llama(), qc), tmp_path / "q", qc)
+    config = json.loads((tmp_path / "q/config.json").read_text())
+    assert config["quantization_config"].get("dequantize", False) is not symmetric
+    assert any(("dense float at load" in c) is not symmetric for c in consumers(qc))
+    config["quantization_config"].pop("dequantize", None)
+    (tmp_path / "q/config.json").write_text(json.dumps(config))
+    if not symmetric:
+        with pytest.raises(RuntimeError, match="mismatch"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        return
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    proj = hf.model.layers[0].mlp.up_proj
+    assert proj.weight_packed.dtype == torch.int32 and "weight" not in dict(proj.named_parameters())
+    logits(hf, tokens(256))
+    assert proj.weight.dtype == torch.float32  # decompressed, the whole model, for good
 
 
 def test_load_simulated_gives_back_the_same_integers(llama_saved):

@@ -124,16 +124,39 @@ def quantization_config(
         "transform_config": {},
         **cfg.model_dump(exclude={"quant_method"}),
     }
-    w = qconfig.weights
-    if checkpoint_format(qconfig) == PACKED and not w.symmetric and w.granularity in PACKED_ZP:
-        # transformers' default (compressed) load path builds its modules with
-        # compressed-tensors' meta-device compression, which leaves weight_zero_point unpacked
-        # ([out, groups] int8) while real checkpoints hold it packed ([out*bits/32, groups]
-        # int32): the load fails on the size mismatch (llm-compressor issue #1618). Its
-        # `dequantize` path decompresses tensor by tensor correctly and, for weight-only
-        # schemes, computes exactly the same thing; vLLM ignores this transformers-only key.
+    if packed_zero_points(qconfig):
         block["dequantize"] = True
     return block
+
+
+def packed_zero_points(qconfig: QuantizationConfig) -> bool:
+    """Whether the folder holds packed zero points, which transformers cannot load compressed.
+
+    transformers' (5.24) compressed load path builds its modules with compressed-tensors' (0.20)
+    meta-device `compress_model`, which leaves weight_zero_point unpacked ([out, groups]) while
+    the checkpoint holds it packed ([out*bits/32, groups] int32, as the library's own compressor
+    writes it and vLLM reads it): the load fails on the size mismatch (llm-compressor issue
+    #1618). So such folders carry `"dequantize": true`: transformers then decompresses tensor by
+    tensor at load, dense float from the start; vLLM ignores this transformers-only key."""
+    w = qconfig.weights
+    return checkpoint_format(qconfig) == PACKED and not w.symmetric and w.granularity in PACKED_ZP
+
+
+def consumers(qconfig: QuantizationConfig) -> list[str]:
+    """What each consumer does with the folder, for `slimport quantize` to say (the memory
+    measured by benchmarks/transformers_rss.py)."""
+    if packed_zero_points(qconfig):
+        hf = ("transformers from_pretrained: dequantizes it to dense float at load (config "
+              '"dequantize": true; its compressed path cannot take packed zero points), so it '
+              "takes the float model's memory; quantize with --symmetric to load it packed")  # fmt: skip
+    else:
+        hf = ("transformers from_pretrained: loads it packed, and compressed-tensors decompresses "
+              "the whole model to dense float on its first forward pass")  # fmt: skip
+    return [
+        "slimport.load_quantized (torch) and MindSpore: compute with the packed integers",
+        hf,
+        "vLLM: serves the integers with its compressed-tensors kernels (a GPU)",
+    ]
 
 
 def _sparsity_block(sparsity: dict) -> dict:

@@ -229,6 +229,7 @@ def test_cli_quantize_prints_sizes_and_writes_the_report(smollm2_hf, tmp_path, c
     assert main(["quantize", str(smollm2_hf), str(tmp_path / "q"), "--bits", "8", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "W8 per-channel RTN: 210 Linear layers quantized" in text and "MB ->" in text
+    assert "transformers from_pretrained: loads it packed" in text  # what each consumer does
     report = json.loads((tmp_path / "q/quantization_report.json").read_text())
     assert report["bytes_after"] < report["bytes_before"]
 

@@ -21,7 +21,7 @@ compressed-tensors than slimport's `.venv`; torch stays the very same 2.13.0 CPU
         --only fp32,rtn,hqq                                         # a smoke run
 
 `--setup-peers` does: `python3 -m venv .cache/peers-venv`, `pip install torch==2.13.0`, then
-`pip install -c <torch==2.13.0> nncf==3.4.0 hqq==0.2.8.post1 llmcompressor==0.14.0.1 tqdm`
+`pip install -c <torch==2.13.0> nncf==3.4.0 hqq==0.2.8.post1 llmcompressor==0.14.0.1 datasets tqdm`
 (the constraint keeps torch; it refuses to finish if torch changed anyway). slimport itself is
 not installed there: the workers put this checkout's `src/` on sys.path and only use its data
 and perplexity code (torch + tqdm). Without the peer venv the peers run with the current
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))  # workers in the peer venv import slimpor
 sys.path.insert(0, str(Path(__file__).parent))
 
 PEER_VENV = ROOT / ".cache" / "peers-venv"
-PEER_PINS = ("nncf==3.4.0", "hqq==0.2.8.post1", "llmcompressor==0.14.0.1", "tqdm")
+PEER_PINS = ("nncf==3.4.0", "hqq==0.2.8.post1", "llmcompressor==0.14.0.1", "datasets", "tqdm")
 TORCH = "torch==2.13.0"
 MODEL = ROOT / ".cache" / "models" / "smollm2-135m"
 TEST = "data/wikitext-2-raw/wiki.test.raw"

@@ -232,6 +232,9 @@ def test_cli_quantize_prints_sizes_and_writes_the_report(smollm2_hf, tmp_path, c
     assert "transformers from_pretrained: loads it packed" in text  # what each consumer does
     report = json.loads((tmp_path / "q/quantization_report.json").read_text())
     assert report["bytes_after"] < report["bytes_before"]
+    assert any(
+        c.startswith("transformers from_pretrained: loads it packed") for c in report["consumers"]
+    )
 
 
 def test_shipped_recipes_are_valid():

@@ -7,7 +7,6 @@ from pathlib import Path
 from slimport.arch.layout import is_causal_lm
 from slimport.compress import pipeline
 from slimport.compress.calibration import calibration_inputs
-from slimport.compress.quant.compressed import consumers
 from slimport.compress.quant.config import QuantizationConfig, ours, read_recipe
 from slimport.convert.loader import model_config
 from slimport.errors import SlimportError
@@ -110,8 +109,11 @@ def summary(report: dict, top: int = 8) -> str:
     lines.append(
         f"model bytes {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB ({after / before:.1%}) in {report['seconds']:.1f} s"
     )
-    if cfg.quantizes:
-        lines += ["what each consumer does with this folder:", *(f"  {c}" for c in consumers(cfg))]
+    if report.get("consumers"):
+        lines += [
+            "what each consumer does with this folder:",
+            *(f"  {c}" for c in report["consumers"]),
+        ]
     rows = sorted(report["modules"], key=lambda r: -r.get("weight_rel_err", 0))[:top]
     if rows:
         lines.append("")

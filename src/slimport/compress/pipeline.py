@@ -43,6 +43,7 @@ from slimport.compress.capture import (
 from slimport.compress.handlers import BlockWork, handler_for
 from slimport.compress.prune import REPORT as PRUNE_REPORT
 from slimport.compress.prune import handlers as _pruning  # noqa: F401 (registers its handlers)
+from slimport.compress.quant.compressed import consumers
 from slimport.compress.quant.config import DEFAULT_PROTECT, QuantizationConfig
 from slimport.compress.skeleton import Skeleton, check_finite, find_blocks, join, linearize
 from slimport.compress.writer import FolderWriter, ignore_list, linear_shapes, module_tensors
@@ -194,6 +195,7 @@ def _quantize(
                 "bytes_after": writer.bytes(),
                 "seconds": round(time.perf_counter() - t_start, 2),
                 "modules": report_rows,
+                "consumers": consumers(config) if config.quantizes else [],
             }
             (tmp / report_file(config)).write_text(json.dumps(report, indent=2) + "\n")
     finally:

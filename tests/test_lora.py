@@ -83,9 +83,9 @@ def test_trainable_parameters_are_the_lora_matrices_only(trained, smollm2_hf):
     assert report["held_out_perplexity_after"] < report["held_out_perplexity_before"]
 
 
-def test_cli_lora_writes_the_adapter(smollm2_hf, text, tmp_path, capsys):
-    out = tmp_path / "ad"
-    argv = ["finetune", str(smollm2_hf), "--lora", "--data", str(text), "--out", str(out),
+def test_cli_lora_writes_the_adapter(smollm2_gguf, text, tmp_path, capsys):
+    out = tmp_path / "ad"  # from the GGUF file: converted to a Hugging Face folder on the way
+    argv = ["finetune", str(smollm2_gguf), "--lora", "--data", str(text), "--out", str(out),
             "--steps", "1", "--seq-len", "16", "--batch-size", "1", "--rank", "2",
             "--targets", r".*\.q_proj"]  # fmt: skip
     assert main(argv) == 0
@@ -93,6 +93,9 @@ def test_cli_lora_writes_the_adapter(smollm2_hf, text, tmp_path, capsys):
     names = load_file(str(out / "adapter_model.safetensors"))
     assert names and all(".self_attn.q_proj.lora_" in n for n in names)
     assert {v.shape[0] for k, v in names.items() if "lora_A" in k} == {2}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(smollm2_gguf)
+    assert [p.name for p in tmp_path.iterdir()] == ["ad"]  # the converted copy is gone
 
 
 def test_targets_matching_nothing_are_an_error(smollm2_hf, text, tmp_path):

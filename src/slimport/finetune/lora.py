@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,11 +22,13 @@ import torch
 from tqdm import tqdm
 
 from slimport.compress import lora
+from slimport.convert import loader
 from slimport.data import lm_windows
 from slimport.errors import SlimportError
 from slimport.evaluate.perplexity import perplexity
 from slimport.io import train_state
 from slimport.io.base import atomic_dir
+from slimport.io.locate import resolve_model
 
 RUNTIMES = ("torch", "mindspore")
 
@@ -188,9 +191,25 @@ def finetune_lora(
     train.check()
     if runtime not in RUNTIMES:
         raise SlimportError(f"--runtime {runtime!r}: choose {' or '.join(RUNTIMES)}")
-    model = Path(model)
-    if not (model / "config.json").is_file():
+    name = str(model)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="slimport-lora-", dir=Path(out).parent) as tmp:
+        model = _hf_folder(resolve_model(model), Path(tmp))
+        return _train(model, name, out, data, settings, train, runtime, progress, checkpoint)
+
+
+def _hf_folder(model: Path, tmp: Path) -> Path:
+    """`model` as a Hugging Face folder (both runtimes read one, and its tokenizer): a GGUF or
+    other checkpoint file (`smollm2`) is converted into `tmp` first (seconds)."""
+    if (model / "config.json").is_file():
+        return model
+    if model.is_dir():
         raise SlimportError(f"{model}: not a model folder (no config.json)")
+    loader.convert(model, tmp / "hf", to="hf", progress=False)
+    return tmp / "hf"
+
+
+def _train(model, name, out, data, settings, train, runtime, progress, checkpoint) -> dict:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -227,7 +246,7 @@ def finetune_lora(
     report = {
         "task": "causal-lm-lora",
         "runtime": runtime,
-        "base_model": str(model),
+        "base_model": name,
         "train_data": str(data),
         "train_windows": len(windows),
         "held_out_windows": len(held),
@@ -245,7 +264,7 @@ def finetune_lora(
         raise SlimportError(f"LoRA training diverged (loss {losses[-1]}); lower --lr")
     pattern = lora.target_pattern(settings, config.get("model_type"))
     lora.write_adapter(
-        out, tensors, lora.peft_config(settings, pattern, str(model), "CAUSAL_LM"),
+        out, tensors, lora.peft_config(settings, pattern, name, "CAUSAL_LM"),
         extra={"finetune_report.json": json.dumps(report, indent=2) + "\n"},
     )  # fmt: skip
     return report

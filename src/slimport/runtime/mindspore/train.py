@@ -39,8 +39,12 @@ def cpu_threads(n: int) -> None:
 
 
 def logits_of(net, *inputs):
-    """The first output of our Cell's construct (a tuple in graph mode and pynative alike)."""
-    return net.construct(*inputs)[0]
+    """The first output of our Cell: a ModelOutput in pynative (its __call__, which also applies
+    the Cell's mixed-precision casts), the construct's tuple inside a compiled graph."""
+    out = net(*inputs)
+    if isinstance(out, dict):
+        return out[net.output_names[0]]
+    return out[0]
 
 
 def causal_lm_loss(net, input_ids):

@@ -10,10 +10,10 @@ import sys
 import threading
 from pathlib import Path
 
-from slimport.cli import models, quantize, run, train
+from slimport.cli import distill, models, quantize, run, train
 from slimport.errors import SlimportError
 
-COMMANDS = (models, quantize, run, train)  # in --help order
+COMMANDS = (models, quantize, distill, run, train)  # in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,20 @@ from slimport.io.formats import CAST_DTYPES, TARGETS
 def _quantize(args) -> int:
     from slimport.compress import api
 
+    if args.qat is not None:
+        from slimport.compress.quant.qat import QATSettings, quantize_aware
+
+        options = {k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None}
+        settings = QATSettings(steps=args.qat, lsq=args.lsq)
+        if args.qat_lr is not None:
+            settings = QATSettings(steps=args.qat, lsq=args.lsq, lr=args.qat_lr)
+        report = quantize_aware(args.model, args.out, api.make_config(args.recipe, **options),
+                                settings, progress=not args.quiet, overwrite=args.overwrite)  # fmt: skip
+        print(api.summary(report))
+        q = report["qat"]
+        print(f"QAT: {q['steps']} steps in {q['seconds']:.0f} s, KL {q['losses'][0]:.4g} -> "
+              f"{q['losses'][-1]:.4g}, {q['integers_changed']:.2%} of the integers changed")  # fmt: skip
+        return 0
     report = api.quantize(
         args.model, args.out, recipe=args.recipe, progress=not args.quiet, overwrite=args.overwrite,
         **{k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None},
@@ -86,6 +100,12 @@ def register(sub) -> None:
     )
     sp.add_argument("--gguf-compatible", action="store_true", default=None,
                     help="float16 scales (and Q4_1 minimums): --to gguf writes the integers exactly")  # fmt: skip
+    sp.add_argument("--qat", type=int, metavar="STEPS",
+                    help="then quantization-aware training: STEPS of KD from the float model on --calib-data")  # fmt: skip
+    sp.add_argument("--qat-lr", type=float, help="QAT learning rate of the weights (1e-5)")
+    sp.add_argument(
+        "--no-lsq", dest="lsq", action="store_false", help="QAT: keep the PTQ scales fixed"
+    )
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     overwrite_option(sp)
     sp.set_defaults(fn=_quantize)

@@ -11,11 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
-from slimport.cli import models, quantize, run, train
+from slimport.cli import distill, models, quantize, run, train
 from slimport.cli.options import HelpFormatter, Parser
 from slimport.errors import SlimportError
 
-COMMANDS = (models, quantize, run, train)  # in --help order
+COMMANDS = (models, quantize, distill, run, train)  # in --help order
 
 # Distinct so scripts can tell a failed check from bad input from a bug (as pytest and ruff do).
 OK, FAILED, USAGE, REFUSED, CRASHED, INTERRUPTED, TERMINATED = 0, 1, 2, 3, 4, 130, 143

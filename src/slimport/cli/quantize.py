@@ -20,12 +20,25 @@ from slimport.io.formats import CAST_DTYPES, TARGETS
 def _quantize(args) -> int:
     from slimport.compress import api
 
+    options = {k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None}
     with stdout_kept_for_json(args.json):
-        report = api.quantize(
-            args.model, args.out, recipe=args.recipe, progress=not args.quiet, overwrite=args.overwrite,
-            **{k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None},
-        )  # fmt: skip
-    print(json.dumps(report, indent=2) if args.json else api.summary(report))
+        if args.qat is not None:
+            from slimport.compress.quant.qat import QATSettings, quantize_aware
+
+            lr = {} if args.qat_lr is None else {"lr": args.qat_lr}
+            settings = QATSettings(steps=args.qat, lsq=args.lsq, **lr)
+            report = quantize_aware(args.model, args.out, api.make_config(args.recipe, **options),
+                                    settings, progress=not args.quiet, overwrite=args.overwrite)  # fmt: skip
+        else:
+            report = api.quantize(args.model, args.out, recipe=args.recipe, progress=not args.quiet,
+                                  overwrite=args.overwrite, **options)  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(api.summary(report))
+    if q := report.get("qat"):
+        print(f"QAT: {q['steps']} steps in {q['seconds']:.0f} s, KL {q['losses'][0]:.4g} -> "
+              f"{q['losses'][-1]:.4g}, {q['integers_changed']:.2%} of the integers changed")  # fmt: skip
     return 0
 
 
@@ -145,6 +158,10 @@ def register(sub) -> None:
                     "(repeatable; replaces the default: the output heads lm_head/classifier)")
     sp.add_argument("--gguf-compatible", action="store_true", default=None,
                     help="float16 scales (and Q4_1 minimums): --to gguf writes the integers exactly")
+    sp.add_argument("--qat", type=int, metavar="STEPS",
+                    help="then quantization-aware training: STEPS of KD from the float model on --calib-data (default: off)")
+    sp.add_argument("--qat-lr", type=float, help="QAT learning rate of the weights (default: 1e-5)")
+    sp.add_argument("--no-lsq", dest="lsq", action="store_false", help="QAT: keep the PTQ scales fixed")
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     overwrite_option(sp)

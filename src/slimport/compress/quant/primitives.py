@@ -146,6 +146,22 @@ def fake_quantize(
     return dequantize(quantize(g, s, z, args.bits), s, z).reshape(x.shape)
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() forward, identity backward: the straight-through estimator of QAT."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_ste(
+    x: torch.Tensor, args: QuantArgs, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """`fake_quantize` that trains: gradients reach x through the rounding (zero outside the
+    grid, as the clamp says) and reach the scale as LSQ's (Esser et al. 2020)."""
+    g = _grouped(x, args)
+    s, z = _per_granule(scale, args), _per_granule(zero, args)
+    qmin, qmax = qrange(args.bits)
+    return ((torch.clamp(round_ste(g / s + z), qmin, qmax) - z) * s).reshape(x.shape)
+
+
 def rtn(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest of a weight [out, in] with min-max ranges: (q, scale, zero)."""
     scale, zero = weight_qparams(*minmax(w, args), args)

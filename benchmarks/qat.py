@@ -1,0 +1,148 @@
+"""Quantization-aware training against the PTQ it starts from: how much of the PTQ loss it wins
+back, on two cases.
+
+* smollm2: SmolLM2-135M W4 g64 RTN (576 = hidden size: 128 divides no q_proj row); QAT on WikiText-2 *valid* windows (never test); WikiText-2
+  raw test perplexity (non-overlapping windows) of fp32, PTQ and QAT.
+* minilm: the MiniLM SST-2 classifier, static W8A8 (min_max, no SmoothQuant), QAT on SST-2 train
+  sentences; SST-2 dev accuracy and agreement with fp32.
+
+    python benchmarks/qat.py --case smollm2 --steps 100 --minutes 20
+    python benchmarks/qat.py --case minilm --steps 100
+
+recovered = (PTQ loss - QAT loss) / PTQ loss, loss = perplexity above fp32 (smollm2) or
+disagreement with fp32 (minilm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import header  # noqa: E402
+
+from slimport.compress.api import make_config, quantize  # noqa: E402
+from slimport.compress.quant.compressed import load_simulated  # noqa: E402
+from slimport.compress.quant.qat import QATSettings, float_model, quantize_aware  # noqa: E402
+from slimport.compress.training import cache_root  # noqa: E402
+from slimport.data import shared_dir  # noqa: E402
+
+
+def smollm2(args, scratch: Path) -> None:
+    from slimport.data import wikitext_windows
+    from slimport.evaluate.perplexity import perplexity
+    from slimport.io.hf import load_tokenizer
+
+    model = Path(args.model or cache_root() / "models/smollm2-135m")
+    data = shared_dir() / "data"
+    config = make_config(bits=4, group_size=args.group_size, method="rtn", seq_len=args.seq_len,
+                         calib_data=str(data / "wikitext-2/valid.txt"))  # fmt: skip
+    windows = wikitext_windows(load_tokenizer(model), data / "wikitext-2-raw/wiki.test.raw",
+                               512, args.windows)  # fmt: skip
+    quantize(model, scratch / "ptq", config, progress=False)
+    report = quantize_aware(model, scratch / "qat", config, settings(args), overwrite=True)
+    rows = {"fp32": float_model(model)}
+    rows[f"W4 g{args.group_size} RTN (PTQ)"] = load_simulated(scratch / "ptq")[0]
+    rows[f"W4 g{args.group_size} RTN + QAT {report['qat']['steps']} steps"] = load_simulated(
+        scratch / "qat"
+    )[0]
+    ppl = {}
+    for name, m in rows.items():
+        ppl[name] = perplexity(m, windows, progress=False)["perplexity"]
+        rows[name] = None  # one model in memory at a time
+    base, (ptq, qat) = ppl["fp32"], list(ppl.values())[1:]
+    _print(args, report, f"SmolLM2-135M ({model.name}); QAT on {args.steps} x {args.seq_len} "
+           f"WikiText-2 valid tokens; {args.windows} x 512 WikiText-2 raw test windows")  # fmt: skip
+    print("| model | WikiText-2 ppl | vs fp32 |")
+    print("|---|---|---|")
+    for name, p in ppl.items():
+        print(f"| {name} | {p:.3f} | {p / base - 1:+.2%} |")
+    print(f"\nQAT recovers {(ptq - qat) / (ptq - base):.0%} of the perplexity PTQ lost")
+
+
+def minilm(args, scratch: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from slimport.evaluate.classification import sst2_accuracy
+    from slimport.finetune import ensure_sst2_classifier, sst2_path
+
+    model = Path(args.model) if args.model else ensure_sst2_classifier(recipe=args.recipe)
+    config = make_config(bits=8, activations="static", observer="min_max", num_samples=256,
+                         calib_data=str(sst2_path("train")))  # fmt: skip
+    quantize(model, scratch / "ptq", config, progress=False)
+    report = quantize_aware(model, scratch / "qat", config, settings(args), overwrite=True)
+    tok = AutoTokenizer.from_pretrained(model)
+    dev = sst2_path("dev")
+    ref = sst2_accuracy(float_model(model), tok, dev)
+    res = {"fp32": {**ref, "agreement": 1.0}}
+    res["W8A8 static min_max (PTQ)"] = sst2_accuracy(
+        load_simulated(scratch / "ptq")[0], tok, dev, reference=ref
+    )
+    res[f"W8A8 + QAT {report['qat']['steps']} steps"] = sst2_accuracy(
+        load_simulated(scratch / "qat")[0], tok, dev, reference=ref
+    )
+    _print(args, report, f"MiniLM SST-2 classifier ({model.name}); W8A8 = int8 per-channel symmetric "
+           "weights, int8 static per-tensor asymmetric inputs (min_max, 256 SST-2 train sentences); "
+           f"QAT on {args.steps} x 32 SST-2 train sentences")  # fmt: skip
+    print("| model | SST-2 dev accuracy | agreement with fp32 |")
+    print("|---|---|---|")
+    for name, r in res.items():
+        print(f"| {name} | {r['accuracy']:.2%} | {r['agreement']:.2%} |")
+    ptq, qat = (1 - r["agreement"] for r in list(res.values())[1:])
+    print(
+        f"\nQAT recovers {(ptq - qat) / ptq:.0%} of the disagreement PTQ introduced" if ptq else ""
+    )
+
+
+def settings(args) -> QATSettings:
+    return QATSettings(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, lsq=not args.no_lsq,
+                       batch_size=args.batch_size, minutes=args.minutes)  # fmt: skip
+
+
+def _print(args, report, what: str) -> None:
+    q = report["qat"]
+    print(header("python benchmarks/qat.py " + " ".join(sys.argv[1:]), ("torch", "transformers")))
+    print()
+    print(f"{what}; lr {args.lr}, log-scale lr {args.scale_lr}, LSQ {not args.no_lsq}; "
+          f"{q['steps']} steps in {q['seconds'] / 60:.1f} min (1 thread, shared machine), "
+          f"KL to fp32 {sum(q['losses'][:5]) / 5:.4g} (first 5 steps) -> "
+          f"{sum(q['losses'][-5:]) / 5:.4g} (last 5); {q['integers_changed']:.2%} of the integers changed")  # fmt: skip
+    print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--case", choices=("smollm2", "minilm"), required=True)
+    ap.add_argument(
+        "--model", help="default: .cache/models/smollm2-135m, or the finetune classifier"
+    )
+    ap.add_argument("--recipe", default="full", help="minilm: the classifier's finetune recipe")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--scale-lr", type=float, default=1e-3)
+    ap.add_argument("--no-lsq", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument(
+        "--group-size", type=int, default=64, help="smollm2: 64 (128 does not divide 576)"
+    )
+    ap.add_argument("--seq-len", type=int, default=256, help="smollm2: QAT window tokens")
+    ap.add_argument("--windows", type=int, default=16, help="smollm2: test windows of 512 tokens")
+    ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument("--scratch", default=".cache/bench-qat")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    scratch = Path(args.scratch) / args.case
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    (smollm2 if args.case == "smollm2" else minilm)(args, scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

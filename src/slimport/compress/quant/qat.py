@@ -1,0 +1,277 @@
+"""Quantization-aware training: fine-tune a PTQ result through its own rounding.
+
+Starts from what post-training quantization wrote (RTN/GPTQ/AWQ integers, observers' input
+ranges): every QuantLinear becomes a `FakeQuantLinear` whose float weight starts at the
+dequantized integers (so step 0 computes exactly the PTQ model) and whose forward rounds it onto
+the grid with the straight-through estimator; static activations are fake-quantized the same
+way, dynamic ones per token as at run time. With `lsq` the weight and input scales train too
+(LSQ, log-parametrised so one learning rate fits every layer's magnitude). The loss is the
+float model's own logits (KL at temperature T): QAT as self-distillation, so no labels are
+needed and the calibration text is the training text (never a test split). The result is
+rounded once more and written by the PTQ path's writer: the same compressed-tensors folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from slimport.compress.quant import primitives as P
+from slimport.compress.quant.config import QuantArgs, QuantizationConfig
+from slimport.compress.quant.modules import QuantLinear
+from slimport.compress.training import lr_factor, torch_threads
+from slimport.errors import SlimportError
+
+REPORT = "qat_report.json"
+
+
+@dataclass(frozen=True)
+class QATSettings:
+    steps: int = 100
+    lr: float = 1e-5  # latent weights (Adam)
+    scale_lr: float = 1e-3  # log-scales with lsq: ~0.1% change per step
+    lsq: bool = True
+    batch_size: int = 1  # LM windows (of the recipe's seq_len) or sentences x 32 per step
+    temperature: float = 1.0
+    warmup: float = 0.05
+    minutes: float = 20.0
+    threads: int | None = 1
+
+
+class FakeQuantLinear(nn.Module):
+    """A QuantLinear that trains: latent float weight, (learnable) scales, fixed zero points."""
+
+    def __init__(
+        self, ql: QuantLinear, lsq: bool, float_weight: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.weight_args: QuantArgs = ql.weight_args
+        self.input_args: QuantArgs | None = ql.input_args
+        w = ql.weight.detach().clone()
+        if float_weight is not None:
+            # the float weight moved into its PTQ integer's rounding bin: it rounds to the very
+            # integer PTQ chose (RTN's: itself) yet keeps how far from a flip it sits; started
+            # at the bin centres instead, no weight would flip in the first s/(2 lr) steps
+            half = P.expand(ql.weight_scale.float(), w.shape, ql.weight_args) * (0.5 - 1e-3)
+            w = torch.maximum(torch.minimum(float_weight.detach().float(), w + half), w - half)
+        self.weight = nn.Parameter(w)
+        self.bias = ql.bias
+        log_s = ql.weight_scale.detach().float().log()
+        self.log_scale = nn.Parameter(log_s, requires_grad=lsq)
+        self.register_buffer("zero", ql.weight_zero_point.float())
+        self.log_input_scale = None
+        self.register_buffer("input_zero", None)
+        if ql.input_scale is not None:
+            self.log_input_scale = nn.Parameter(ql.input_scale.float().log(), requires_grad=lsq)
+            self.input_zero = ql.input_zero_point.float()
+
+    def quantized_weight(self) -> torch.Tensor:
+        return P.fake_quantize_ste(self.weight, self.weight_args, self.log_scale.exp(), self.zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.input_args
+        if a is not None and a.dynamic:  # per-token scales: not learned, rounding passed straight
+            x = x + (P.dynamic_fake_quantize(x.detach(), a) - x).detach()
+        elif self.log_input_scale is not None:
+            s, z = self.log_input_scale.exp(), self.input_zero
+            qmin, qmax = P.qrange(a.bits)
+            x = (torch.clamp(P.round_ste(x / s + z), qmin, qmax) - z) * s
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def to_quant_linear(self, name: str) -> QuantLinear:
+        """Round the trained weight onto the trained grid: the integers a loader will read."""
+        with torch.no_grad():
+            scale = self.log_scale.exp()
+            P.check_scale(f"{name}.weight", scale)
+            q = P.quantize_tensor(self.weight, self.weight_args, scale, self.zero)
+            ql = QuantLinear(q, scale, self.zero, self.bias, self.weight_args, self.input_args)
+            if self.log_input_scale is not None:
+                s = self.log_input_scale.exp()
+                P.check_scale(f"{name} input", s)
+                ql.set_input_qparams(s, self.input_zero)
+        return ql
+
+
+def _swap(model: nn.Module, kind: type, make) -> dict[str, nn.Module]:
+    from slimport.io.hf import set_module
+
+    done = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, kind):
+            done[name] = make(name, m)
+            set_module(model, name, done[name])
+    return done
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float, mask=None) -> torch.Tensor:
+    """T^2 * KL(teacher/T || student/T) over the last dim, averaged over rows (real tokens)."""
+    log_q = F.log_softmax(student.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher.float() / t, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if mask is not None:
+        return t * t * (kl * mask).sum() / mask.sum()
+    return t * t * kl.mean()
+
+
+def train_qat(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: list[dict],
+    settings: QATSettings,
+    progress: bool = True,
+) -> dict:
+    """QAT of a model holding QuantLinears, in place (they come back as QuantLinears holding the
+    trained integers); `teacher` is the float model. Returns the training record."""
+    s = settings
+    t0 = time.perf_counter()
+    deadline = t0 + s.minutes * 60
+    for p in list(model.parameters()) + list(teacher.parameters()):
+        p.requires_grad_(False)
+    ptq_ints = {
+        n: m.qweight.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)
+    }
+    floats = dict(teacher.named_modules())
+    fq = _swap(model, QuantLinear, lambda n, m: FakeQuantLinear(m, s.lsq, floats[n].weight))
+    if not fq:
+        raise SlimportError("QAT: the model has no quantized Linear layers")
+    weights = [m.weight for m in fq.values()]
+    scales = [p for m in fq.values() for p in (m.log_scale, m.log_input_scale)
+              if p is not None and p.requires_grad]  # fmt: skip
+    groups = [{"params": weights, "lr": s.lr}]
+    if scales:
+        # scale gradients are ~1e-12 (a sum of tiny terms): Adam's default eps 1e-8 would
+        # swallow them; with eps ~0 each log-scale moves ~scale_lr per step
+        groups.append({"params": scales, "lr": s.scale_lr, "eps": 1e-30})
+    optimizer = torch.optim.Adam(groups)
+    warmup = max(1, round(s.warmup * s.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i, s.steps, warmup)
+    )
+    teacher.eval()
+    model.eval()  # no dropout: the student should match the teacher's deterministic logits
+    losses: list[float] = []
+    with torch_threads(s.threads):
+        bar = tqdm(total=s.steps, desc="qat", unit="step", disable=not progress or None)
+        for step in range(s.steps):
+            if time.perf_counter() > deadline:
+                break
+            batch = batches[step % len(batches)]
+            mask = batch.get("attention_mask")
+            with torch.no_grad():
+                target = teacher(**batch).logits
+            logits = model(**batch).logits
+            if logits.ndim == 3 and mask is not None:  # per-token, padding left out
+                loss = kd_loss(logits, target, s.temperature, mask.float())
+            else:
+                loss = kd_loss(logits, target, s.temperature)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 6))
+            bar.update()
+            bar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+        bar.close()
+    quantized = _swap(model, FakeQuantLinear, lambda n, m: m.to_quant_linear(n))
+    changed = sum(int((q.qweight != ptq_ints[n]).sum()) for n, q in quantized.items())
+    return {
+        "steps": len(losses),
+        "stopped_early": len(losses) < s.steps,
+        "losses": losses,
+        "integers_changed": changed / sum(q.qweight.numel() for q in quantized.values()),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def training_batches(source, config: QuantizationConfig, settings: QATSettings) -> list[dict]:
+    """The QAT steps' inputs from the recipe's calibration text: `steps * batch_size` windows of
+    seq_len tokens (LMs) or batches of 32 sentences (encoders), seeded by the recipe."""
+    from slimport.arch.layout import is_causal_lm
+    from slimport.compress.calibration import calibration_inputs
+    from slimport.convert.loader import model_config
+    from slimport.io.auto import open_checkpoint
+    from slimport.io.hf import load_tokenizer
+
+    if not config.calib_data:
+        raise SlimportError(
+            "QAT trains on text and no calib_data was given",
+            hint="pass --calib-data FILE (task text such as WikiText-2 train/valid or SST-2 "
+            "train; never the test split)",
+        )
+    with open_checkpoint(source) as ckpt:
+        causal = is_causal_lm(model_config(ckpt) or {})
+    per_batch = settings.batch_size if causal else 32 * settings.batch_size
+    n = settings.steps * per_batch
+    if not causal:  # as many sentences as the file has, reused in order after that
+        from slimport.data import read_texts
+
+        n = min(n, len(read_texts(config.calib_data)))
+    cfg = dataclasses.replace(config, num_samples=n, seed=config.seed + 1)  # not the PTQ sample
+    return calibration_inputs(load_tokenizer(source), config.calib_data, cfg, causal, per_batch)
+
+
+def float_model(source) -> nn.Module:
+    """The float model QAT distils from (the PTQ source, any checkpoint slimport reads)."""
+    import tempfile
+
+    from slimport.compress.students import hf_folder
+    from slimport.io.hf import model_class
+
+    with tempfile.TemporaryDirectory(prefix="slimport-qat-") as scratch:
+        folder = hf_folder(source, Path(scratch))
+        config = json.loads((folder / "config.json").read_text())
+        cls = model_class((config.get("architectures") or [None])[0])
+        return cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def quantize_aware(
+    source: str | Path,
+    out: str | Path,
+    config: QuantizationConfig,
+    settings: QATSettings,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """PTQ by the recipe, then QAT: the compressed-tensors folder `out` (as `quantize` writes
+    it, + qat_report.json). Returns the PTQ report with a `qat` entry."""
+    import tempfile
+
+    from slimport.compress import pipeline
+    from slimport.compress.quant.compressed import load_simulated
+    from slimport.compress.writer import save_quantized
+    from slimport.io.base import atomic_dir, check_output_dir
+
+    out = Path(out)
+    check_output_dir(out, overwrite, Path(source))
+    if settings.steps < 1:
+        raise SlimportError(f"--qat {settings.steps}: the number of steps must be positive")
+    if config.gguf_compatible and settings.lsq:
+        raise SlimportError(
+            "learned scales are not float16 values: QAT with gguf_compatible needs lsq off",
+            hint="pass --no-lsq",
+        )
+    batches = training_batches(source, config, settings)
+    with tempfile.TemporaryDirectory(prefix="slimport-ptq-", dir=out.parent) as scratch:
+        from slimport.compress.api import quantize
+
+        ptq = Path(scratch) / "ptq"
+        report = quantize(source, ptq, config, progress=progress)
+        model, qconfig = load_simulated(ptq)
+        teacher = float_model(source)
+        record = train_qat(model, teacher, batches, settings, progress)
+        del teacher
+        with atomic_dir(out, overwrite, Path(source)) as tmp:
+            files = save_quantized(model, tmp, qconfig, tokenizer_dir=ptq)
+            record.update(settings=dataclasses.asdict(settings), files=files["files"])
+            report = {**report, "qat": record, "bytes_after": files["bytes_after"]}
+            (tmp / pipeline.report_file(config)).write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / REPORT).write_text(json.dumps(record, indent=2) + "\n")
+    return report

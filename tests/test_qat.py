@@ -1,0 +1,168 @@
+"""Quantization-aware training: the straight-through fake quantizer, a start that is exactly the
+PTQ model, training that moves the integers towards the float model, and the very
+compressed-tensors folder PTQ writes. Tiny random models keep it to seconds; the SmolLM2 W4 and
+MiniLM W8A8 numbers are in BENCHMARKS.md (benchmarks/qat.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from slimport.cli import main
+from slimport.compress.quant import primitives as P
+from slimport.compress.quant.compressed import load_simulated
+from slimport.compress.quant.config import QuantArgs, QuantizationConfig
+from slimport.compress.quant.modules import QuantLinear
+from slimport.compress.quant.qat import FakeQuantLinear, QATSettings, float_model, quantize_aware
+from slimport.errors import SlimportError
+
+FAST = QATSettings(steps=16, lr=3e-5, warmup=0.0)
+
+
+def test_the_straight_through_estimator():
+    args = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=4)
+    torch.manual_seed(0)
+    w = torch.randn(3, 8)
+    scale, zero = P.weight_qparams(*P.minmax(w, args), args)
+    x = w.clone().requires_grad_(True)
+    y = P.fake_quantize_ste(x, args, scale, zero)
+    assert torch.equal(y, P.fake_quantize(w, args, scale, zero))  # forward: the loader's values
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(w))  # min-max grid: every weight inside it
+    far = torch.full((3, 8), 100.0, requires_grad=True)  # beyond the grid: the clamp stops it
+    P.fake_quantize_ste(far, args, scale, zero).sum().backward()
+    assert torch.equal(far.grad, torch.zeros_like(far))
+
+
+def test_qat_starts_from_the_ptq_model_exactly():
+    args = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=8)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 6)
+    ql = QuantLinear.from_linear(lin, *P.rtn(lin.weight.detach(), args), args)
+    fq = FakeQuantLinear(ql, lsq=True)
+    x = torch.randn(5, 16)
+    assert torch.allclose(fq(x), ql(x), atol=1e-6)
+    back = fq.to_quant_linear("lin")  # untrained: the very integers and scales PTQ chose
+    assert torch.equal(back.qweight, ql.qweight)
+    assert torch.allclose(back.weight_scale, ql.weight_scale, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm2_hf, tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("qat") / "llama"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # peaked next-token distributions, as a trained model's
+        model.lm_head.weight.mul_(10)
+    model.save_pretrained(folder)
+    for f in smollm2_hf.glob("tokenizer*"):
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text(shared, tmp_path_factory):
+    path = tmp_path_factory.mktemp("qat") / "shakespeare.txt"
+    path.write_text((shared / "data/tinyshakespeare/input.txt").read_text()[:20000])
+    return path
+
+
+def _kl_to_float(folder, source, text_path) -> float:
+    from slimport.compress.quant.qat import kd_loss
+    from slimport.data import calibration_batches
+    from slimport.io.hf import load_tokenizer
+
+    ids = calibration_batches(load_tokenizer(source), text_path, 4, 32, seed=1)
+    model, _ = load_simulated(folder)
+    with torch.no_grad():
+        return float(kd_loss(model(ids).logits, float_model(source)(ids).logits, 1.0))
+
+
+def test_w4_qat_moves_the_integers_towards_the_float_model(tiny_llama, text, tmp_path):
+    from slimport.compress.api import quantize
+
+    config = QuantizationConfig(bits=4, group_size=32, granularity="group", calib_data=str(text),
+                                seq_len=32)  # fmt: skip
+    quantize(tiny_llama, tmp_path / "ptq", config, progress=False)
+    report = quantize_aware(tiny_llama, tmp_path / "qat", config, FAST, progress=False)
+    q = report["qat"]
+    assert q["steps"] == 16 and 0 < q["integers_changed"] < 0.5
+    # held-out windows: the trained integers are closer to the float model than PTQ's
+    assert _kl_to_float(tmp_path / "qat", tiny_llama, text) < _kl_to_float(
+        tmp_path / "ptq", tiny_llama, text
+    )
+    # the same format PTQ writes: same tensors, config block, recipe
+    cfg = lambda f: json.loads((f / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert cfg(tmp_path / "qat") == cfg(tmp_path / "ptq")
+    from safetensors import safe_open
+
+    def names(folder):
+        out = set()
+        for f in folder.glob("*.safetensors"):
+            with safe_open(f, "pt") as s:
+                out |= set(s.keys())
+        return out
+
+    assert names(tmp_path / "qat") == names(tmp_path / "ptq")
+    assert json.loads((tmp_path / "qat/qat_report.json").read_text())["steps"] == 16
+    from transformers import AutoModelForCausalLM  # compressed-tensors' own loader reads it
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "qat").eval()
+    ours, _ = load_simulated(tmp_path / "qat")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-4)
+
+
+def test_w8a8_static_qat_learns_input_scales(minilm_dir, shared, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, num_labels=2)  # fmt: skip
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
+    for f in minilm_dir.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / "bert" / f.name)
+    rows = (shared / "data/sst2/train.tsv").read_text().splitlines()[:129]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    config = QuantizationConfig(bits=8, activations="static", calib_data=str(tmp_path / "train.tsv"),
+                                num_samples=32, seq_len=64)  # fmt: skip
+    from slimport.compress.api import quantize
+
+    quantize(tmp_path / "bert", tmp_path / "ptq", config, progress=False)
+    quantize_aware(tmp_path / "bert", tmp_path / "qat", config, FAST, progress=False)
+    ptq, _ = load_simulated(tmp_path / "ptq")
+    qat, qc = load_simulated(tmp_path / "qat")
+    assert qc.activations == "static"
+    a = ptq.bert.encoder.layer[0].attention.self.query
+    b = qat.bert.encoder.layer[0].attention.self.query
+    assert isinstance(b, QuantLinear) and not torch.equal(a.input_scale, b.input_scale)
+    assert torch.equal(
+        a.input_zero_point, b.input_zero_point
+    )  # zero points stay: only scales learn
+
+
+def test_qat_refuses_what_it_cannot_train(tiny_llama, tmp_path):
+    config = QuantizationConfig(bits=4, group_size=32, granularity="group")
+    with pytest.raises(SlimportError, match="no calib_data"):
+        quantize_aware(tiny_llama, tmp_path / "q", config, FAST, progress=False)
+    with pytest.raises(SlimportError, match="steps must be positive"):
+        quantize_aware(tiny_llama, tmp_path / "q", config, QATSettings(steps=0), progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_quantize_qat(tiny_llama, text, tmp_path, capsys):
+    argv = ["quantize", str(tiny_llama), str(tmp_path / "q"), "--bits", "4", "--group-size", "32",
+            "--calib-data", str(text), "--seq-len", "32", "--qat", "3", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "QAT: 3 steps" in capsys.readouterr().out
+    assert (tmp_path / "q/qat_report.json").is_file()
+    assert main([*argv[:2], str(tmp_path / "q2"), "--bits", "4", "--qat", "3", "--quiet"]) == 2
+    assert "no calib_data" in capsys.readouterr().err

@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--hf", type=Path, help="smollm2: the fp32 HF folder (default: from the package GGUF)")  # fmt: skip
     ap.add_argument("--w4", type=Path, action="append", help="smollm2: a W4 compressed-tensors folder (repeatable; default an RTN one)")  # fmt: skip
     ap.add_argument("--windows", type=int, default=16, help="smollm2: WikiText-2 512-token windows (0: none)")  # fmt: skip
+    ap.add_argument("--score", help="smollm2: comma-separated row-name prefixes to score (default all)")  # fmt: skip
     ap.add_argument("--only", choices=("smollm2", "minilm"), help="run one table")
     ap.add_argument("--sentences", type=int, default=200, help="minilm: sentences timed at batch 1")
     ap.add_argument("--timing-only", action="store_true", help="minilm: no accuracy pass")
@@ -206,6 +207,40 @@ def smollm2(args) -> None:
             return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         return Graph(folder, threads)
 
+    if args.repeats:
+        speed_table(args, rows, twin, ids, load)
+    # one model at a time: RSS growth on loading it and running the prompt, and its perplexity
+    scored = [n for n in rows if n not in twin and (not args.score or n.startswith(tuple(args.score.split(","))))]  # fmt: skip
+    windows = None
+    if args.windows:
+        windows = wikitext_windows(tok, shared_dir() / "data/wikitext-2-raw/wiki.test.raw", 512, args.windows)  # fmt: skip
+    print(f"\n| runtime | file MB | RSS +MB | WikiText-2 perplexity ({args.windows} x 512) |")
+    print("|---|---|---|---|")
+    for name in scored:
+        gc.collect()
+        before = rss_mb()
+        model = load(name, args.threads)
+        call = model if rows[name][0] == "torch" else _logits_of(model)
+        with torch.no_grad():
+            call(torch.tensor(ids))  # mapped weights count once they are read
+        rss = rss_mb() - before
+        ppl = perplexity(call, windows, progress=False)["perplexity"] if windows is not None else None  # fmt: skip
+        ppl = "-" if ppl is None else f"{ppl:.4f}"
+        print(f"| {name} | {folder_mb(rows[name][1]):.1f} | {rss:.0f} | {ppl} |", flush=True)
+        del model, call
+
+    if not args.repeats:
+        return
+    first = w4[0]  # the W4 graph computes our torch quantized model (to acc-4's rounding)
+    qmodel, _ = load_simulated(first)
+    with torch.no_grad():
+        want = qmodel(torch.tensor(ids)).logits.numpy()
+    got = Graph(graphs[f"ORT W4 {_scheme(first)} (MatMulNBits)"], args.threads).logits(ids)
+    print(f"\nORT W4 {_scheme(first)} (accuracy_level 4) logits vs torch load_simulated: max |d| = {np.abs(got - want).max():.2e}")  # fmt: skip
+
+
+def speed_table(args, rows: dict, twin: dict, ids: np.ndarray, load) -> None:
+    """Prefill s and decode tokens/s of every row at each thread count, repeats interleaved."""
     speed: dict[tuple[str, int], tuple[float, float]] = {}
     tokens = {}
     for threads in args.thread_counts:
@@ -221,60 +256,28 @@ def smollm2(args) -> None:
                 else:
                     fn = torch_decode if kind == "torch" else ort_decode
                     results[name].append(fn(runs[name], ids, args.new))
+        print(f"timed at {threads} thread(s)", file=sys.stderr, flush=True)
         for name, rs in results.items():
             speed[name, threads] = (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))  # fmt: skip
             tokens.setdefault(name, rs[0][2])
         del runs
         gc.collect()
     torch.set_num_threads(args.threads)
-
-    # one model at a time: RSS growth on loading it and running the prompt, and its perplexity
-    scored = [n for n in rows if n not in twin]
-    mb = {n: folder_mb(rows[n][1]) for n in scored}
-    ppl, rss = {}, {}
-    windows = None
-    if args.windows:
-        windows = wikitext_windows(tok, shared_dir() / "data/wikitext-2-raw/wiki.test.raw", 512, args.windows)  # fmt: skip
-    for name in scored:
-        gc.collect()
-        before = rss_mb()
-        model = load(name, args.threads)
-        call = model if rows[name][0] == "torch" else _logits_of(model)
-        with torch.no_grad():
-            call(torch.tensor(ids))  # mapped weights count once they are read
-        rss[name] = rss_mb() - before
-        if windows is not None:
-            ppl[name] = perplexity(call, windows, progress=False)["perplexity"]
-        print(f"{name}: RSS +{rss[name]:.0f} MB, perplexity {ppl.get(name)}", file=sys.stderr, flush=True)  # fmt: skip
-        del model
-
     ths = args.thread_counts
-    print("## SmolLM2-135M: size, memory, speed, perplexity\n")
-    print(f"prompt {ids.shape[1]} tokens, {args.new} new greedy tokens with the KV cache, median of {args.repeats} interleaved repeats; "  # fmt: skip
-          f"perplexity: {args.windows} x 512 WikiText-2 raw test windows\n")  # fmt: skip
+    print("## SmolLM2-135M decode\n")
+    print(f"prompt {ids.shape[1]} tokens, {args.new} new greedy tokens with the KV cache, median of {args.repeats} interleaved repeats\n")  # fmt: skip
     cols = " | ".join(f"prefill s ({t}T) | decode tok/s ({t}T) | x torch ({t}T)" for t in ths)
-    print(f"| runtime | file MB | RSS +MB | {cols} | perplexity | same tokens as |")
-    print("|---|---|---|" + "---|---|---|" * len(ths) + "---|---|")
-    ref = {"torch fp32": tokens["torch fp32"]}
+    print(f"| runtime | {cols} | same tokens as |")
+    print("|---|" + "---|---|---|" * len(ths) + "---|")
     for name in rows:
         cells = []
         for t in ths:
             p, d = speed[name, t]
             cells.append(f"{p:.3f} | {d:.1f} | {d / speed['torch fp32', t][1]:.2f}x")
-        same = "torch fp32" if tokens[name] == ref["torch fp32"] else "-"
+        same = "torch fp32" if tokens[name] == tokens["torch fp32"] else "-"
         if name in twin:  # onnxruntime-genai on our graph: our own ORT loop's tokens?
             same = f"{twin[name]} (our loop): {tokens[name] == tokens[twin[name]]}"
-        mbs = f"{mb[name]:.1f}" if name in mb else "(same graph)"
-        r = f"{rss[name]:.0f}" if name in rss else "-"
-        pp = f"{ppl[name]:.4f}" if name in ppl else "-"
-        print(f"| {name} | {mbs} | {r} | {' | '.join(cells)} | {pp} | {same} |")
-
-    first = w4[0]
-    qmodel, _ = load_simulated(first)
-    with torch.no_grad():
-        want = qmodel(torch.tensor(ids)).logits.numpy()
-    got = Graph(graphs[f"ORT W4 {_scheme(first)} (MatMulNBits)"], args.threads).logits(ids)
-    print(f"\nORT W4 {_scheme(first)} (accuracy_level 4) logits vs torch load_simulated: max |d| = {np.abs(got - want).max():.2e}")  # fmt: skip
+        print(f"| {name} | {' | '.join(cells)} | {same} |", flush=True)
 
 
 def _scheme(folder: Path) -> str:

@@ -71,6 +71,11 @@ LABELS = {
     "ours-q4_1-f16": "  same, float tensors --dtype float16",
     "ours-q4_0": "our AWQ+GPTQ W4 g32 sym, gguf-compatible -> Q4_0",
     "ours-plain": "our AWQ+GPTQ W4 g32 asym, no gguf-compatible (the folder; no file)",
+    # --folder: an existing quantized folder (any recipe), requantized by gguf-py where its
+    # integers do not fit the type exactly
+    "folder": "--folder as it is (no file)",
+    "folder-q4_1": "--folder -> Q4_1 (--gguf-requantize)",
+    "folder-q4_0": "--folder -> Q4_0 (--gguf-requantize)",
 }
 
 
@@ -100,6 +105,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", help="comma-separated rows (fp32, f16, q8_0, q4_0, q4_1, " + ", ".join(OURS) + ")")  # fmt: skip
     ap.add_argument("--work", help="folder for the models (default: a temporary one)")
+    ap.add_argument("--folder", type=Path, help="an existing quantized folder, for the folder rows")
     ap.add_argument(
         "--method", default="awq+gptq", help="our folders' method (rtn: minutes, not an hour)"
     )
@@ -132,6 +138,19 @@ def main() -> None:
             api.convert(hf, out, to="gguf", options={"gguf_type": row}, progress=False, overwrite=True)  # fmt: skip
             r["bytes"] = (out / "model.gguf").stat().st_size
             r |= gguf_perplexity(out, windows)
+        elif row.startswith("folder"):
+            if a.folder is None:
+                ap.error(f"row {row} needs --folder")
+            if row == "folder":
+                model, _ = load_simulated(a.folder)
+                r["ppl"] = perplexity(model, windows, progress=False)["perplexity"]
+                del model
+            else:
+                out = work / f"{a.folder.name}-{row}"
+                options = {"gguf_type": row.split("-")[1], "gguf_requantize": True}
+                api.convert(a.folder, out, to="gguf", options=options, progress=False, overwrite=True)  # fmt: skip
+                r["bytes"] = (out / "model.gguf").stat().st_size
+                r |= gguf_perplexity(out, windows, ours=a.folder)
         else:
             recipe, convert = OURS[row]
             folder = work / f"{a.method}-w4-{'sym' if recipe['symmetric'] else 'asym'}-{recipe.get('gguf_compatible', False)}"  # fmt: skip
@@ -170,6 +189,7 @@ def table(results: dict[str, dict], a) -> str:
     ]  # fmt: skip
     for row, r in results.items():
         label = LABELS[row].replace("AWQ+GPTQ", a.method.upper())
+        label = label.replace("--folder", a.folder.name if a.folder else "--folder")
         mb = f"{r['bytes'] / 1e6:.1f}" if "bytes" in r else "-"
         ppl = f"{r['ppl']:.4f}" if "ppl" in r else "-"
         same = f"{r['delta']:.3g}" if "delta" in r else "-"

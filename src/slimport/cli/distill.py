@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from slimport.compress.distill import HIDDEN_LOSSES, TASKS
+import dataclasses
+
+from slimport.compress.distill import HIDDEN_LOSSES, TASKS, DistillSettings
+
+D = {f.name: f.default for f in dataclasses.fields(DistillSettings)}  # shown in --help
 
 # Each command imports what it runs inside its function (torch, transformers take seconds).
 
@@ -12,8 +16,6 @@ SETTINGS = ("alpha", "temperature", "hidden_loss", "hidden_weight", "hidden_proj
 
 
 def _distill(args) -> int:
-    import dataclasses
-
     from slimport.compress.distill import DistillSettings, distill
     from slimport.data import shared_dir
 
@@ -67,20 +69,20 @@ def register(sub) -> None:
     sp.add_argument("--no-eval", action="store_true", help="skip the evaluation metric")
     sp.add_argument("--alpha", type=float, help="weight of the soft (teacher) loss (default 0.8; 0 = labels only)")
     sp.add_argument("--temperature", type=float, help="softmax temperature T (default 2)")
-    sp.add_argument("--hidden-loss", choices=HIDDEN_LOSSES, help="also match mapped hidden states")
-    sp.add_argument("--hidden-weight", type=float)
+    sp.add_argument("--hidden-loss", choices=HIDDEN_LOSSES, help="also match mapped hidden states (default: logits only)")
+    sp.add_argument("--hidden-weight", type=float, help=f"weight of the hidden-state loss (default: {D['hidden_weight']})")
     sp.add_argument("--hidden-projection", action="store_true", default=None,
                     help="learn a Linear when the student's hidden size differs from the teacher's")
-    sp.add_argument("--attention-weight", type=float, help="> 0: MiniLM attention-map transfer on the last layer")
-    sp.add_argument("--max-steps", type=int)
-    sp.add_argument("--lr", type=float)
-    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--attention-weight", type=float, help=f"> 0: MiniLM attention-map transfer on the last layer (default: {D['attention_weight']})")
+    sp.add_argument("--max-steps", type=int, help=f"(default: {D['max_steps']})")
+    sp.add_argument("--lr", type=float, help=f"AdamW learning rate (default: {D['lr']})")
+    sp.add_argument("--batch-size", type=int, help=f"(default: {D['batch_size']})")
     sp.add_argument("--seq-len", type=int, help="lm: tokens per window (default 256)")
     sp.add_argument("--top-k", type=int, help="lm: teacher logits cached per position (default 64)")
-    sp.add_argument("--seed", type=int)
-    sp.add_argument("--minutes", type=float, help="wall-clock budget; training stops cleanly, then evaluates")
+    sp.add_argument("--seed", type=int, help=f"(default: {D['seed']})")
+    sp.add_argument("--minutes", type=float, help=f"wall-clock budget; training stops cleanly, then evaluates (default: {D['minutes']})")
     sp.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
-    sp.add_argument("--eval-every", type=int, help="evaluate every N steps (shown on the progress bar)")
+    sp.add_argument("--eval-every", type=int, help="evaluate every N steps, shown on the progress bar (default: 0, at the end)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=_distill)
     # fmt: on

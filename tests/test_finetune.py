@@ -71,15 +71,21 @@ def test_cache_key_follows_the_weight_shaping_settings(minilm_dir):
 
 
 def test_batches_group_similar_lengths_and_cover_each_epoch():
+    from slimport.compress.training import length_grouped_batches
+
     lengths = [(i * 37) % 61 for i in range(400)]
-    batches = list(ft._batches(lengths, 8, steps=100, gen=torch.Generator().manual_seed(0)))
+    batches = list(
+        length_grouped_batches(lengths, 8, steps=100, gen=torch.Generator().manual_seed(0))
+    )
     assert len(batches) == 100 and all(len(b) == 8 for b in batches)
     first_epoch = [i for b in batches[:50] for i in b]
     assert sorted(first_epoch) == list(range(400))
     assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch comes first
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / 100
     assert spread < 5  # random batches of 8 would span ~47
-    again = list(ft._batches(lengths, 8, steps=100, gen=torch.Generator().manual_seed(0)))
+    again = list(
+        length_grouped_batches(lengths, 8, steps=100, gen=torch.Generator().manual_seed(0))
+    )
     assert again == batches
 
 

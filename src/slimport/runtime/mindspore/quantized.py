@@ -98,6 +98,7 @@ class QuantDense(nn.Cell):
                 to_ms(inputs.zero.float().reshape(1)), "input_zero", requires_grad=False
             )
         self.matmul = ops.MatMul(transpose_b=True)  # never w.T: measured 20x slower on CPU
+        self.matmul_nt = ops.MatMul()
 
     def _hold_integers(self, weight: IntWeight, name: str) -> None:
         out_f, in_f = weight.q.shape
@@ -106,41 +107,97 @@ class QuantDense(nn.Cell):
                 f"{name}: {weight.bits}-bit weights have no integer layout in the MindSpore runtime",
                 hint="4 and 8 bits are held as integers; load other schemes with dequantize='at_load'",
             )
-        if weight.bits == 4 and in_f % 2:
-            raise SlimportError(f"{name}: 4-bit packing needs an even input size, not {in_f}")
         scale = weight.scale.float().reshape(out_f, -1) if weight.scale.numel() > 1 else None
         groups = 1 if scale is None else scale.shape[1]
         if in_f % groups:
             raise SlimportError(f"{name}: {in_f} input columns do not split into {groups} groups")
-        self.groups, self.group_size = groups, in_f // groups
+        gs = in_f // groups
+        if weight.bits == 4 and gs % 2:
+            raise SlimportError(f"{name}: 4-bit packing needs an even group size, not {gs}")
+        self.groups, self.group_size = groups, gs
         full = lambda t: t.float().reshape(1, 1).expand(out_f, 1)  # noqa: E731 - per tensor
         scale = full(weight.scale) if scale is None else scale
         zero = weight.zero.float()
         zero = full(zero) if zero.numel() == 1 else zero.reshape(out_f, groups)
-        offset = 8.0 if weight.bits == 4 else 0.0
+        zero = zero + (8.0 if weight.bits == 4 else 0.0)  # 4-bit: the nibbles are q + 8
+        self.has_zero = bool(zero.any())
+        # [groups, out, group_size] (groups > 1) or [out, in]: the right operand of one batched
+        # (or plain) MatMul(transpose_b) per call; scale and zero [groups, 1, out] / [1, out]
+        # broadcast over the rows of its output
+        ints = weight.q.to(torch.int8).reshape(out_f, groups, gs).transpose(0, 1)
+        if weight.bits == 4:  # low nibble: the group's first half of columns, high: the second
+            u = (ints.to(torch.int16) + 8).to(torch.uint8)
+            ints = u[..., : gs // 2] | (u[..., gs // 2 :] << 4)
+        ints = ints[0] if groups == 1 else ints
+        per_out = lambda t: t.T.reshape((groups, 1, out_f) if groups > 1 else (1, out_f))  # noqa: E731
+        self.weight_q = ms.Parameter(to_ms(ints.contiguous()), "weight_q", requires_grad=False)
         self.weight_scale = ms.Parameter(
-            to_ms(scale.contiguous()), "weight_scale", requires_grad=False
+            to_ms(per_out(scale).contiguous()), "weight_scale", requires_grad=False
         )
         self.weight_zero = ms.Parameter(
-            to_ms((zero + offset).contiguous()), "weight_zero", requires_grad=False
+            to_ms(per_out(zero).contiguous()), "weight_zero", requires_grad=False
         )
-        ints = weight.q.to(torch.int8)
-        if weight.bits == 4:
-            u = (ints.to(torch.int16) + 8).to(torch.uint8)
-            ints = u[:, 0::2] | (u[:, 1::2] << 4)
-        self.weight_q = ms.Parameter(to_ms(ints.contiguous()), "weight_q", requires_grad=False)
+        self.bmm = ops.BatchMatMul(transpose_b=True)
+
+    def _float_ints(self, after=None):
+        """The held integers as float32; 4-bit: (low nibbles, high nibbles times 16), each
+        [.., group_size / 2]. Only these few ops touch weight-sized data, in float: MindSpore's
+        CPU uint8 BitwiseAnd / Sub run ~4x slower than a Cast (measured). `after`: a tensor the
+        Cast must wait for (see _integer_matmul)."""
+        q = self.weight_q if after is None else ops.depend(self.weight_q, after)
+        q = q.astype(ms.float32)
+        if self.bits == 8:
+            return (q,)
+        high16 = ops.floor(q * 0.0625) * 16.0  # exact: integers below 256
+        return q - high16, high16
 
     def dequantized(self) -> ms.Tensor:
+        """The float weight [out, in] (the reference: same float ops as torch's dequantize)."""
         if self.mode == "at_load":
             return self.weight
-        q = self.weight_q
-        if self.bits == 4:
-            q = q.astype(ms.int32)
-            low = ops.bitwise_and(q, 15)
-            q = ops.stack((low, ops.floor_divide(q - low, 16)), -1)
-        q = q.astype(ms.float32).reshape(self.out_channels, self.groups, self.group_size)
-        w = (q - self.weight_zero.expand_dims(-1)) * self.weight_scale.expand_dims(-1)
+        parts = self._float_ints()
+        q = parts[0] if self.bits == 8 else ops.concat((parts[0], parts[1] / 16), -1)
+        if self.groups == 1:
+            w = (q - self.weight_zero.reshape(-1, 1)) * self.weight_scale.reshape(-1, 1)
+            return w
+        # [G, out, gs] -> [out, G, gs]
+        zero, scale = self.weight_zero.transpose(2, 0, 1), self.weight_scale.transpose(2, 0, 1)
+        w = (q.transpose(1, 0, 2) - zero) * scale
         return w.reshape(self.out_channels, self.in_channels)
+
+    def _integer_matmul(self, x):
+        """x [M, in] @ dequantized(W).T without building the float weight: the integers (as
+        float) go into the MatMul and scale / zero point act on its [M, out] output,
+        y = sum_g s_g * (x_g . q_g) - sum_g s_g * z_g * sum(x_g): MindSpore's CPU broadcasts
+        over the last axis (a scale per row / group) run 5-10x slower than the MatMul
+        (measured). The Cast waits for x (ops.depend): graph mode otherwise runs every layer's
+        weight-only ops first, all their float copies alive at once (the 8-12 GB of RSS that
+        generate grew by, and most of its slowness)."""
+        parts = self._float_ints(x)
+        half = self.group_size // 2
+        if self.groups == 1:
+            if self.bits == 8:
+                acc = self.matmul(x, parts[0])
+            else:  # x_hi / 16 . (16 * high) is exactly x_hi . high (powers of two)
+                acc = self.matmul(x[:, :half], parts[0]) + self.matmul(
+                    x[:, half:] * 0.0625, parts[1]
+                )
+            y = acc * self.weight_scale
+            if self.has_zero:
+                y = y - x.sum(-1, keepdims=True) * (self.weight_scale * self.weight_zero)
+            return y
+        m = x.shape[0]
+        xg = x.reshape(m, self.groups, self.group_size)
+        xt = xg.transpose(1, 0, 2)  # [G, M, gs]
+        if self.bits == 8:
+            acc = self.bmm(xt, parts[0])
+        else:
+            acc = self.bmm(xt[:, :, :half], parts[0]) + self.bmm(xt[:, :, half:] * 0.0625, parts[1])
+        y = (acc * self.weight_scale).sum(0)  # [G, M, out] -> [M, out]
+        if self.has_zero:
+            sz = (self.weight_scale * self.weight_zero).reshape(self.groups, self.out_channels)
+            y = y - self.matmul_nt(xg.sum(-1), sz)
+        return y
 
     def fake_quantize_input(self, x):
         """x on the int8 grid and back, as torch's QuantLinear does (exact same float ops)."""
@@ -163,12 +220,14 @@ class QuantDense(nn.Cell):
         return (q - z) * s
 
     def construct(self, x):
-        w = self.dequantized()
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.act != "none":
             x = self.fake_quantize_input(x)
-        y = self.matmul(x, w.astype(x.dtype))
+        if self.mode == "at_load":
+            y = self.matmul(x, self.weight.astype(x.dtype))
+        else:
+            y = self._integer_matmul(x.astype(ms.float32)).astype(x.dtype)
         if self.has_bias:
             y = y + self.bias.astype(x.dtype)
         return y.reshape(shape[:-1] + (self.out_channels,))

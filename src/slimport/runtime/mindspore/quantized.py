@@ -22,11 +22,15 @@ import mindspore as ms
 import torch
 from mindspore import nn, ops
 
+from slimport.compress.quant import primitives as P
+from slimport.compress.quant.config import QuantArgs
 from slimport.errors import SlimportError
 from slimport.io.compressed import dequantize as dequantize_weight
 from slimport.runtime.mindspore.bridge import to_ms
 
 DEQUANTIZE_MODES = ("per_call", "at_load")
+EMBEDDINGS = ("int8",)
+INT8_ROWS = QuantArgs(8, True, "channel")  # = runtime.torch.quantized.EMBEDDINGS["int8"]
 _EPS32 = float(torch.finfo(torch.float32).eps)
 
 
@@ -247,6 +251,60 @@ class QuantDense(nn.Cell):
         return f"{self.in_channels}->{self.out_channels}, w{self.bits} {g}{act}, dequantize={self.mode}"
 
 
+class QuantEmbedding(nn.Cell):
+    """`nn.Embedding` with its table held as int8, one scale per row (symmetric round to
+    nearest: the torch runtime's `embeddings="int8"`); parameters `weight_q` [vocab, dim] and
+    `weight_scale` [vocab, 1]. A lookup dequantizes only the rows it reads; `logits(h)` is the
+    tied LM head on the same integers, h [M, dim] @ table.T scaled per vocabulary row."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.vocab_size, self.embedding_size = table.shape
+        q, scale, _ = P.rtn(table.float(), INT8_ROWS)  # the torch runtime's integers
+        q, scale = q.to(torch.int8), scale.float().reshape(-1, 1)
+        self.weight_q = ms.Parameter(to_ms(q.contiguous()), "weight_q", requires_grad=False)
+        self.weight_scale = ms.Parameter(to_ms(scale.contiguous()), "weight_scale", requires_grad=False)  # fmt: skip
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def dequantized(self) -> ms.Tensor:
+        return self.weight_q.astype(ms.float32) * self.weight_scale
+
+    def construct(self, ids):
+        rows = ops.gather(self.weight_q, ids, 0).astype(ms.float32)
+        return rows * ops.gather(self.weight_scale, ids, 0)
+
+    def logits(self, h):
+        q = ops.depend(self.weight_q, h).astype(ms.float32)  # after h: see QuantDense
+        return self.matmul(h, q) * self.weight_scale.reshape(1, -1)
+
+
+def hold_integer_embedding(root: nn.Cell, how: str) -> str:
+    """Replace the token embedding of `root` (the nn.Embedding with `vocab_size` rows) by a
+    QuantEmbedding of its loaded table; a tied head (`root.head_on_integers`) follows it."""
+    vocab = int(root.config["vocab_size"])
+    found = [(n, c) for n, c in root.cells_and_names() if isinstance(c, nn.Embedding) and c.vocab_size == vocab]  # fmt: skip
+    if not found:
+        raise SlimportError(f"embeddings={how!r}: {type(root).__name__} has no token embedding")
+    path, old = found[0]
+    new = QuantEmbedding(torch.from_numpy(old.embedding_table.asnumpy()))
+    _put_cell(root, path, new)
+    if hasattr(root, "head_on_integers") and getattr(root, "tied", False):
+        root.head_on_integers = True
+    head = ", the tied LM head computes on them" if getattr(root, "head_on_integers", False) else ""
+    return f"{path} holds int8 rows with a scale each{head}"
+
+
+def _put_cell(root: nn.Cell, path: str, new: nn.Cell) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root
+    for part in parent_path.split(".") if parent_path else ():
+        parent = getattr(parent, part) if not part.isdigit() else parent[int(part)]
+    short = {id(p): p.name for p in new.get_parameters()}
+    setattr(parent, leaf, new)
+    for p in new.get_parameters():  # setattr prefixes the leaf only: name the full path
+        p.name = f"{path}.{short[id(p)]}"
+
+
 def replace_dense(root: nn.Cell, path: str, new: nn.Cell) -> None:
     """Put `new` at the dotted cell path `path` of `root` (parameter names follow the path)."""
     parent_path, _, leaf = path.rpartition(".")
@@ -261,10 +319,7 @@ def replace_dense(root: nn.Cell, path: str, new: nn.Cell) -> None:
             f"{path}: quantized weight is {new.out_channels}x{new.in_channels}, "
             f"the model's Dense is {old.out_channels}x{old.in_channels}"
         )
-    short = {id(p): p.name for p in new.get_parameters()}
-    setattr(parent, leaf, new)
-    for p in new.get_parameters():  # setattr prefixes the leaf only: name the full path
-        p.name = f"{path}.{short[id(p)]}"
+    _put_cell(root, path, new)
 
 
 def hold_integer_linears(

@@ -101,7 +101,9 @@ def lm_mindspore(spec: dict) -> dict:
 
     ms.set_context(mode=ms.GRAPH_MODE)
     before = rss()
-    model = AutoModelForCausalLM.from_pretrained(spec["path"], dequantize="per_call")
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["path"], dequantize="per_call", embeddings=spec.get("embeddings")
+    )
     resident, after = _ms_resident(model), rss()
     ids = np.asarray([spec["prompt_ids"]], np.int32)
     mask, n = np.ones_like(ids), spec["new"]

@@ -9,7 +9,7 @@ cache, prefill time subtracted), the bandwidth ceiling (resident bytes read once
 bandwidth measured in this run: an upper bound on decode for a memory-bound model), WikiText-2 test
 perplexity (16 x 512 windows; torch rows), and how many of the greedy tokens equal the reference's
 (torch fp32 for torch bf16; the same folder's fp32 path for slimport's bf16). MindSpore rows (graph
-mode; W8/W4 `dequantize="per_call"`, integers held): parameter bytes, RSS after load, decode
+mode; W8/W4 `dequantize="per_call"`, integers held; "+ int8 emb": `embeddings="int8"`): parameter bytes, RSS after load, decode
 tokens/s.
 
 MiniLM SST-2 table (the CI classifier of `ensure_sst2_classifier(recipe="ci")`): ms per sentence
@@ -107,10 +107,12 @@ def configurations(hf: Path, w4: Path, w8: Path) -> list[tuple[str, dict, str | 
         ]
     if importlib.util.find_spec("mindspore") is not None:
         rows += [
-            (f"mindspore {label} graph", {"worker": "lm_mindspore", "path": str(path)}, ref)
-            for label, path, ref in (
-                ("fp32", hf, "torch fp32"), ("W8", w8, "slimport W8 fp32"),
-                ("W4 g64", w4, "slimport W4 g64 fp32"),
+            (f"mindspore {label} graph", {"worker": "lm_mindspore", "path": str(path), "embeddings": emb}, ref)
+            for label, path, emb, ref in (
+                ("fp32", hf, None, "torch fp32"), ("W8", w8, None, "slimport W8 fp32"),
+                ("W8 + int8 emb", w8, "int8", "slimport W8 fp32"),
+                ("W4 g64", w4, None, "slimport W4 g64 fp32"),
+                ("W4 g64 + int8 emb", w4, "int8", "slimport W4 g64 fp32"),
             )
         ]  # fmt: skip
     return rows

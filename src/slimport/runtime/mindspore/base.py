@@ -28,7 +28,12 @@ from slimport.io.base import atomic_dir
 from slimport.io.mindspore_ckpt import write
 from slimport.runtime.mindspore import hf_kwargs
 from slimport.runtime.mindspore.bridge import _torch_dtype, from_ms, to_ms
-from slimport.runtime.mindspore.quantized import DEQUANTIZE_MODES, hold_integer_linears
+from slimport.runtime.mindspore.quantized import (
+    DEQUANTIZE_MODES,
+    EMBEDDINGS,
+    hold_integer_embedding,
+    hold_integer_linears,
+)
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 _FORMAT_FLAGS = {
@@ -103,6 +108,7 @@ class PreTrainedCell(nn.Cell):
         quantization_config: Any = None,
         calib_data: str | Path | None = None,
         dequantize: str = "per_call",
+        embeddings: str | None = None,
         **config_kwargs: Any,
     ) -> PreTrainedCell:
         """Load any checkpoint slimport reads; the source format is detected unless a flag says it.
@@ -114,7 +120,9 @@ class PreTrainedCell(nn.Cell):
         quantized weights; its report is `model.quantization_report`. A compressed-tensors folder
         loads with integer-held weights (QuantDense): `dequantize="per_call"` keeps only the
         integers (the memory saving), `"at_load"` float weights (fastest on CPU); quantized
-        inputs (W8A8) are computed as torch's QuantLinear does.
+        inputs (W8A8) are computed as torch's QuantLinear does. `embeddings="int8"` holds the
+        token embedding as int8 with a scale per row (as the torch runtime's option does; a
+        tied LM head computes on the same integers).
 
         `path` may be a `slimport models` name or a Hub id (`revision=` picks its revision);
         transformers' keywords are translated (`torch_dtype`) or named in a warning
@@ -122,6 +130,10 @@ class PreTrainedCell(nn.Cell):
         path, dtype, config_kwargs = hf_kwargs.translate(
             path, dtype, quantization_config, config_kwargs
         )
+        if embeddings not in (None, *EMBEDDINGS):
+            raise SlimportError(
+                f"embeddings={embeddings!r}", hint="None (as stored) or " + ", ".join(EMBEDDINGS)
+            )
         if dequantize not in DEQUANTIZE_MODES:
             raise SlimportError(
                 f"dequantize={dequantize!r}", hint="one of: " + ", ".join(DEQUANTIZE_MODES)
@@ -132,7 +144,7 @@ class PreTrainedCell(nn.Cell):
                     from_pt=from_pt, from_tf=from_tf, from_gguf=from_gguf,
                     layer_norm_eps=layer_norm_eps, ignore_mismatched_sizes=ignore_mismatched_sizes,
                     custom_layer_mapping=custom_layer_mapping, dtype=dtype, dequantize=dequantize,
-                    **config_kwargs,
+                    embeddings=embeddings, **config_kwargs,
                 ),
             )  # fmt: skip
         if calib_data is not None:
@@ -174,6 +186,8 @@ class PreTrainedCell(nn.Cell):
             cell = cls(cfg)
             ms_dtype = _ms_dtype(dtype)
             report = cell._load_hub(model, ms_dtype, ignore_mismatched_sizes, dequantize)
+            if embeddings is not None:
+                report.notes.append(hold_integer_embedding(cell, embeddings))
             for key, o in overrides.items():
                 o["effect_max_abs"] = cell._override_effect(model, key, o["source"], ms_dtype)
                 warnings.warn(

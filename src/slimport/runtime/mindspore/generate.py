@@ -218,7 +218,8 @@ class GenerationMixin:
         The last STEP_CACHE shapes are kept (their caches and compiled graphs), so alternating
         shapes (e.g. a benchmark timing 1 and 65 new tokens) does not recompile. Kept in
         __dict__, not as Cell attributes: the model must not own the cache Parameters."""
-        dtype = next(iter(self.get_parameters())).dtype
+        floats = (ms.float16, ms.bfloat16, ms.float32, ms.float64)  # not the integers held
+        dtype = next(p.dtype for p in self.get_parameters() if p.dtype in floats)
         steps = self.__dict__.setdefault("_generation_steps", OrderedDict())
         key = (batch, cache_len, dtype)
         step = steps.pop(key, None) or CachedStep(self, batch, cache_len, dtype)

@@ -216,6 +216,7 @@ class GPT2LMHeadModel(_GPT2Cell, GenerationMixin):
         super().__init__(config)
         self.transformer = _GPT2Body(config)
         self.tied = bool(config["tie_word_embeddings"])
+        self.head_on_integers = False  # set by an int8 embedding (QuantEmbedding.logits)
         if not self.tied:
             self.lm_head = _dense(config["hidden_size"], config["vocab_size"], bias=False)
         self.head_matmul = ops.MatMul(transpose_b=True)
@@ -223,6 +224,8 @@ class GPT2LMHeadModel(_GPT2Cell, GenerationMixin):
     def lm_logits(self, x):
         if self.tied:
             b, s, d = x.shape
+            if self.head_on_integers:
+                return self.transformer.wte.logits(x.reshape(b * s, d)).reshape(b, s, -1)
             w = self.transformer.wte.embedding_table
             return self.head_matmul(x.reshape(b * s, d), w).reshape(b, s, -1)
         return self.lm_head(x)

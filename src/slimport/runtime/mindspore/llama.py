@@ -301,6 +301,7 @@ class LlamaForCausalLM(PreTrainedCell, GenerationMixin):
         self.output_hidden_states = output_hidden_states
         self.model = LlamaModel(config)
         self.tied = bool(config["tie_word_embeddings"])
+        self.head_on_integers = False  # set by an int8 embedding (QuantEmbedding.logits)
         if not self.tied:
             self.lm_head = nn.Dense(
                 config["hidden_size"], config["vocab_size"], has_bias=False, weight_init="zeros"
@@ -315,6 +316,8 @@ class LlamaForCausalLM(PreTrainedCell, GenerationMixin):
         """[..., hidden] -> [..., vocab]."""
         if self.tied:
             lead, d = h.shape[:-1], h.shape[-1]
+            if self.head_on_integers:
+                return self.model.embed_tokens.logits(h.reshape(-1, d)).reshape(lead + (-1,))
             w = self.model.embed_tokens.embedding_table
             return self.head_matmul(h.reshape(-1, d), w).reshape(lead + (-1,))
         return self.lm_head(h)

@@ -4,7 +4,7 @@ SmolLM2-135M: torch fp32 (transformers, KV cache) vs our ONNX exports run by ONN
 own KV-cache loop: fp32, W8 (an RTN per-channel folder) and W4 (the `--w4` compressed-tensors
 folders, e.g. AWQ+GPTQ; an RTN one without), MatMulNBits at accuracy_level 4; with
 onnxruntime-genai installed (the `bench` extra), the peer: its own model builder (`-p int4 -e cpu`,
-its RTN int4) on the same fp32 model, run by `og.Model`, and our fp32 / first W4 graphs run by
+its RTN int4) on the same fp32 model, run by `og.Model`, and our first W4 graph run by
 `og.Model` too (same greedy tokens as our loop?). Per row and per `--threads` count: prefill
 seconds for the prompt, then `--new` greedy tokens one a step: decode tokens/s, median of
 `--repeats` repeats interleaved (each repeat runs every row in turn, so load swings on a busy
@@ -29,6 +29,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
@@ -72,13 +73,18 @@ def ort_decode(m, ids: np.ndarray, new: int) -> tuple[float, float, list[int]]:
     return prefill, new / (time.perf_counter() - t0), tokens
 
 
-def genai_decode(folder: Path, ids: np.ndarray, new: int, threads: int):
-    """onnxruntime-genai on an exported folder: (prefill s, decode tokens/s, tokens)."""
+def genai_model(folder: Path, threads: int):
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))  # fmt: skip
-    model = og.Model(config)
+    return og.Model(config)
+
+
+def genai_decode(model, ids: np.ndarray, new: int) -> tuple[float, float, list[int]]:
+    """onnxruntime-genai's og.Model: (prefill s, decode tokens/s, tokens)."""
+    import onnxruntime_genai as og
+
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=ids.shape[1] + new + 1, do_sample=False)
     gen = og.Generator(model, params)
@@ -197,7 +203,7 @@ def smollm2(args) -> None:
     if importlib.util.find_spec("onnxruntime_genai") is not None:
         builder = genai_builder(hf_dir, work / "genai-builder-int4")
         rows["genai builder int4 (its RTN)"] = ("genai", builder)
-        for name in ("ORT fp32", next(n for n in exports if n.startswith("ORT W4"))):
+        for name in (next(n for n in exports if n.startswith("ORT W4")),):  # fp32: tests
             twin["genai ours " + name.removeprefix("ORT ")] = name
             rows["genai ours " + name.removeprefix("ORT ")] = ("genai", graphs[name])
 
@@ -240,44 +246,31 @@ def smollm2(args) -> None:
 
 
 def speed_table(args, rows: dict, twin: dict, ids: np.ndarray, load) -> None:
-    """Prefill s and decode tokens/s of every row at each thread count, repeats interleaved."""
-    speed: dict[tuple[str, int], tuple[float, float]] = {}
-    tokens = {}
+    """Prefill s and decode tokens/s of every row, repeats interleaved: a table per thread count."""
+    print(f"## SmolLM2-135M decode\n\nprompt {ids.shape[1]} tokens, {args.new} new greedy tokens with the KV cache, median of {args.repeats} interleaved repeats")  # fmt: skip
     for threads in args.thread_counts:
         torch.set_num_threads(threads)
-        runs = {n: load(n, threads) for n, (kind, _) in rows.items() if kind != "genai"}
+        runs = {n: load(n, threads) if kind != "genai" else genai_model(folder, threads) for n, (kind, folder) in rows.items()}  # fmt: skip
         results = {name: [] for name in rows}
         # interleaved: each repeat runs every row in turn, so the machine's load swings slow
         # all rows alike and their ratios stay comparable
         for _ in range(args.repeats):
-            for name, (kind, folder) in rows.items():
-                if kind == "genai":
-                    results[name].append(genai_decode(folder, ids, args.new, threads))
-                else:
-                    fn = torch_decode if kind == "torch" else ort_decode
-                    results[name].append(fn(runs[name], ids, args.new))
-        print(f"timed at {threads} thread(s)", file=sys.stderr, flush=True)
-        for name, rs in results.items():
-            speed[name, threads] = (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))  # fmt: skip
-            tokens.setdefault(name, rs[0][2])
+            for name, (kind, _) in rows.items():
+                fn = {"torch": torch_decode, "ort": ort_decode, "genai": genai_decode}[kind]
+                results[name].append(fn(runs[name], ids, args.new))
         del runs
         gc.collect()
+        speed = {n: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for n, rs in results.items()}  # fmt: skip
+        tokens = {n: rs[0][2] for n, rs in results.items()}
+        print(f"\n{threads} thread(s), load average {os.getloadavg()[0]:.1f} at the end\n")
+        print("| runtime | prefill s | decode tok/s | decode x torch fp32 | same tokens as |")
+        print("|---|---|---|---|---|")
+        for name, (p, d) in speed.items():
+            same = "torch fp32" if tokens[name] == tokens["torch fp32"] else "-"
+            if name in twin:  # onnxruntime-genai on our graph: our own ORT loop's tokens?
+                same = f"{twin[name]} (our loop): {tokens[name] == tokens[twin[name]]}"
+            print(f"| {name} | {p:.3f} | {d:.1f} | {d / speed['torch fp32'][1]:.2f}x | {same} |", flush=True)  # fmt: skip
     torch.set_num_threads(args.threads)
-    ths = args.thread_counts
-    print("## SmolLM2-135M decode\n")
-    print(f"prompt {ids.shape[1]} tokens, {args.new} new greedy tokens with the KV cache, median of {args.repeats} interleaved repeats\n")  # fmt: skip
-    cols = " | ".join(f"prefill s ({t}T) | decode tok/s ({t}T) | x torch ({t}T)" for t in ths)
-    print(f"| runtime | {cols} | same tokens as |")
-    print("|---|" + "---|---|---|" * len(ths) + "---|")
-    for name in rows:
-        cells = []
-        for t in ths:
-            p, d = speed[name, t]
-            cells.append(f"{p:.3f} | {d:.1f} | {d / speed['torch fp32', t][1]:.2f}x")
-        same = "torch fp32" if tokens[name] == tokens["torch fp32"] else "-"
-        if name in twin:  # onnxruntime-genai on our graph: our own ORT loop's tokens?
-            same = f"{twin[name]} (our loop): {tokens[name] == tokens[twin[name]]}"
-        print(f"| {name} | {' | '.join(cells)} | {same} |", flush=True)
 
 
 def _scheme(folder: Path) -> str:

@@ -66,7 +66,9 @@ def test_w4_classifier_runs_in_mindspore_as_in_torch(sst2_w4, sst2_classifier):
     assert any("37 Linear layers hold their integers" in n for n in ms_model.load_report.notes)
     # held integers: the 37 Linears take 0.5 B + scales per weight instead of 4 B
     at_load = AutoModelForSequenceClassification.from_pretrained(sst2_w4, dequantize="at_load")
-    assert maxdiff(_ms_logits(at_load, enc), _ms_logits(ms_model, enc)) <= 1e-6
+    # per_call scales the integer MatMul's output, at_load the weight: the same sum, in another
+    # float32 rounding order
+    assert maxdiff(_ms_logits(at_load, enc), _ms_logits(ms_model, enc)) <= 1e-5
     held = sum(c.resident_bytes() for c in dense)
     floats = sum(
         c.resident_bytes() for _, c in at_load.cells_and_names() if isinstance(c, QuantDense)

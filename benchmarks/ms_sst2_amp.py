@@ -25,8 +25,9 @@ import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from slimport.compress.training import length_grouped_batches  # noqa: E402
 from slimport.data import read_labeled  # noqa: E402
-from slimport.finetune import _batches, default_model, sst2_path  # noqa: E402
+from slimport.finetune import default_model, sst2_path  # noqa: E402
 from slimport.runtime.mindspore.bert import BertForSequenceClassification  # noqa: E402
 from slimport.runtime.mindspore.train import Trainer, classification_loss, cpu_threads  # noqa: E402
 
@@ -67,7 +68,7 @@ def run(amp: str, steps: int, batch_size: int, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     lengths = [len(t.split()) for t in texts]
     t0, losses, skipped = time.perf_counter(), [], 0
-    for idx in _batches(lengths, batch_size, steps, gen):
+    for idx in length_grouped_batches(lengths, batch_size, steps, gen):
         ids, mask = encode(tokenizer, [texts[i] for i in idx])
         scale = trainer.loss_scale
         losses.append(trainer.step(ids, mask, np.array([labels[i] for i in idx], np.int32)))

@@ -218,5 +218,7 @@ def test_cli_distill(tiny_bert, sst2_small, tmp_path, capsys, monkeypatch):
     assert "teacher layers [0, 3] of 4" in out and "accuracy" in out
     report = json.loads((tmp_path / "out/distill_report.json").read_text())
     assert 0 <= report["accuracy"] <= 1
-    assert main([*argv[:2], str(tmp_path / "o2"), "--student", "layers:7", *argv[5:]]) == 2
+    assert (
+        main([*argv[:2], str(tmp_path / "o2"), "--student", "layers:7", *argv[5:]]) == 3
+    )  # REFUSED: bad input
     assert "the teacher has layers 0..3" in capsys.readouterr().err

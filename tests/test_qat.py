@@ -164,5 +164,7 @@ def test_cli_quantize_qat(tiny_llama, text, tmp_path, capsys):
     assert main(argv) == 0
     assert "QAT: 3 steps" in capsys.readouterr().out
     assert (tmp_path / "q/qat_report.json").is_file()
-    assert main([*argv[:2], str(tmp_path / "q2"), "--bits", "4", "--qat", "3", "--quiet"]) == 2
+    assert (
+        main([*argv[:2], str(tmp_path / "q2"), "--bits", "4", "--qat", "3", "--quiet"]) == 3
+    )  # REFUSED: bad input
     assert "no calib_data" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def smollm2(args, scratch: Path) -> None:
         ppl[name] = perplexity(m, windows, progress=False)["perplexity"]
         rows[name] = None  # one model in memory at a time
     base, (ptq, qat) = ppl["fp32"], list(ppl.values())[1:]
-    _print(args, report, f"SmolLM2-135M ({model.name}); QAT on {args.steps} x {args.seq_len} "
+    _print(args, report, f"SmolLM2-135M ({model.name}); QAT on {report['qat']['steps']} (of {args.steps} planned) x {args.seq_len} "
            f"WikiText-2 valid tokens; {args.windows} x 512 WikiText-2 raw test windows")  # fmt: skip
     print("| model | WikiText-2 ppl | vs fp32 |")
     print("|---|---|---|")
@@ -87,7 +87,7 @@ def minilm(args, scratch: Path) -> None:
     )
     _print(args, report, f"MiniLM SST-2 classifier ({model.name}); W8A8 = int8 per-channel symmetric "
            "weights, int8 static per-tensor asymmetric inputs (min_max, 256 SST-2 train sentences); "
-           f"QAT on {args.steps} x 32 SST-2 train sentences")  # fmt: skip
+           f"QAT on {report['qat']['steps']} (of {args.steps} planned) x 32 SST-2 train sentences")  # fmt: skip
     print("| model | SST-2 dev accuracy | agreement with fp32 |")
     print("|---|---|---|")
     for name, r in res.items():

@@ -220,5 +220,5 @@ def test_cli_distill(tiny_bert, sst2_small, tmp_path, capsys, monkeypatch):
     assert 0 <= report["accuracy"] <= 1
     assert (
         main([*argv[:2], str(tmp_path / "o2"), "--student", "layers:7", *argv[5:]]) == 3
-    )  # refused input
+    )  # REFUSED: bad input
     assert "the teacher has layers 0..3" in capsys.readouterr().err

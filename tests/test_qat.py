@@ -166,5 +166,5 @@ def test_cli_quantize_qat(tiny_llama, text, tmp_path, capsys):
     assert (tmp_path / "q/qat_report.json").is_file()
     assert (
         main([*argv[:2], str(tmp_path / "q2"), "--bits", "4", "--qat", "3", "--quiet"]) == 3
-    )  # refused input
+    )  # REFUSED: bad input
     assert "no calib_data" in capsys.readouterr().err

@@ -220,3 +220,38 @@ def test_calibrating_configs_need_calib_data(sst2_classifier):
 def test_quantizing_an_already_quantized_model_is_refused(sst2_w4):
     with pytest.raises(SlimportError, match="already quantized"):
         AutoModelForSequenceClassification.from_pretrained(sst2_w4, quantization_config={"bits": 8})
+
+
+def test_int8_embedding_computes_what_torch_int8_embedding_computes(tmp_path, mode):
+    """`embeddings="int8"`: the torch runtime's integers (a scale per row), the tied head on
+    them, no float table left; logits and greedy tokens as torch's packed runtime."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slimport.runtime.mindspore.quantized import QuantEmbedding
+    from slimport.runtime.torch.quantized import load_quantized
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp32")
+    out = tmp_path / "w8"
+    quant_api.quantize(tmp_path / "fp32", out, progress=False, bits=8)
+    reference, _ = load_quantized(out, "float32", embeddings="int8")
+    model = AutoModelForCausalLM.from_pretrained(out, embeddings="int8")
+    emb = model.model.embed_tokens
+    assert isinstance(emb, QuantEmbedding) and model.head_on_integers
+    assert np.array_equal(
+        emb.weight_q.asnumpy(), reference.model.embed_tokens.packed.qweight.numpy()
+    )
+    assert not any(p.dtype == ms.float32 and p.size >= 96 * 64 for p in model.get_parameters())
+    ids = torch.tensor([[0, 5, 17, 3, 44], [1, 9, 2, 60, 7]])
+    with torch.no_grad():
+        ref = reference(input_ids=ids).logits.numpy()
+        want = reference.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ours = model(ms.Tensor(ids.numpy())).logits.asnumpy()
+    assert np.abs(ours - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    got = model.generate(ids.numpy(), max_new_tokens=10, pad_token_id=0)
+    assert (np.asarray(got) == want.numpy()).all()
+    with pytest.raises(SlimportError, match="embeddings"):
+        AutoModelForCausalLM.from_pretrained(out, embeddings="int3")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,7 +281,6 @@ class Probe:
 
     def measure(self, name: str, args: QuantArgs) -> dict:
         """The cost of quantizing `name` alone in scheme `args`."""
-        t0 = time.perf_counter()
         value = self.evaluate({name: args})
         return {
             "module": name,
@@ -291,7 +289,6 @@ class Probe:
             "delta": self.delta(value),
             **self.errors(name, args),
             "params": self.originals[name].numel(),
-            "seconds": round(time.perf_counter() - t0, 3),
         }
 
     def delta(self, value: float) -> float:

@@ -21,17 +21,18 @@ def run(
     ray: str | None = None,
     ray_workers: int = 2,
     progress=None,
+    probe: Probe | None = None,
 ) -> dict:
     """Rank every searchable Linear by the cost of quantizing it alone (setup's scheme); with
     `budget`, search per-module schemes and write the recipe to `recipe`. `ray`: None = serial,
-    else workers.LOCAL or a cluster address."""
+    else workers.LOCAL or a cluster address. `probe`: one already built for `setup`."""
     t0 = time.perf_counter()
     parsed = B.parse_budget(budget) if budget else None  # refused before any model is loaded
     if parsed and recipe is None:
         raise SlimportError("--budget writes a recipe: give --recipe-out FILE.yaml")
     if ray is not None:
         workers.connect(ray, ray_workers)  # an unreachable cluster fails before the work
-    probe = Probe(setup)
+    probe = probe or Probe(setup)
     if parsed:
         B.parse_budget(budget, probe.causal)
     rows: dict[tuple[str, str], dict] = {}

@@ -117,7 +117,10 @@ def test_budget_recipe_meets_the_budget_when_quantized_and_scored_afresh(probe, 
     budget = f"ppl<=+{w4['delta'] * 50:.5f}%"
     result = run(probe.setup, budget=budget, recipe=tmp_path / "mixed.yaml", probe=probe)
     chosen = result["budget"]["chosen"]
-    w8 = sum(bits_per_weight(QuantArgs(8, True, "channel"), s) * s[0] * s[1] for s in probe.shapes().values())
+    w8 = sum(
+        bits_per_weight(QuantArgs(8, True, "channel"), s) * s[0] * s[1]
+        for s in probe.shapes().values()
+    )
     assert chosen["bits"] < w8 / sum(s[0] * s[1] for s in probe.shapes().values())
     assert set(result["budget"]["plan"].values()) == {"W8", "W4 g16"}
     assert result["budget"]["plan"][ranking["modules"][0]["module"]] == "W8"  # costliest kept wide
@@ -128,13 +131,27 @@ def test_budget_recipe_meets_the_budget_when_quantized_and_scored_afresh(probe, 
     assert probe.score(model) <= probe.baseline * (1 + w4["delta"] / 2)
     # the recipe the quantizer takes from the command line, as written
     out = tmp_path / "q"
-    assert main(["quantize", probe.setup.model, str(out), "--recipe", str(tmp_path / "mixed.yaml"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                probe.setup.model,
+                str(out),
+                "--recipe",
+                str(tmp_path / "mixed.yaml"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
     assert len(groups) == 2
 
 
 def test_a_budget_no_recipe_meets_names_the_closest_and_writes_it(probe, tmp_path):
-    with pytest.raises(SlimportError, match=r"bits<=3: not met .* closest is every module W4 g16 \(6\.250 bits") as e:
+    with pytest.raises(
+        SlimportError, match=r"bits<=3: not met .* closest is every module W4 g16 \(6\.250 bits"
+    ) as e:
         run(probe.setup, budget="bits<=3", recipe=tmp_path / "r.yaml", probe=probe)
     assert "r.closest.yaml" in str(e.value)
     QuantizationConfig.from_yaml(tmp_path / "r.closest.yaml")  # a recipe the quantizer takes
@@ -177,3 +194,42 @@ def test_classifier_budget_in_accuracy_points(minilm_dir, shared, tmp_path):
     assert result["budget"]["chosen"]["delta"] >= -1.0
     with pytest.raises(SlimportError, match="a classifier \\(use accuracy\\)"):
         run(s, budget="ppl<=+5%", recipe=tmp_path / "r.yaml")
+
+
+def test_block_units_quantize_a_block_at_once(tiny_llama, wiki, probe, tmp_path):
+    s = setup_for(tiny_llama, wiki, unit="block")
+    result = run(s, budget="bits<=7", recipe=tmp_path / "r.yaml")
+    assert [r["module"] for r in result["modules"]] != [] and {
+        r["module"] for r in result["modules"]
+    } == {"model.layers.0", "model.layers.1"}
+    per_block = {r["module"]: r for r in result["modules"]}["model.layers.1"]
+    block = [n for n in probe.linears if n.startswith("model.layers.1.")]
+    assert per_block["metric"] == pytest.approx(
+        probe.evaluate(dict.fromkeys(block, probe.config.weights)), rel=1e-9
+    )
+    plan = result["budget"]["plan"]
+    assert len({plan[n] for n in block}) == 1  # a block moves as one
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def test_ray_gives_the_serial_results(probe, ranking):
+    ray = pytest.importorskip("ray")
+    try:
+        on_ray = run(probe.setup, ray="local", ray_workers=2, probe=probe)
+    finally:
+        ray.shutdown()
+    assert on_ray["modules"] == ranking["modules"]
+
+
+def test_ray_errors_are_clear(probe, monkeypatch):
+    import sys
+
+    with pytest.raises(SlimportError, match="--ray 127.0.0.1:9: no Ray cluster answers there"):
+        run(probe.setup, ray="127.0.0.1:9", probe=probe)
+    with pytest.raises(SlimportError, match="not HOST:PORT"):
+        run(probe.setup, ray="nowhere", probe=probe)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(SlimportError, match="--ray needs Ray, which is not installed"):
+        run(probe.setup, ray="local", probe=probe)

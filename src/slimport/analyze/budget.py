@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slimport.analyze.sensitivity import Probe, bits_per_weight, scheme_label
+from slimport.analyze.sensitivity import Probe, scheme_label
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.errors import SlimportError
 
@@ -49,7 +49,9 @@ class Budget:
     def __str__(self) -> str:
         if self.kind == "ppl":
             return f"ppl<=+{self.limit * 100:g}%"
-        return f"accuracy>={self.limit:+g}pt" if self.kind == "accuracy" else f"bits<={self.limit:g}"
+        return (
+            f"accuracy>={self.limit:+g}pt" if self.kind == "accuracy" else f"bits<={self.limit:g}"
+        )
 
 
 def parse_budget(text: str, causal: bool | None = None) -> Budget:
@@ -105,10 +107,10 @@ class Search:
     costs: dict = field(default_factory=dict)  # (module, scheme label) -> one-module delta
 
     def bits(self, plan: Plan) -> float:
-        shapes = self.probe.shapes()
-        total = sum(shapes[n][0] * shapes[n][1] for n in plan)
-        return sum(bits_per_weight(a, shapes[n]) * shapes[n][0] * shapes[n][1]
-                   for n, a in plan.items()) / total  # fmt: skip
+        """Average stored bits per weight of the plan's (unit -> scheme) Linears."""
+        p = self.probe
+        total = sum(p.originals[n].numel() for n in p.expand(plan))
+        return sum(p.size_bits(u, a) for u, a in plan.items()) / total
 
     def cost(self, rows: list[dict]) -> None:
         for r in rows:
@@ -119,7 +121,7 @@ class Search:
         from slimport.compress import pipeline
 
         p = self.probe
-        config = recipe_config(p, plan)
+        config = recipe_config(p, p.expand(plan))
         model = copy.deepcopy(p.model)
         calib = p.calibration() if config.needs_calibration else None
         pipeline.quantize_(model, config, calib)
@@ -133,11 +135,13 @@ class Search:
         return entry
 
 
-def search(probe: Probe, budget: Budget, rungs: list[QuantArgs], measure) -> tuple[Plan, dict, Search]:
+def search(
+    probe: Probe, budget: Budget, rungs: list[QuantArgs], measure
+) -> tuple[Plan, dict, Search]:
     """The plan meeting `budget` with the fewest bits found (see the module doc), its scored
     entry and the search (every candidate in `.tried`). Raises when no plan meets it."""
     s = Search(probe, budget, rungs, measure)
-    names = list(probe.linears)
+    names = list(probe.units)
     top = rungs[0]
     start: Plan = dict.fromkeys(names, top)
     best = s.score(start, f"uniform {scheme_label(top)}")
@@ -146,14 +150,13 @@ def search(probe: Probe, budget: Budget, rungs: list[QuantArgs], measure) -> tup
     # every step down the ladder, cheapest per saved bit first
     rows = measure([(n, r) for r in rungs[1:] for n in names])
     s.cost(rows)
-    shapes = probe.shapes()
     steps = []
     for n in names:
         if start[n] is None:
             continue
         prev = top
         for r in rungs[1:]:
-            saved = (bits_per_weight(prev, shapes[n]) - bits_per_weight(r, shapes[n])) * shapes[n][0] * shapes[n][1]
+            saved = probe.size_bits(n, prev) - probe.size_bits(n, r)
             harm = s.costs[(n, scheme_label(r))] - s.costs.get((n, scheme_label(prev)), 0.0)
             harm = harm if budget.kind != "accuracy" else -harm
             steps.append((max(harm, 0.0) / saved, n, r, harm))
@@ -173,7 +176,11 @@ def search(probe: Probe, budget: Budget, rungs: list[QuantArgs], measure) -> tup
         k = next((i for i, p in enumerate(plans) if s.bits(p) <= budget.limit + 1e-9), None)
         if k is None:
             raise _unmet(budget, plans[-1], last, s)
-        entry = last if k == len(plans) - 1 else s.score(plans[k], f"first plan under {budget.limit} bits")
+        entry = (
+            last
+            if k == len(plans) - 1
+            else s.score(plans[k], f"first plan under {budget.limit} bits")
+        )
         return plans[k], entry, s
     if last["meets"]:
         return plans[-1], last, s
@@ -256,7 +263,11 @@ def recipe_dict(probe: Probe, plan: Plan) -> dict:
     for n, a in plan.items():
         if a is not None and a != base:
             o = {"bits": a.bits, "symmetric": a.symmetric}
-            o |= {"group_size": a.group_size} if a.granularity == "group" else {"granularity": a.granularity}
+            o |= (
+                {"group_size": a.group_size}
+                if a.granularity == "group"
+                else {"granularity": a.granularity}
+            )
             overrides[f"^{re.escape(n)}$"] = o
     if overrides:
         d["overrides"] = overrides

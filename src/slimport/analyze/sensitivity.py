@@ -35,6 +35,7 @@ from slimport.errors import SlimportError
 from slimport.evaluate.perplexity import _logits, window_nll
 
 SENSITIVITY_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+UNITS = ("linear", "block")
 FLOAT_BITS = 32  # a module left in float is stored as the source's float32
 
 
@@ -49,6 +50,7 @@ class Setup:
     bits: int = 4
     group_size: int | None = 64
     protect: tuple[str, ...] | None = None  # None: the quantizer's default (output heads)
+    unit: str = "linear"  # what is quantized alone: one Linear, or every Linear of one block
     windows: int = 4  # causal LM: held-out windows of seq_len tokens, from the end of eval_data
     seq_len: int = 512
     examples: int = 256  # classifier: held-out labelled rows (the first of eval_data)
@@ -116,11 +118,36 @@ class Probe:
         if not self.linears:
             raise SlimportError(f"{path}: every Linear layer is protected: nothing to measure")
         self.originals = {n: m.weight.detach().clone() for n, m in self.linears.items()}
+        self.units = self._units()
         self._eval_data()
         self.stats = self._calibrate()
         self._cache: dict = {}
         self.block_inputs: list[list[torch.Tensor]] | None = None
         self.baseline = self.evaluate({}, record=True)
+
+    def _units(self) -> dict[str, list[str]]:
+        """What `measure` quantizes at once, by name: each Linear, or each block's Linears (a
+        Linear outside the blocks is a unit of its own)."""
+        if self.setup.unit not in UNITS:
+            raise SlimportError(f"unit {self.setup.unit!r}", hint="one of " + ", ".join(UNITS))
+        if self.setup.unit == "linear":
+            return {n: [n] for n in self.linears}
+        units: dict[str, list[str]] = {}
+        for n in self.linears:
+            rest = n.removeprefix(self.blocks_name + ".")
+            head = rest.split(".")[0]
+            key = f"{self.blocks_name}.{head}" if rest != n and head.isdigit() else n
+            units.setdefault(key, []).append(n)
+        return units
+
+    def expand(self, plan: dict) -> dict[str, QuantArgs | None]:
+        """A plan over units as a plan over Linears."""
+        return {n: a for u, a in plan.items() for n in self.units[u]}
+
+    def size_bits(self, unit: str, args: QuantArgs | None) -> float:
+        """Stored bits of a unit's weights in scheme `args`."""
+        return sum(bits_per_weight(args, tuple(self.originals[n].shape)) * self.originals[n].numel()
+                   for n in self.units[unit])  # fmt: skip
 
     # ---------------------------------------------------------------- data
     def _eval_data(self) -> None:
@@ -167,7 +194,9 @@ class Probe:
         """The calibration batches of the setup (the quantizer's own sampling), made once."""
         if getattr(self, "_calibration", None) is None:
             if not self.setup.calib_data:
-                raise SlimportError(f"method {self.setup.method} calibrates: pass --calib-data FILE")
+                raise SlimportError(
+                    f"method {self.setup.method} calibrates: pass --calib-data FILE"
+                )
             self._calibration = calibration_inputs(
                 self.tokenizer, self.setup.calib_data, self.config, self.causal
             )
@@ -199,14 +228,20 @@ class Probe:
             return P.dequantize_tensor(r[0].float(), args, r[1], r[2]) / s
         return _rtn(w * s, args) / s
 
-    def errors(self, name: str, args: QuantArgs) -> dict:
-        w, q = self.originals[name].float(), self.quantized(name, args)
-        d = q - w
-        out = {"weight_rel_err": float(d.norm() / w.norm().clamp_min(1e-12))}
-        st = self.stats.get(name)
-        if st is not None and st.hessian is not None:
-            H = st.hessian.value()
-            out["output_rel_err"] = float(((d @ H) * d).sum() / ((w @ H) * w).sum().clamp_min(1e-30))
+    def errors(self, unit: str, args: QuantArgs) -> dict:
+        """Relative weight error (and, with Hessians, output error) over the unit's Linears."""
+        dw = ww = dh = wh = 0.0
+        for n in self.units[unit]:
+            w = self.originals[n].float()
+            d = self.quantized(n, args) - w
+            dw, ww = dw + float(d.square().sum()), ww + float(w.square().sum())
+            st = self.stats.get(n)
+            if st is not None and st.hessian is not None:
+                H = st.hessian.value()
+                dh, wh = dh + float(((d @ H) * d).sum()), wh + float(((w @ H) * w).sum())
+        out = {"weight_rel_err": math.sqrt(dw / max(ww, 1e-30))}
+        if wh:
+            out["output_rel_err"] = dh / wh
         return out
 
     # ---------------------------------------------------------------- scoring
@@ -279,16 +314,16 @@ class Probe:
             for i in range(start):
                 self.blocks[i] = kept[i]
 
-    def measure(self, name: str, args: QuantArgs) -> dict:
-        """The cost of quantizing `name` alone in scheme `args`."""
-        value = self.evaluate({name: args})
+    def measure(self, unit: str, args: QuantArgs) -> dict:
+        """The cost of quantizing `unit` (a Linear, or a block's) alone in scheme `args`."""
+        value = self.evaluate(dict.fromkeys(self.units[unit], args))
         return {
-            "module": name,
+            "module": unit,
             "scheme": scheme_label(args),
             "metric": value,
             "delta": self.delta(value),
-            **self.errors(name, args),
-            "params": self.originals[name].numel(),
+            **self.errors(unit, args),
+            "params": sum(self.originals[n].numel() for n in self.units[unit]),
         }
 
     def delta(self, value: float) -> float:
@@ -345,5 +380,9 @@ def rank(rows: list[dict], causal: bool) -> list[dict]:
     sign = 1.0 if causal else -1.0
     return sorted(
         rows,
-        key=lambda r: (-sign * r["delta"], -r.get("output_rel_err", r["weight_rel_err"]), r["module"]),
+        key=lambda r: (
+            -sign * r["delta"],
+            -r.get("output_rel_err", r["weight_rel_err"]),
+            r["module"],
+        ),
     )

@@ -48,13 +48,14 @@ def run(
         return [rows[(n, scheme_label(a))] for n, a in jobs]
 
     asked = probe.config.weights
-    ranking = rank(measure([(n, asked) for n in probe.linears]), probe.causal)
+    ranking = rank(measure([(n, asked) for n in probe.units]), probe.causal)
     result = {
         "model": setup.model,
         "metric": probe.metric,
         "baseline": probe.baseline,
         "scheme": scheme_label(asked),
         "method": setup.method,
+        "unit": setup.unit,
         "eval": {"data": setup.eval_data, "windows": setup.windows, "seq_len": setup.seq_len}
         if probe.causal
         else {"data": setup.eval_data, "examples": len(probe.labels)},
@@ -62,24 +63,27 @@ def run(
         "modules": ranking,
     }
     if parsed:
-        rungs = B.ladder(setup.bits, group_sizes or ([setup.group_size] if setup.group_size else []))
+        rungs = B.ladder(
+            setup.bits, group_sizes or ([setup.group_size] if setup.group_size else [])
+        )
         try:
             plan, entry, search = B.search(probe, parsed, rungs, measure)
         except SlimportError as e:
             closest = getattr(e, "closest", None)
             if closest is not None:
                 near = Path(f"{Path(recipe).with_suffix('')}.closest.yaml")
-                B.write_recipe(near, probe, closest, f"closest recipe found for --budget {budget}")
+                B.write_recipe(near, probe, probe.expand(closest),
+                               f"closest recipe found for --budget {budget}")  # fmt: skip
                 raise SlimportError(f"{e.message}; written to {near}", hint=e.hint) from None
             raise
         note = (f"slimport sensitivity --budget {budget!r} ({setup.method}): {entry['bits']:.3f} "
                 f"bits/weight, {probe.metric} {entry['metric']:.4g} vs float {probe.baseline:.4g}")  # fmt: skip
-        path = B.write_recipe(recipe, probe, plan, note)
+        path = B.write_recipe(recipe, probe, probe.expand(plan), note)
         result["budget"] = {
             "budget": str(parsed),
             "recipe": str(path),
             "chosen": entry,
-            "plan": {n: scheme_label(a) for n, a in plan.items()},
+            "plan": {n: scheme_label(a) for n, a in probe.expand(plan).items()},
             "tried": search.tried,
             "rungs": [scheme_label(r) for r in rungs],
         }

@@ -37,6 +37,8 @@ def connect(address: str, workers: int = 2):
         ) from None
     if ray.is_initialized():
         return ray
+    if address != LOCAL:
+        _reachable(address)
     try:
         if address == LOCAL:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
@@ -50,6 +52,25 @@ def connect(address: str, workers: int = 2):
             "local cluster",
         ) from None
     return ray
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connection to the head, tried first: `ray.init` retries an unreachable address for
+    minutes before it fails."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto":
+        return  # Ray's own lookup (RAY_ADDRESS, or a cluster started on this machine)
+    if not host or not port.isdigit():
+        raise SlimportError(f"--ray {address}: not HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SlimportError(
+            f"--ray {address}: no Ray cluster answers there ({e})",
+            hint="start one (ray start --head) or check the address; --ray alone runs a local one",
+        ) from None
 
 
 def measure_ray(

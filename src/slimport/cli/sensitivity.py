@@ -27,6 +27,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         method=args.method, bits=args.bits, group_size=args.group_size or None,
         protect=tuple(args.protect) if args.protect else None, windows=args.windows,
         seq_len=args.seq_len, examples=args.examples, num_samples=args.num_samples, seed=args.seed,
+        unit=args.unit,
     )  # fmt: skip
     if args.report:
         from slimport.report.plots import _pyplot
@@ -62,17 +63,21 @@ def register(sub) -> None:
         "the model on a held-out slice: perplexity (causal LM) or accuracy (classifier). With "
         "--budget, search per-module schemes (float, W8, W4 groups) for the smallest model that "
         "meets it and write the recipe `slimport quantize --recipe` takes.",
-        epilog='example: slimport sensitivity out/smollm2 --calib-data valid.txt --eval-data '
+        epilog="example: slimport sensitivity out/smollm2 --calib-data valid.txt --eval-data "
         'valid.txt --budget "ppl<=+5%%" --recipe-out mixed.yaml --report sens.html',
     )
     sp.add_argument("model", help="float Hugging Face folder (slimport convert --to hf)")
-    sp.add_argument("--calib-data", help="calibration text (.txt/.tsv/.jsonl; GPTQ/AWQ, and the recipe)")
+    sp.add_argument(
+        "--calib-data", help="calibration text (.txt/.tsv/.jsonl; GPTQ/AWQ, and the recipe)"
+    )
     sp.add_argument("--eval-data", required=True,
                     help="held-out slice: text (its last --windows windows) or labelled .tsv")  # fmt: skip
     sp.add_argument("--bits", type=int, default=4, choices=(8, 4, 3))
     sp.add_argument("--group-size", type=int, default=64, help="0: per channel (default 64)")
     sp.add_argument("--method", default="rtn", choices=METHODS)
     sp.add_argument("--protect", action="append", help="regex of Linears kept float (repeatable)")
+    sp.add_argument("--unit", default="linear", choices=("linear", "block"),
+                    help="quantized alone: each Linear (default), or each block's Linears")  # fmt: skip
     sp.add_argument("--windows", type=int, default=4, help="causal LM: held-out windows (4)")
     sp.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
     sp.add_argument("--examples", type=int, default=256, help="classifier: held-out rows (256)")
@@ -90,4 +95,3 @@ def register(sub) -> None:
     sp.add_argument("--report", metavar="FILE.html", help="HTML report (+ .md) with plots")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(fn=_sensitivity)
-

@@ -117,7 +117,9 @@ class Probe:
         }
         if not self.linears:
             raise SlimportError(f"{path}: every Linear layer is protected: nothing to measure")
-        self.originals = {n: m.weight.detach().clone() for n, m in self.linears.items()}
+        # the float Parameters themselves: `applied` swaps in new ones, never writes into these
+        self.params = {n: m.weight for n, m in self.linears.items()}
+        self.originals = {n: p.detach() for n, p in self.params.items()}
         self.units = self._units()
         self._eval_data()
         self.stats = self._calibrate()
@@ -207,9 +209,7 @@ class Probe:
         """The float weight of `name` after quantizing it alone (dequantized), cached."""
         key = (name, args)
         if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != name} | {
-                key: self._quantize(name, args)
-            }  # one scheme per module kept: the search asks for each at most a few times
+            self._cache[key] = self._quantize(name, args)
         return self._cache[key]
 
     def _quantize(self, name: str, args: QuantArgs) -> torch.Tensor:
@@ -248,16 +248,14 @@ class Probe:
     @contextlib.contextmanager
     def applied(self, plan: dict[str, QuantArgs | None]):
         """The model with the Linears of `plan` quantized (None: float), restored after."""
-        with torch.no_grad():
-            for n, args in plan.items():
-                if args is not None:
-                    self.linears[n].weight.copy_(self.quantized(n, args))
+        for n, args in plan.items():
+            if args is not None:
+                self.linears[n].weight = nn.Parameter(self.quantized(n, args), requires_grad=False)
         try:
             yield self.model
         finally:
-            with torch.no_grad():
-                for n in plan:
-                    self.linears[n].weight.copy_(self.originals[n])
+            for n in plan:
+                self.linears[n].weight = self.params[n]
 
     def evaluate(self, plan: dict[str, QuantArgs | None], record: bool = False) -> float:
         """Perplexity (causal LM) or accuracy (classifier) on the held-out slice with `plan`."""
@@ -317,12 +315,14 @@ class Probe:
     def measure(self, unit: str, args: QuantArgs) -> dict:
         """The cost of quantizing `unit` (a Linear, or a block's) alone in scheme `args`."""
         value = self.evaluate(dict.fromkeys(self.units[unit], args))
+        errors = self.errors(unit, args)
+        self._cache = {}  # a unit's quantized weights are not asked for again
         return {
             "module": unit,
             "scheme": scheme_label(args),
             "metric": value,
             "delta": self.delta(value),
-            **self.errors(unit, args),
+            **errors,
             "params": sum(self.originals[n].numel() for n in self.units[unit]),
         }
 

@@ -148,3 +148,52 @@ def test_an_override_matching_nothing_is_an_error(llama, tmp_path):
     config = QuantizationConfig(bits=4, group_size=16, overrides={"no_such_proj": {"bits": 8}})
     with pytest.raises(SlimportError, match="overrides pattern 'no_such_proj' matches no Linear"):
         pipeline.quantize(llama, tmp_path / "q", config, progress=False)
+
+
+# ---------------------------------------------------------------- --report on quantize / prune
+
+
+def _figures(html: str) -> list[str]:
+    import re
+
+    return re.findall(r'<figure class="plot" id="fig-([\w-]+)"><svg', html)
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune"])
+def test_report_of_a_run_has_per_layer_errors_and_weight_histograms(llama, tmp_path, command):
+    pytest.importorskip("matplotlib")
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text(RECIPE.format(method="rtn"))
+    extra = ["--recipe", str(recipe)] if command == "quantize" else ["--method", "magnitude"]
+    out, html = tmp_path / "q", tmp_path / "run.html"
+    assert main([command, str(llama), str(out), *extra, "--quiet", "--report", str(html)]) == 0
+    text = html.read_text()
+    assert _figures(text) == ["layers", "weights"]
+    assert "block 0" in text and "block 1" in text
+    md = (tmp_path / "run.md").read_text()
+    assert "![weight distributions" in md and (tmp_path / "run_files/weights.svg").is_file()
+    if command == "prune":
+        assert "| module | sparsity | seconds |" in md
+
+
+def test_report_histograms_decode_the_override_scheme(llama, tmp_path):
+    """What the histograms show is what the pipeline computed, module by module, W8 or W4."""
+    from transformers import AutoModelForCausalLM
+
+    from slimport.compress.run_report import _decoded
+    from slimport.io import safetensors
+
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text(RECIPE.format(method="rtn"))
+    out = tmp_path / "q"
+    assert main(["quantize", str(llama), str(out), "--recipe", str(recipe), "--quiet"]) == 0
+    config = QuantizationConfig.from_yaml(recipe)
+    mem = pipeline.quantize_(AutoModelForCausalLM.from_pretrained(llama), config)
+    ckpt = safetensors.read(out / "model.safetensors.index.json")
+    try:
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                     "model.layers.1.mlp.gate_proj"):  # fmt: skip
+            expected = mem.get_submodule(name).weight
+            torch.testing.assert_close(_decoded(out, ckpt, name), expected, atol=1e-6, rtol=0)
+    finally:
+        ckpt.close()

@@ -233,3 +233,54 @@ def test_ray_errors_are_clear(probe, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(SlimportError, match="--ray needs Ray, which is not installed"):
         run(probe.setup, ray="local", probe=probe)
+
+
+# ---------------------------------------------------------------- report
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def budget_report(probe, tmp_path_factory):
+    pytest.importorskip("matplotlib")
+    from slimport.analyze.sensitivity_report import save_report
+
+    tmp = tmp_path_factory.mktemp("report")
+    result = run(probe.setup, budget="bits<=7", recipe=tmp / "r.yaml", probe=probe)
+    result.pop("_probe")
+    save_report(result, probe, tmp / "sens.html")
+    return tmp / "sens.html"
+
+
+def test_sensitivity_report_has_the_ranking_layers_weights_and_pareto(budget_report):
+    import re
+
+    html = budget_report.read_text()
+    assert re.findall(r'id="fig-([\w-]+)"><svg', html) == ["ranking", "layers", "weights", "pareto"]
+    assert "Budget search (bits&lt;=7)" in html and "every recipe scored" in html
+    md = budget_report.with_suffix(".md").read_text()
+    assert "![size / quality of every recipe the search scored](sens_files/pareto.svg)" in md
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="needs headless Chromium (apt-get install chromium)")
+def test_sensitivity_report_renders_in_chromium(budget_report, tmp_path):
+    import subprocess
+
+    import numpy as np
+    from matplotlib.image import imread
+
+    shot = tmp_path / "shot.png"
+    run_ = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--screenshot={shot}",
+         "--window-size=1200,4000", "--hide-scrollbars", budget_report.as_uri()],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert shot.is_file(), run_.stderr[-2000:]
+    rgb = imread(shot)[..., :3]
+    assert (rgb < 0.9).any(-1).mean() > 0.03, "the page rendered (nearly) blank"
+    # the ranking's bars (q_proj blue C0 ... down_proj pink C6) and the Pareto front (green C2)
+    for colour in ((0x1F, 0x77, 0xB4), (0x2C, 0xA0, 0x2C), (0xE3, 0x77, 0xC2)):
+        near = (np.abs(rgb * 255 - np.array(colour)) < 12).all(-1)
+        assert near.sum() > 300, f"no plot pixels of colour {colour}"

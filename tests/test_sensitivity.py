@@ -12,7 +12,7 @@ import torch
 
 from slimport.analyze.sensitivity import Probe, Setup, bits_per_weight
 from slimport.analyze.sensitivity_command import run
-from slimport.cli import main
+from slimport.cli import REFUSED, main
 from slimport.compress import pipeline
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.errors import SlimportError
@@ -172,7 +172,7 @@ def test_cli_writes_json_and_recipe(tiny_llama, wiki, ranking, tmp_path, capsys)
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["modules"] == ranking["modules"]  # ("seconds" apart) the API's numbers
     assert ranking["modules"][0]["module"] in capsys.readouterr().out
-    assert main(argv[:-5] + ["--budget", "nonsense"]) == 2
+    assert main(argv[:-5] + ["--budget", "nonsense"]) == REFUSED
     assert "does not parse" in capsys.readouterr().err
 
 

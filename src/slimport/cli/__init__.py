@@ -11,11 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
-from slimport.cli import distill, models, quantize, run, train
+from slimport.cli import distill, models, quantize, run, sensitivity, train
 from slimport.cli.options import HelpFormatter, Parser
 from slimport.errors import SlimportError
 
-COMMANDS = (models, quantize, distill, run, train)  # in --help order
+COMMANDS = (models, quantize, distill, run, sensitivity, train)  # in --help order
 
 # Distinct so scripts can tell a failed check from bad input from a bug (as pytest and ruff do).
 OK, FAILED, USAGE, REFUSED, CRASHED, INTERRUPTED, TERMINATED = 0, 1, 2, 3, 4, 130, 143
@@ -62,6 +62,8 @@ BOUNDS = {
     "threads": (lambda v: v > 0, "a positive integer"),
     "seq_len": (lambda v: v > 0, "a positive integer"),
     "windows": (lambda v: v > 0, "a positive integer"),
+    "examples": (lambda v: v > 0, "a positive integer"),
+    "workers": (lambda v: v > 0, "a positive integer"),
     "batch_size": (lambda v: v > 0, "a positive integer"),
     "batch": (lambda v: v > 0, "a positive integer"),
     "seq": (lambda v: v > 0, "a positive integer"),

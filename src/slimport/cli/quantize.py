@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import fields
+from pathlib import Path
 
 from slimport.cli.options import DeprecatedAlias, overwrite_option, stdout_kept_for_json
 from slimport.compress.prune import PRUNE_METHODS, QUANT_METHODS, STRUCTURES, UNITS
@@ -17,10 +18,29 @@ from slimport.io.formats import CAST_DTYPES, TARGETS
 # need. The choices come from modules that import none of them.
 
 
+def _report_first(args) -> None:
+    """matplotlib missing or a bad --report path: said before the run, not after it."""
+    if args.report:
+        from slimport.report.plots import _pyplot
+
+        _pyplot()
+        if not Path(args.report).parent.is_dir() or Path(args.report).is_dir():
+            raise SlimportError(f"--report {args.report}: give a file in an existing folder")
+
+
+def _write_report(args, report: dict, command: str) -> None:
+    if args.report:
+        from slimport.compress.run_report import save_report
+
+        written = save_report(report, args.model, args.out, args.report, command)
+        print("report: " + ", ".join(map(str, written[:2])))
+
+
 def _quantize(args) -> int:
     from slimport.compress import api
 
     options = {k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None}
+    _report_first(args)
     with stdout_kept_for_json(args.json):
         if args.qat is not None:
             from slimport.compress.quant.qat import QATSettings, quantize_aware
@@ -36,6 +56,7 @@ def _quantize(args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(api.summary(report))
+    _write_report(args, report, "quantize")
     if q := report.get("qat"):
         print(f"QAT: {q['steps']} steps in {q['seconds']:.0f} s, KL {q['losses'][0]:.4g} -> "
               f"{q['losses'][-1]:.4g}, {q['integers_changed']:.2%} of the integers changed")  # fmt: skip
@@ -54,9 +75,11 @@ def _prune(args: argparse.Namespace) -> int:
     from slimport.compress.prune import api
 
     options = {k: getattr(args, k) for k in PRUNE_OPTIONS if getattr(args, k) is not None}
+    _report_first(args)
     report = api.prune(args.model, args.out, recipe=args.recipe, progress=not args.quiet,
                        overwrite=args.overwrite, **options)  # fmt: skip
     print(api.summary(report))
+    _write_report(args, report, "prune")
     return 0
 
 
@@ -164,6 +187,7 @@ def register(sub) -> None:
     sp.add_argument("--no-lsq", dest="lsq", action="store_false", help="QAT: keep the PTQ scales fixed")
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with per-layer errors and weight histograms")  # fmt: skip
     overwrite_option(sp)
     sp.set_defaults(fn=_quantize)
 
@@ -204,6 +228,7 @@ def register(sub) -> None:
     sp.add_argument("--unit", choices=UNITS,
                     help="--structured heads on GQA models: drop query heads in every KV group alike (head, default) or whole KV groups")  # fmt: skip
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with per-layer errors and weight histograms")  # fmt: skip
     overwrite_option(sp)
     sp.set_defaults(fn=_prune)
 

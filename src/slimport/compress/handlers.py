@@ -63,6 +63,10 @@ class BlockWork:
                 continue  # grouped-query attention: v has fewer rows than o has columns
             yield producer, prod, consumers, self.stats[consumers[0]]
 
+    def weights(self, name: str):
+        """The weight scheme of the block's Linear `name` (the recipe's, or its override)."""
+        return self.config.weights_for(self.rows[name]["module"])
+
     def fold(self, producer: str, prod: nn.Module, consumers, s: torch.Tensor, t0: float) -> None:
         """Fold the scales s between a producer and its consumers; their statistics follow."""
         fold_scales(prod, [self.linears[c] for c in consumers], s)
@@ -111,11 +115,11 @@ def smoothquant(m: SmoothQuantConfig, work: BlockWork) -> None:
 
 @handles(AWQConfig, needs=lambda m: Needs(sample=m.max_tokens))
 def awq(m: AWQConfig, work: BlockWork) -> None:
-    args = work.config.weights
     for producer, prod, consumers, st in work.pairs():
         t0 = time.perf_counter()
         weights = [work.linears[c].weight for c in consumers]
-        s = awq_scales(torch.cat(st.sample), weights, args, grid=m.grid)
+        # consumers of one input share its scales: searched for the first one's scheme
+        s = awq_scales(torch.cat(st.sample), weights, work.weights(consumers[0]), grid=m.grid)
         work.fold(producer, prod, consumers, s, t0)
     clip = m.clip if m.clip is not None else not any(x.error_feedback for x in work.later)
     if clip:
@@ -124,7 +128,8 @@ def awq(m: AWQConfig, work: BlockWork) -> None:
                 continue
             t0 = time.perf_counter()
             with torch.no_grad():
-                lin.weight.copy_(awq_clip(lin.weight, torch.cat(work.stats[n].sample), args))
+                sample = torch.cat(work.stats[n].sample)
+                lin.weight.copy_(awq_clip(lin.weight, sample, work.weights(n)))
             work.rows[n]["seconds"] += time.perf_counter() - t0
     for st in work.stats.values():
         st.sample = []  # the token sample is spent: off the working set before the rounding
@@ -141,21 +146,25 @@ def rtn(m: RTNConfig, work: BlockWork) -> None:
 
 @handles(GPTQConfig, needs=lambda m: Needs(hessian=True))
 def gptq(m: GPTQConfig, work: BlockWork) -> None:
-    # Linears fed one input share its Hessian; GPTQ quantizes them as one stacked matrix (see
-    # gptq()), except per-tensor, whose scale spans one Linear only
+    # Linears fed one input share its Hessian; GPTQ quantizes those of one scheme as one stacked
+    # matrix (see gptq()), except per-tensor, whose scale spans one Linear only
     shared: dict[int, list[str]] = {}
     for n in work.linears:
         shared.setdefault(id(work.stats[n]), []).append(n)
-    stack = work.config.weights.granularity != "tensor"
     for names in shared.values():
-        for part in [names] if stack else [[n] for n in names]:
-            _round(work, part, work.stats[part[0]], m, last=part[-1] == names[-1])
+        parts: dict = {}
+        for n in names:
+            w = work.weights(n)
+            parts.setdefault(w if w.granularity != "tensor" else n, []).append(n)
+        for i, part in enumerate(parts.values()):
+            _round(work, part, work.stats[part[0]], m, last=i == len(parts) - 1)
 
 
 def _round(work: BlockWork, names: list[str], st: Stats, g: GPTQConfig | None, last: bool) -> None:
     """Quantize the Linears `names` (sharing the input statistics `st`) into QuantLinears, in
     place in the block; the float Linears are let go as soon as their replacement exists."""
     config, linears, rows = work.config, work.linears, work.rows
+    args = work.weights(names[0])  # one scheme for the stacked part
     t0 = time.perf_counter()
     ws = [linears[n].weight.detach().float() for n in names]
     sizes = [w.shape[0] for w in ws]
@@ -171,7 +180,7 @@ def _round(work: BlockWork, names: list[str], st: Stats, g: GPTQConfig | None, l
                 for n, w in zip(names, ws, strict=True)
             ])  # fmt: skip
         q, scale, zero, loss = G.gptq(
-            ws, H, config.weights, damp=g.damp, block_size=g.block_size, act_order=g.act_order,
+            ws, H, args, damp=g.damp, block_size=g.block_size, act_order=g.act_order,
             weight_observer=config.weight_observer, mask=mask,
         )  # fmt: skip
         # own storage per Linear (views of one tensor would be saved as shared memory); the
@@ -184,15 +193,15 @@ def _round(work: BlockWork, names: list[str], st: Stats, g: GPTQConfig | None, l
         parts = []
         for w in ws:
             if config.weight_observer == "mse":
-                scale, zero = mse_weight_qparams(w, config.weights)
-                parts.append((P.quantize_tensor(w, config.weights, scale, zero), scale, zero, None))
+                scale, zero = mse_weight_qparams(w, args)
+                parts.append((P.quantize_tensor(w, args, scale, zero), scale, zero, None))
             else:
-                parts.append((*P.rtn(w, config.weights), None))
+                parts.append((*P.rtn(w, args), None))
     seconds = (time.perf_counter() - t0) / len(names)
     for n, w, (q, scale, zero, row_loss) in zip(names, ws, parts, strict=True):
         P.check_scale(f"{rows[n]['module']}.weight", scale)
         t0 = time.perf_counter()
-        ql = QuantLinear.from_linear(linears.pop(n), q, scale, zero, config.weights, config.inputs)
+        ql = QuantLinear.from_linear(linears.pop(n), q, scale, zero, args, config.inputs)
         set_module(work.block, n, ql)
         rows[n]["seconds"] += seconds + time.perf_counter() - t0
         rows[n]["weight_rel_err"] = float((ql.weight - w).norm() / w.norm().clamp_min(1e-12))

@@ -214,6 +214,12 @@ def _quantized_linears(shapes: dict[str, tuple[int, int]], config, path) -> dict
                 f"protect pattern {p!r} matches no Linear layer",
                 hint="layer names look like " + ", ".join(list(shapes)[:3]),
             )
+    for p in config.overrides:
+        if not any(re.search(p, n) for n in shapes):
+            raise SlimportError(
+                f"overrides pattern {p!r} matches no Linear layer",
+                hint="layer names look like " + ", ".join(list(shapes)[:3]),
+            )
     quantized = {n: s for n, s in shapes.items() if not config.is_protected(n)}
     if not quantized:
         raise SlimportError("every Linear layer is protected: nothing to quantize")
@@ -225,11 +231,10 @@ def _quantized_linears(shapes: dict[str, tuple[int, int]], config, path) -> dict
 
 def check_group_size(quantized: dict[str, tuple[int, int]], config: QuantizationConfig) -> None:
     """Per-group scales need group_size to divide every quantized Linear's input size."""
-    g = config.group_size
-    if config.granularity != "group" or g is None:
-        return
     for name, (_, cols) in quantized.items():
-        if cols % g:
+        w = config.weights_for(name)
+        g = w.group_size
+        if w.granularity == "group" and g and cols % g:
             common = math.gcd(*(c for _, c in quantized.values()))
             fits = [d for d in range(1, common + 1) if common % d == 0]
             raise SlimportError(

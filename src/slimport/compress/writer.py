@@ -101,7 +101,12 @@ def config_json(
     ):
         cfg["tie_word_embeddings"] = False
     if qconfig.quantizes:  # pruned only: an ordinary float folder
-        cfg["quantization_config"] = compressed.quantization_config(qconfig, ignore, sparsity)
+        quantized = [
+            n.removesuffix(".weight_scale") for n in written if n.endswith(".weight_scale")
+        ]
+        cfg["quantization_config"] = compressed.quantization_config(
+            qconfig, ignore, sparsity, quantized
+        )
     return cfg
 
 

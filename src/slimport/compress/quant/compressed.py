@@ -79,8 +79,11 @@ def _args(a: QuantArgs, observer: str | None = None, options: dict | None = None
     )
 
 
-def scheme(qconfig: QuantizationConfig):
-    """The library's QuantizationScheme for every quantized Linear of this recipe."""
+def scheme(
+    qconfig: QuantizationConfig, weights: QuantArgs | None = None, targets: list[str] | None = None
+):
+    """The library's QuantizationScheme of the recipe's Linears (`targets`, default all), with
+    the recipe's weight scheme or `weights` (a per-module override's)."""
     q = ct_quantization()
     _check_supported(qconfig)
     w_obs = _WEIGHT_OBSERVERS.get(qconfig.weight_observer, qconfig.weight_observer)
@@ -95,24 +98,37 @@ def scheme(qconfig: QuantizationConfig):
             obs = _ACT_OBSERVERS.get(qconfig.observer, qconfig.observer)
             inputs = _args(qconfig.inputs, obs, options)
     return q.QuantizationScheme(
-        targets=["Linear"],
-        weights=_args(qconfig.weights, w_obs),
+        targets=targets or ["Linear"],
+        weights=_args(weights or qconfig.weights, w_obs),
         input_activations=inputs,
         format=checkpoint_format(qconfig),
     )
 
 
 def quantization_config(
-    qconfig: QuantizationConfig, ignore: list[str], sparsity: dict | None = None
+    qconfig: QuantizationConfig,
+    ignore: list[str],
+    sparsity: dict | None = None,
+    quantized: list[str] = (),
 ) -> dict:
     """The `quantization_config` block of config.json (as llm-compressor writes it). A pruned
     model's `sparsity` (pipeline.sparsity_config) becomes the library's dense sparsity config:
-    the zeros are stored in the integers themselves (see io.compressed, SPARSE_FORMATS)."""
+    the zeros are stored in the integers themselves (see io.compressed, SPARSE_FORMATS). The
+    `quantized` modules with an override scheme get a group each scheme, targeting them by
+    name (the library prefers an exact name to the "Linear" class target)."""
     import compressed_tensors
 
     q = ct_quantization()
+    mixed: dict[QuantArgs, list[str]] = {}
+    for name in quantized:
+        w = qconfig.weights_for(name)
+        if w != qconfig.weights:
+            mixed.setdefault(w, []).append(name)
+    groups = {"group_0": scheme(qconfig)}
+    for i, (w, names) in enumerate(mixed.items(), 1):
+        groups[f"group_{i}"] = scheme(qconfig, w, sorted(names))
     cfg = q.QuantizationConfig(
-        config_groups={"group_0": scheme(qconfig)},
+        config_groups=groups,
         format=checkpoint_format(qconfig),
         quantization_status="compressed",
         ignore=sorted(ignore),
@@ -187,12 +203,12 @@ def linear_tensors(
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     _check_supported(qconfig)
-    w, a = qconfig.weights, qconfig.inputs
+    w, a = qconfig.weights_for(prefix), qconfig.inputs
     if m.weight_args != w or m.input_args != a:
         raise SlimportError(
             f"{prefix}: quantized as {m.extra_repr()}, but the recipe says w{w.bits} "
             f"{w.granularity} ({'sym' if w.symmetric else 'asym'}), activations {qconfig.activations}",
-            hint="a checkpoint holds one scheme for all quantized Linears",
+            hint="a checkpoint holds the recipe's scheme (or the module's override) per Linear",
         )
     q = m.qweight.to(torch.int8)
     out: dict[str, torch.Tensor] = {}

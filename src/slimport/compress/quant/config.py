@@ -42,6 +42,7 @@ SCHEMES = {
     "W8A8": {"bits": 8, "granularity": "channel", "symmetric": True, "activations": "dynamic",
              "act_symmetric": True},
 }  # fmt: skip
+OVERRIDE_KEYS = ("bits", "group_size", "granularity", "symmetric")  # of one module's weights
 RECIPE_MAX_BYTES = 1 << 20  # a recipe is a few lines; a bigger file is not one
 # what a default run leaves in full precision: every family's output heads (arch/layout.py),
 # whose errors nothing downstream fixes
@@ -94,6 +95,11 @@ class QuantizationConfig:
     observer_options: dict = field(default_factory=dict)  # decay, percentile, bins, grid ...
     smoothquant: float | None = None  # flat spelling of SmoothQuantConfig(alpha)
     protect: list[str] = field(default_factory=lambda: list(DEFAULT_PROTECT))
+    # mixed precision: {module-name regex: {bits, group_size, granularity, symmetric}}, the first
+    # match wins and what it leaves out is the recipe's (a new `bits` alone takes that width's
+    # default symmetry); a module kept in float goes in `protect`. `slimport sensitivity
+    # --budget` writes these.
+    overrides: dict = field(default_factory=dict)
     dtype16: str = "float16"
     # flat spelling of the options of GPTQConfig / AWQConfig
     gptq: dict | None = None
@@ -167,6 +173,23 @@ class QuantizationConfig:
             self.bits, self.symmetric, self.granularity, self.group_size,
             fp16_scales=self.gguf_compatible,
         )  # fmt: skip
+
+    def weights_for(self, module: str) -> QuantArgs:
+        """The weight scheme of the Linear `module` (full name): its override's, or the recipe's."""
+        for pattern, o in self.overrides.items():
+            if re.search(pattern, module):
+                return self._override_args(o)
+        return self.weights
+
+    def _override_args(self, o: dict) -> QuantArgs:
+        bits = o.get("bits", self.bits)
+        symmetric = o.get("symmetric", bits >= 8 if "bits" in o else self.symmetric)
+        if o.get("group_size") is not None:
+            granularity, group = o.get("granularity", "group"), o["group_size"]
+        else:
+            granularity = o.get("granularity", self.granularity)
+            group = self.group_size if granularity == "group" else None
+        return QuantArgs(bits, symmetric, granularity, group, fp16_scales=self.gguf_compatible)
 
     @property
     def inputs(self) -> QuantArgs | None:
@@ -277,6 +300,33 @@ class QuantizationConfig:
                 re.compile(p)
             except re.error as e:
                 bad("protect", f"{p!r} is not a valid pattern ({e})")
+        self._validate_overrides(bad)
+
+    def _validate_overrides(self, bad) -> None:
+        hint = "overrides: {'model\\.layers\\.0\\.': {bits: 8, granularity: channel}}"
+        for p, o in self.overrides.items():
+            where = f"overrides[{p!r}]"
+            try:
+                re.compile(p)
+            except (re.error, TypeError) as e:
+                bad("overrides", f"{p!r} is not a valid module pattern ({e})", hint)
+            if not isinstance(o, dict) or not o.keys() <= set(OVERRIDE_KEYS):
+                bad(where, f"{o!r}: give a mapping of " + ", ".join(OVERRIDE_KEYS), hint)
+            check_field_types(QuantizationConfig, o, f"quantization option {where}")
+            w = self._override_args(o)
+            if w.bits not in (8, 4, 3):
+                bad(where, f"bits {w.bits}: 8, 4 or 3 (a float module goes in `protect`)")
+            if w.bits == 3 and not any(m.error_feedback for m in self.modifiers):
+                bad(where, "3-bit weights need method gptq")
+            if w.granularity not in GRANULARITIES or (
+                w.granularity == "group" and not (w.group_size and w.group_size > 0)
+            ):
+                bad(where, f"granularity {w.granularity} with group_size {w.group_size}",
+                    "tensor, channel, or group with a positive group_size")  # fmt: skip
+            if self.gguf_compatible and not scheme_fits(
+                w.bits, w.symmetric, w.granularity, w.group_size
+            ):
+                bad(where, "no GGUF block type holds this scheme", GGUF_LAYOUTS)
 
 
 def ours(d: dict) -> dict:

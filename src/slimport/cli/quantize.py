@@ -187,7 +187,7 @@ def register(sub) -> None:
     sp.add_argument("--no-lsq", dest="lsq", action="store_false", help="QAT: keep the PTQ scales fixed")
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with per-layer errors and weight histograms")  # fmt: skip
+    sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with per-layer errors and weight histograms (default: none)")  # fmt: skip
     overwrite_option(sp)
     sp.set_defaults(fn=_quantize)
 
@@ -228,7 +228,7 @@ def register(sub) -> None:
     sp.add_argument("--unit", choices=UNITS,
                     help="--structured heads on GQA models: drop query heads in every KV group alike (head, default) or whole KV groups")  # fmt: skip
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with per-layer errors and weight histograms")  # fmt: skip
+    sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with per-layer errors and weight histograms (default: none)")  # fmt: skip
     overwrite_option(sp)
     sp.set_defaults(fn=_prune)
 

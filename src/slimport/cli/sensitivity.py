@@ -68,30 +68,40 @@ def register(sub) -> None:
     )
     sp.add_argument("model", help="float Hugging Face folder (slimport convert --to hf)")
     sp.add_argument(
-        "--calib-data", help="calibration text (.txt/.tsv/.jsonl; GPTQ/AWQ, and the recipe)"
+        "--calib-data",
+        help="calibration text (.txt/.tsv/.jsonl; GPTQ/AWQ, and the recipe; default: none)",
     )
     sp.add_argument("--eval-data", required=True,
                     help="held-out slice: text (its last --windows windows) or labelled .tsv")  # fmt: skip
     sp.add_argument("--bits", type=int, default=4, choices=(8, 4, 3))
-    sp.add_argument("--group-size", type=int, default=64, help="0: per channel (default 64)")
+    sp.add_argument("--group-size", type=int, default=64, help="0: per channel")
     sp.add_argument("--method", default="rtn", choices=METHODS)
-    sp.add_argument("--protect", action="append", help="regex of Linears kept float (repeatable)")
+    sp.add_argument(
+        "--protect",
+        action="append",
+        help="regex of Linears kept float (repeatable; default: the output heads)",
+    )
     sp.add_argument("--unit", default="linear", choices=("linear", "block"),
                     help="quantized alone: each Linear (default), or each block's Linears")  # fmt: skip
-    sp.add_argument("--windows", type=int, default=4, help="causal LM: held-out windows (4)")
-    sp.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
-    sp.add_argument("--examples", type=int, default=256, help="classifier: held-out rows (256)")
-    sp.add_argument("--num-samples", type=int, default=16, help="calibration samples (16)")
+    sp.add_argument("--windows", type=int, default=4, help="causal LM: held-out windows")
+    sp.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    sp.add_argument("--examples", type=int, default=256, help="classifier: held-out rows")
+    sp.add_argument("--num-samples", type=int, default=16, help="calibration samples")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--budget", help='"ppl<=+5%%", "accuracy>=-0.5pt" or "bits<=4.5"')
-    sp.add_argument("--recipe-out", help="where --budget writes its recipe (YAML)")
+    sp.add_argument(
+        "--budget",
+        help='"ppl<=+5%%", "accuracy>=-0.5pt" or "bits<=4.5" (default: none, the ranking only)',
+    )
+    sp.add_argument("--recipe-out", help="where --budget writes its recipe (YAML; default: none)")
     sp.add_argument("--group-sizes", type=_group_sizes,
                     help="--budget: W{bits} group sizes to try (default: --group-size)")  # fmt: skip
     sp.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                     help="run the one-module evaluations on Ray: a local cluster of --workers "
-                    "CPUs, or the cluster at ADDRESS")  # fmt: skip
-    sp.add_argument("--workers", type=int, default=2, help="--ray local: workers (2)")
-    sp.add_argument("--json", help="write the result as JSON")
-    sp.add_argument("--report", metavar="FILE.html", help="HTML report (+ .md) with plots")
-    sp.add_argument("--quiet", action="store_true")
+                    "CPUs, or the cluster at ADDRESS (default: serial, no Ray)")  # fmt: skip
+    sp.add_argument("--workers", type=int, default=2, help="--ray local: workers")
+    sp.add_argument("--json", help="write the result as JSON to this file (default: none)")
+    sp.add_argument(
+        "--report", metavar="FILE.html", help="HTML report (+ .md) with plots (default: none)"
+    )
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=_sensitivity)

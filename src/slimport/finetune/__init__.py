@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,4 +231,13 @@ def ensure_sst2_classifier(
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (folder / "finetune_report.json").is_file():
                 finetune(folder, model, settings, progress=progress)
+                return folder
+    report = json.loads((folder / "finetune_report.json").read_text())
+    if report.get("stopped_early"):  # the budget is not in the key: say what is reused
+        print(
+            f"finetune: reusing {folder}, whose training stopped at its budget after "
+            f"{report['steps']} of {report['planned_steps']} steps (dev accuracy "
+            f"{report['accuracy']:.4f}); delete the folder to train it in full",
+            file=sys.stderr,
+        )
     return folder

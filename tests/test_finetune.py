@@ -62,6 +62,18 @@ def test_the_cache_is_reused_not_retrained(sst2_classifier, minilm_dir, monkeypa
     assert ft.ensure_sst2_classifier(recipe="ci", model=minilm_dir) == sst2_classifier
 
 
+def test_reusing_a_classifier_cut_short_by_its_budget_says_so(
+    minilm_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: pytest.fail("retrained"))
+    folder = tmp_path / f"minilm-sst2-{ft.settings_key(minilm_dir, ft.RECIPES['full'])}"
+    folder.mkdir()
+    report = {"stopped_early": True, "steps": 387, "planned_steps": 800, "accuracy": 0.8578}
+    (folder / "finetune_report.json").write_text(json.dumps(report))
+    assert ft.ensure_sst2_classifier(tmp_path, recipe="full", model=minilm_dir) == folder
+    assert "stopped at its budget after 387 of 800 steps" in capsys.readouterr().err
+
+
 def test_cache_key_follows_the_weight_shaping_settings(minilm_dir):
     ci = ft.RECIPES["ci"]
     key = ft.settings_key(minilm_dir, ci)

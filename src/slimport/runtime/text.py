@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from slimport.errors import SlimportError
 from slimport.io.hf import load_tokenizer
@@ -30,6 +31,24 @@ def encode_prompts(tok, prompts: list[str], chat: bool | None = None):
     return enc["input_ids"], enc["attention_mask"]
 
 
+class _TokenBar:
+    """A transformers streamer that only counts: the new tokens as a bar on stderr."""
+
+    def __init__(self, total: int):
+        self.bar = tqdm(total=total, desc="generating", unit="token", leave=False, disable=None)
+        self.prompt, self.steps = True, 0
+
+    def put(self, value) -> None:
+        if self.prompt:  # transformers puts the prompt first
+            self.prompt = False
+        else:
+            self.steps += 1
+            self.bar.update(1)
+
+    def end(self) -> None:
+        self.bar.close()
+
+
 def generate_text(
     model_path: str | Path,
     prompts: list[str],
@@ -43,7 +62,7 @@ def generate_text(
     """Generate a continuation for each prompt (batched, left padded); returns new text only.
     runtime: mindspore, torch or onnx (default: onnx for an exported ONNX folder, else mindspore).
     compute_dtype: torch's float32 or bfloat16 (a quantized folder runs on the packed runtime).
-    progress: a bar of the new tokens (MindSpore) on stderr."""
+    progress: a bar of the new tokens on stderr (when it is a terminal)."""
     tok = load_tokenizer(model_path)
     ids, mask = encode_prompts(tok, prompts, chat)
     common = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, **sampling}
@@ -56,7 +75,7 @@ def generate_text(
             raise SlimportError(f"--compute-dtype {compute_dtype} is for --runtime torch",
                                 hint="an ONNX folder computes as exported")  # fmt: skip
         kw = {k: v for k, v in common.items() if k != "pad_token_id"}
-        out = OnnxModel(model_path).generate(ids, attention_mask=mask, **kw)
+        out = OnnxModel(model_path).generate(ids, attention_mask=mask, progress=progress, **kw)
     elif runtime == "mindspore":
         import mindspore as ms  # optional and slow to import: only for --runtime mindspore
 
@@ -73,6 +92,8 @@ def generate_text(
             torch.manual_seed(sampling["seed"])
         kw = {k: v for k, v in common.items() if k != "seed"}
         kw["do_sample"] = kw.get("do_sample", False)
+        if progress:
+            kw["streamer"] = _TokenBar(kw.get("max_new_tokens", 20))
         with torch.no_grad():
             out = runner.model.generate(
                 torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(), **kw

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from slimport.errors import SlimportError
 from slimport.runtime.onnx.decoder import PAST, PRESENT
@@ -79,10 +80,12 @@ class OnnxModel:
         seed: int | None = 0,
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
+        progress: bool = False,
     ) -> np.ndarray:
         """Prompt [batch, seq] (left-padded when batched) -> prompt + new tokens, greedy or
         sampled (transformers' order: repetition penalty, temperature, top-k, top-p); the prompt
-        is read once, then each step feeds one token and the cache."""
+        is read once, then each step feeds one token and the cache; `progress`: a bar of the new
+        tokens on stderr (when it is a terminal)."""
         if not self.is_decoder:
             raise SlimportError("generate needs a decoder model (this folder is an encoder)")
         ids = np.asarray(input_ids, np.int64)
@@ -91,7 +94,9 @@ class OnnxModel:
         rng = np.random.default_rng(seed)
         done = np.zeros(len(ids), bool)
         out, feed, cache = ids, ids, self.empty_cache(len(ids))
-        for _ in range(max_new_tokens):
+        bar = tqdm(range(max_new_tokens), desc="generating", unit="token", leave=False,
+                   disable=not progress or None)  # fmt: skip
+        for _ in bar:
             logits, cache = self.step(feed, mask, cache)
             last = logits[:, -1].astype(np.float64)
             if repetition_penalty != 1.0:

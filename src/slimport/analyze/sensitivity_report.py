@@ -72,7 +72,7 @@ def document(result: dict, probe: Probe | None = None, top: int = 25) -> Report:
 def _per_layer(rows: list[dict], scale) -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
     for r in rows:
-        m = re.search(r"\.(\d+)\.", r["module"])
+        m = re.search(r"\.(\d+)(\.|$)", r["module"])  # a Linear in a block, or a block
         if m:
             out.setdefault(int(m.group(1)), []).append(scale(r["delta"]))
     return out

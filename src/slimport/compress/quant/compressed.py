@@ -208,7 +208,7 @@ def linear_tensors(
         raise SlimportError(
             f"{prefix}: quantized as {m.extra_repr()}, but the recipe says w{w.bits} "
             f"{w.granularity} ({'sym' if w.symmetric else 'asym'}), activations {qconfig.activations}",
-            hint="a checkpoint holds the recipe's scheme (or the module's override) per Linear",
+            hint="a checkpoint holds one scheme per Linear: the recipe's, or the module's override",
         )
     q = m.qweight.to(torch.int8)
     out: dict[str, torch.Tensor] = {}

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from slimport import api
+from slimport.cli import main
 from slimport.compress import api as quant_api
 from slimport.errors import SlimportError
 
@@ -84,7 +85,21 @@ def test_a_quantized_model_shards_by_size_and_reads_back_equal(minilm_dir, w4_on
 
 def test_a_float_conversion_shards_by_size(minilm_dir, tmp_path):
     out = tmp_path / "hf"
-    api.convert(minilm_dir, out, to="hf", options={"max_shard_size": "30MB"}, progress=False)
+    assert (
+        main(
+            [
+                "convert",
+                str(minilm_dir),
+                str(out),
+                "--to",
+                "hf",
+                "--max-shard-size",
+                "30MB",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert assert_sharded_by_size(out, 30 * 10**6) >= 2
     src = tensors(minilm_dir)
     del src["embeddings.position_ids"]  # a buffer, not a weight: conversions leave it out
@@ -96,3 +111,15 @@ def test_a_bad_shard_size_is_refused_before_any_work(minilm_dir, tmp_path):
     with pytest.raises(SlimportError, match="max_shard_size 'lots' is not a size"):
         quant_api.quantize(minilm_dir, tmp_path / "q", progress=False, max_shard_size="lots", **W4)
     assert not (tmp_path / "q").exists()
+    code = main(
+        [
+            "quantize",
+            str(minilm_dir),
+            str(tmp_path / "q"),
+            "--bits",
+            "4",
+            "--max-shard-size",
+            "lots",
+        ]
+    )
+    assert code == 3 and not (tmp_path / "q").exists()  # the command line says it the same way

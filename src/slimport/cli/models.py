@@ -100,7 +100,8 @@ def _convert(args) -> int:
 
 
 # writer options -> the --to target they belong to
-WRITER_OPTIONS = {"gguf_type": "gguf", "gguf_requantize": "gguf", "accuracy_level": "onnx", "embeddings": "onnx"}  # fmt: skip
+WRITER_OPTIONS = {"gguf_type": "gguf", "gguf_requantize": "gguf", "accuracy_level": "onnx", "embeddings": "onnx",
+                  "max_shard_size": "hf"}  # fmt: skip
 
 
 def _verify(args) -> int:
@@ -185,6 +186,8 @@ def register(sub) -> None:
     sp.add_argument("--embeddings", choices=("int8", "int4"),
                     help="onnx: quantize the token embedding (GatherBlockQuantized; a tied head "
                     "computes on the same integers): int8 per row, or 4-bit groups of 32 (default: float)")
+    sp.add_argument("--max-shard-size", metavar="SIZE", help='hf: largest safetensors shard, bytes or '
+                    'e.g. "500MB", "2GiB"; an index when there are several (default: 5GB, as transformers)')
     sp.add_argument("--mapping", help="YAML/JSON file of extra name mappings: "
                     "'layer_{}.q': 'model.layers.{}.self_attn.q_proj' (default: none)")
     sp.add_argument("--ignore-mismatched-sizes", action="store_true",

@@ -50,8 +50,9 @@ def _quantize(args) -> int:
             report = quantize_aware(args.model, args.out, api.make_config(args.recipe, **options),
                                     settings, progress=not args.quiet, overwrite=args.overwrite)  # fmt: skip
         else:
+            shard = {} if args.max_shard_size is None else {"max_shard_size": args.max_shard_size}
             report = api.quantize(args.model, args.out, recipe=args.recipe, progress=not args.quiet,
-                                  overwrite=args.overwrite, **options)  # fmt: skip
+                                  overwrite=args.overwrite, **shard, **options)  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -185,6 +186,8 @@ def register(sub) -> None:
                     help="then quantization-aware training: STEPS of KD from the float model on --calib-data (default: off)")
     sp.add_argument("--qat-lr", type=float, help="QAT learning rate of the weights (default: 1e-5)")
     sp.add_argument("--no-lsq", dest="lsq", action="store_false", help="QAT: keep the PTQ scales fixed")
+    sp.add_argument("--max-shard-size", metavar="SIZE", help='largest safetensors shard, bytes or e.g. '
+                    '"500MB"; an index when there are several (default: 5GB, as transformers)')
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with per-layer errors and weight histograms (default: none)")  # fmt: skip

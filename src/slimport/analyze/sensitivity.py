@@ -25,6 +25,7 @@ from torch import nn
 from slimport.arch.layout import is_causal_lm, layout_for
 from slimport.compress.calibration import calibration_inputs
 from slimport.compress.capture import Needs, capture_inputs, collect, run_block
+from slimport.compress.pipeline import Replay, Skip
 from slimport.compress.quant import gptq as G
 from slimport.compress.quant import primitives as P
 from slimport.compress.quant.awq import awq_clip, awq_scales
@@ -303,9 +304,9 @@ class Probe:
                     h.remove()
             return
         kept = list(self.blocks)
-        self.blocks[0] = _Replay(self.block_inputs[start])
+        self.blocks[0] = Replay(self.block_inputs[start])
         for i in range(1, start):
-            self.blocks[i] = _Skip()
+            self.blocks[i] = Skip()
         try:
             yield
         finally:
@@ -343,24 +344,6 @@ class Probe:
 def _rtn(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     q, scale, zero = P.rtn(w, args)
     return P.dequantize_tensor(q, args, scale, zero)
-
-
-class _Replay(nn.Module):
-    """Stands in for block 0: hands out the stored inputs of a later block, window by window."""
-
-    def __init__(self, hidden: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.hidden, self.i = hidden, 0
-
-    def forward(self, hidden, *args, **kwargs):
-        out = self.hidden[self.i]
-        self.i += 1
-        return out
-
-
-class _Skip(nn.Module):
-    def forward(self, hidden, *args, **kwargs):
-        return hidden
 
 
 def _read_config(path: Path) -> dict:

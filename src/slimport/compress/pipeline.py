@@ -281,8 +281,9 @@ def _has_tail_linears(model: nn.Module, blocks: nn.ModuleList, config) -> bool:
     )
 
 
-class _Replay(nn.Module):
-    """Stands in for the first block: returns the stored last-block outputs, batch by batch."""
+class Replay(nn.Module):
+    """Stands in for the first block: hands out stored hidden states (say the last block's
+    outputs, or a later block's inputs), one per forward call, in order."""
 
     def __init__(self, outputs: list[torch.Tensor]) -> None:
         super().__init__()
@@ -294,7 +295,9 @@ class _Replay(nn.Module):
         return out
 
 
-class _Skip(nn.Module):
+class Skip(nn.Module):
+    """Stands in for a block that is not run: hidden states pass through."""
+
     def forward(self, hidden, *args, **kwargs):
         return hidden
 
@@ -304,7 +307,7 @@ def _skipped(blocks: nn.ModuleList):
     """The model without its blocks (each passes its input through), for its tail."""
     kept = list(blocks)
     for i in range(len(blocks)):
-        blocks[i] = _Skip()
+        blocks[i] = Skip()
     try:
         yield
     finally:
@@ -320,11 +323,11 @@ def _tail(model, blocks, inputs: list[Batch], calibration, config, layout) -> li
     outputs = [b.hidden for b in inputs]
 
     def run(_, __):
-        blocks[0] = _Replay(outputs)
+        blocks[0] = Replay(outputs)
         with torch.no_grad():
             for b in calibration:
                 model(**b, **no_cache(model))
-        blocks[0] = _Skip()
+        blocks[0] = Skip()
         return []
 
     return quantize_block(model, "", [], config, layout, run=run)

@@ -33,6 +33,17 @@ def _svg(fig) -> str:
     return buf.getvalue()
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> str:
+    """Labels, legend and grid of a one-axes plot, then its SVG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
 def stacked_bars(
     labels: Sequence[str],
     stacks: dict[str, Sequence[float]],
@@ -74,13 +85,7 @@ def series(
         ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"{threshold:g}")
     if log_y:
         ax.set_yscale("symlog", linthresh=1e-12)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    return _svg(fig)
+    return _finish(fig, ax, xlabel, ylabel, title)
 
 
 def bars(
@@ -156,10 +161,4 @@ def pareto(
                    linewidths=2, zorder=4, label="chosen")  # fmt: skip
     if limit is not None:
         ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="budget")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    return _svg(fig)
+    return _finish(fig, ax, xlabel, ylabel, title)

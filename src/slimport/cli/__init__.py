@@ -76,7 +76,7 @@ BOUNDS = {
 
 
 # the arguments that name a model: a path, a `slimport models` name or a Hub id org/name
-MODEL_ARGS = ("path", "src", "model")
+MODEL_ARGS = ("path", "src", "model", "teacher")
 
 
 def resolve_models(args: argparse.Namespace) -> None:

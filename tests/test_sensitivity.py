@@ -223,16 +223,20 @@ def test_ray_gives_the_serial_results(probe, ranking):
     assert on_ray["modules"] == ranking["modules"]
 
 
-def test_ray_errors_are_clear(probe, monkeypatch):
+def test_ray_missing_is_a_clear_error(probe, monkeypatch):
     import sys
 
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed (CI's venv has no Ray)
+    with pytest.raises(SlimportError, match="--ray needs Ray, which is not installed"):
+        run(probe.setup, ray="local", probe=probe)
+
+
+def test_ray_addresses_are_checked_before_connecting(probe):
+    pytest.importorskip("ray")
     with pytest.raises(SlimportError, match="--ray 127.0.0.1:9: no Ray cluster answers there"):
         run(probe.setup, ray="127.0.0.1:9", probe=probe)
     with pytest.raises(SlimportError, match="not HOST:PORT"):
         run(probe.setup, ray="nowhere", probe=probe)
-    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
-    with pytest.raises(SlimportError, match="--ray needs Ray, which is not installed"):
-        run(probe.setup, ray="local", probe=probe)
 
 
 # ---------------------------------------------------------------- report

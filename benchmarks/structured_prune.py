@@ -69,6 +69,11 @@ def sst2(a) -> list[dict]:
     dev, train = sst2_path("dev"), sst2_path("train")
     tok = AutoTokenizer.from_pretrained(dense_dir)
     folders = {"dense": dense_dir}
+    if a.steps:  # the control: what the same extra steps give the unpruned model
+        rec = a.work / "dense-rec"
+        settings = FinetuneSettings(max_steps=a.steps, lr=a.lr, minutes=30.0, seed=0)
+        finetune(rec, dense_dir, settings, progress=False)
+        folders[f"dense + {a.steps} steps"] = rec
     for r in a.ratios:
         out = a.work / f"ffn{r}"
         structured.prune_structured(dense_dir, out, "ffn", r, calib_data=train, num_samples=128,

@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--hidden-loss", choices=("mse", "cosine"), help="distilled: + hidden-state loss on mapped layers")  # fmt: skip
+    ap.add_argument("--attention-weight", type=float, default=0.0, help="distilled: + MiniLM attention-map KL")  # fmt: skip
     ap.add_argument("--minutes", type=float, default=20.0, help="budget of each training run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=("distilled", "plain"), help="train one student only")
@@ -64,7 +66,9 @@ def main() -> None:
     for name, alpha in runs.items():
         out = scratch / name
         shutil.rmtree(out, ignore_errors=True)
-        settings = DistillSettings(**{**base.__dict__, "alpha": alpha})
+        extra = {"hidden_loss": args.hidden_loss, "attention_weight": args.attention_weight}
+        # the baseline sees the labels only: no teacher signal of any kind
+        settings = DistillSettings(**{**base.__dict__, "alpha": alpha, **(extra if alpha else {})})
         reports[name] = distill(teacher, out, args.student, "sst2", sst2_path("train"), settings,
                                 task_metric("sst2", dev))  # fmt: skip
     models = {"teacher": teacher, **{n: scratch / n for n in reports}}
@@ -84,7 +88,8 @@ def main() -> None:
     )
     print()
     print(f"teacher {teacher.name}; student {args.student}; {args.steps} steps of 32 sentences, "
-          f"lr {args.lr}, alpha {args.alpha}, T {args.temperature}; frozen word embeddings; 1 thread")  # fmt: skip
+          f"lr {args.lr}, alpha {args.alpha}, T {args.temperature}, hidden loss {args.hidden_loss}, "
+          f"attention weight {args.attention_weight}; frozen word embeddings; 1 thread")  # fmt: skip
     print()
     print(
         "| model | layers | parameters | SST-2 dev accuracy | agreement with teacher | sentences/s | speed-up | train min |"

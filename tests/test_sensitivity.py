@@ -211,6 +211,17 @@ def test_block_units_quantize_a_block_at_once(tiny_llama, wiki, probe, tmp_path)
     assert len({plan[n] for n in block}) == 1  # a block moves as one
 
 
+def test_block_units_report_the_blocks_weights(tiny_llama, wiki, probe, tmp_path):
+    pytest.importorskip("matplotlib")
+    from slimport.analyze.sensitivity_report import save_report
+
+    s = setup_for(tiny_llama, wiki, unit="block")
+    result = run(s, budget="bits<=7", recipe=tmp_path / "r.yaml")
+    save_report(result, result.pop("_probe"), tmp_path / "sens.html")
+    html = (tmp_path / "sens.html").read_text()
+    assert 'id="fig-weights"><svg' in html and "model.layers.1" in html
+
+
 # ---------------------------------------------------------------- Ray
 
 

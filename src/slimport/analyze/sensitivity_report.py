@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from slimport.analyze.sensitivity import Probe
 from slimport.report import Figure, Report, Table
 from slimport.report.plots import bars, histograms, pareto
@@ -55,12 +57,16 @@ def document(result: dict, probe: Probe | None = None, top: int = 25) -> Report:
     if probe is not None and rows:
         picks = [rows[0]["module"], rows[-1]["module"]]
         asked = probe.config.weights
+
+        def weights(unit: str, of) -> np.ndarray:  # a block's panel: all of its Linears
+            return np.concatenate([of(n).flatten().numpy() for n in probe.units[unit]])
+
         panels = {
-            f"{n} ({'most' if i == 0 else 'least'} sensitive)": {
-                "fp32": probe.originals[n].flatten().numpy(),
-                result["scheme"]: probe.quantized(n, asked).flatten().numpy(),
+            f"{u} ({'most' if i == 0 else 'least'} sensitive)": {
+                "fp32": weights(u, probe.originals.__getitem__),
+                result["scheme"]: weights(u, lambda n: probe.quantized(n, asked)),
             }
-            for i, n in enumerate(picks)
+            for i, u in enumerate(picks)
         }
         doc.add("Weights", Figure(histograms(panels, "weight value"),
                                   "weight distributions, fp32 vs quantized", "weights"))  # fmt: skip

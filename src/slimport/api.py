@@ -118,12 +118,13 @@ def _quantized_summary(ckpt) -> dict:
     floats = {n: i for n, i in ckpt.infos.items() if n not in weights}
     float_bytes = sum(nbytes(i) for i in floats.values())
     kinds = Counter(n.rsplit(".", 1)[-1] for n in q)
+    schemes = Counter(lin.scheme for lin in q.values())
     dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in floats.values())
     return {
         "bytes": packed + float_bytes,
-        "dtypes": {**dict(dtypes), f"{next(iter(q.values())).scheme} packed": len(q)},
+        "dtypes": {**dict(dtypes), **{f"{s} packed": n for s, n in schemes.items()}},
         "quantization": {
-            "scheme": next(iter(q.values())).scheme,
+            "scheme": "; ".join(schemes),  # a mixed-precision folder: each of its schemes
             "stored_as": ckpt.metadata.get("dequantized_from", ""),
             "quantized_linears": len(q),
             "quantized_parameters": params,

@@ -1,6 +1,7 @@
 """Reading `compressed-tensors` checkpoints (the format vLLM and transformers load, and what
-`slimport quantize` writes): the config block, its one scheme, each Linear's integers, scales
-and zero points, and the float model they compute (`dequantized_view`).
+`slimport quantize` writes): the config block, its schemes (one per config group: a budget
+recipe's overrides give modules schemes of their own), each Linear's integers, scales and zero
+points, and the float model they compute (`dequantized_view`).
 
 The layout of one quantized Linear `P` is described in slimport.compress.quant.compressed, the
 writer. Dequantized value = (q - zero_point) * scale, per tensor / output channel / group.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,12 +89,95 @@ def _unsupported(path: Path, what: str):
     return SlimportError(
         f"{path}: compressed-tensors {what} is not supported",
         hint="slimport reads integer weights (3-8 bits, per tensor/channel/group) with optional "
-        "int8 static per-tensor or dynamic per-token activations, one scheme for all Linears",
+        "int8 static per-tensor or dynamic per-token activations, in each config group",
     )
 
 
-def scheme_from(path: Path, qc: dict):
-    """Validate the config block and return (library QuantizationConfig, its one scheme, format)."""
+@dataclasses.dataclass(frozen=True)
+class InputArgs:
+    """How a checkpoint's Linear inputs are quantized at run time (int8 static or per token)."""
+
+    bits: int
+    symmetric: bool
+    dynamic: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """How one Linear of a checkpoint is stored (`format`) and computes (weights, inputs)."""
+
+    format: str
+    weights: WeightArgs
+    inputs: InputArgs | None = None
+
+    def __str__(self) -> str:
+        w, a = self.weights, self.inputs
+        g = f"g{w.group_size}" if w.granularity == "group" else f"per-{w.granularity}"
+        act = "" if a is None else f"A{a.bits} {'dynamic' if a.dynamic else 'static'}"
+        return f"W{w.bits}{act} {g} {'sym' if w.symmetric else 'asym'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schemes:
+    """The config groups of a checkpoint: (targets, scheme) each. A module takes the group that
+    names it exactly, else one whose "re:" pattern matches it, else the "Linear" class target:
+    compressed-tensors' order (utils.match.match_targets), so we compute what vLLM computes."""
+
+    path: Path
+    groups: tuple[tuple[tuple[str, ...], Scheme], ...]
+
+    def of(self, name: str) -> Scheme:
+        """The scheme of quantized Linear `name` (a SlimportError when no group targets it)."""
+        ranks = (
+            lambda t: t == name,
+            lambda t: t.startswith("re:") and re.match(t[3:], name) is not None,
+            lambda t: t == "Linear",
+        )
+        for matches in ranks:
+            for targets, scheme in self.groups:
+                if any(matches(t) for t in targets):
+                    return scheme
+        raise SlimportError(
+            f"{self.path}: {name} holds quantized tensors, but no config group targets it "
+            f"(targets: {', '.join(t for ts, _ in self.groups for t in ts)})"
+        )
+
+    @property
+    def distinct(self) -> list[Scheme]:
+        return list(dict.fromkeys(s for _, s in self.groups))
+
+    def __str__(self) -> str:
+        return "; ".join(str(s) for s in self.distinct)
+
+
+def _scheme(path: Path, key: str, s, default_format: str | None) -> Scheme:
+    """One config group checked to be what slimport computes; errors name the group's modules."""
+    where = f" (config group {key}: {', '.join(s.targets)})"
+    fmt = s.format or default_format
+    if fmt not in READABLE_FORMATS:
+        raise _unsupported(path, f"format {fmt!r}{where}")
+    w, a = s.weights, s.input_activations
+    if (
+        w is None
+        or w.type != "int"
+        or not 3 <= w.num_bits <= 8
+        or w.strategy not in ("tensor", "channel", "group")
+    ):
+        raise _unsupported(path, f"weight scheme {w!r}{where}")
+    if s.output_activations is not None:
+        raise _unsupported(path, f"output activation quantization{where}")
+    inputs = None
+    if a is not None:
+        static = a.strategy == "tensor" and not a.dynamic
+        dynamic = a.strategy == "token" and a.dynamic is True
+        if a.type != "int" or a.num_bits != 8 or not (static or dynamic):
+            raise _unsupported(path, f"input activation scheme {a!r}{where}")
+        inputs = InputArgs(a.num_bits, a.symmetric, bool(a.dynamic))
+    return Scheme(fmt, weight_args(s), inputs)
+
+
+def schemes_from(path: Path, qc: dict):
+    """Validate the config block and return (library QuantizationConfig, its Schemes)."""
     q = ct_quantization()
     try:
         ct = q.QuantizationConfig.model_validate(qc)
@@ -115,28 +200,12 @@ def scheme_from(path: Path, qc: dict):
         raise _unsupported(
             path, f"quantization_status {ct.quantization_status!r} (only compressed)"
         )
-    if len(ct.config_groups) != 1:
-        raise _unsupported(path, f"mixing {len(ct.config_groups)} schemes")
-    (s,) = ct.config_groups.values()
-    fmt = s.format or ct.format
-    if fmt not in READABLE_FORMATS:
-        raise _unsupported(path, f"format {fmt!r}")
-    w, a = s.weights, s.input_activations
-    if (
-        w is None
-        or w.type != "int"
-        or not 3 <= w.num_bits <= 8
-        or w.strategy not in ("tensor", "channel", "group")
-    ):
-        raise _unsupported(path, f"weight scheme {w!r}")
-    if s.output_activations is not None:
-        raise _unsupported(path, "output activation quantization")
-    if a is not None:
-        static = a.strategy == "tensor" and not a.dynamic
-        dynamic = a.strategy == "token" and a.dynamic is True
-        if a.type != "int" or a.num_bits != 8 or not (static or dynamic):
-            raise _unsupported(path, f"input activation scheme {a!r}")
-    return ct, s, fmt
+    if not ct.config_groups:
+        raise _unsupported(path, "quantization_config without config_groups")
+    groups = tuple(
+        (tuple(s.targets), _scheme(path, key, s, ct.format)) for key, s in ct.config_groups.items()
+    )
+    return ct, Schemes(path, groups)
 
 
 def read_linear(
@@ -214,15 +283,6 @@ def _nbytes(info: TensorInfo) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class InputArgs:
-    """How a checkpoint's Linear inputs are quantized at run time (int8 static or per token)."""
-
-    bits: int
-    symmetric: bool
-    dynamic: bool
-
-
-@dataclasses.dataclass(frozen=True)
 class IntLinear:
     """One quantized Linear of a compressed checkpoint, for runtimes that compute with its
     integers instead of the dequantized weight: `read()` gives (q, scale, zero) as
@@ -238,10 +298,7 @@ class IntLinear:
 
     @property
     def scheme(self) -> str:
-        w, a = self.weights, self.inputs
-        g = f"g{w.group_size}" if w.granularity == "group" else f"per-{w.granularity}"
-        act = "" if a is None else f"A{a.bits} {'dynamic' if a.dynamic else 'static'}"
-        return f"W{w.bits}{act} {g} {'sym' if w.symmetric else 'asym'}"
+        return str(Scheme("", self.weights, self.inputs))
 
 
 def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
@@ -253,19 +310,17 @@ def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
     equivalent: such a view says so in `metadata["quantized_activations"]`, and the hub loader
     refuses it unless its caller computes with the integers (convert.loader.load)."""
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    _, s, fmt = scheme_from(folder / "config.json", ckpt.config["quantization_config"])
-    a = s.input_activations
-    inputs = None if a is None else InputArgs(a.num_bits, a.symmetric, bool(a.dynamic))
-    wargs = weight_args(s)
+    _, schemes = schemes_from(folder / "config.json", ckpt.config["quantization_config"])
     suffix = ".weight_scale"
     linears = [n[: -len(suffix)] for n in ckpt.infos if n.endswith(suffix)]
     if not linears:
         raise SlimportError(f"{folder}: compressed-tensors config, but no quantized tensors")
+    scheme = {n: schemes.of(n) for n in linears}  # each Linear its own group's scheme
     kinds = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")  # fmt: skip
     parts = {f"{n}.{k}" for n in linears for k in kinds}
     infos = {k: v for k, v in ckpt.infos.items() if k not in parts}
     for n in linears:
-        if fmt == PACKED:
+        if scheme[n].format == PACKED:
             if f"{n}.weight_shape" not in ckpt.infos:
                 raise SlimportError(f"{ckpt.path}: tensor {n + '.weight_shape'!r} is missing")
             shape = tuple(ckpt.load(f"{n}.weight_shape").tolist())
@@ -282,17 +337,18 @@ def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
             )
         return ckpt.load(name)
 
+    def read(n: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = scheme[n]
+        return read_linear(ckpt, n, shapes[f"{n}.weight"][1], s.weights, s.format, take)
+
     def load(name: str) -> torch.Tensor:
-        if name not in shapes:
-            return ckpt.load(name)
-        module, shape = shapes[name]
-        return dequantize(*read_linear(ckpt, module, shape, wargs, fmt, take))
+        return dequantize(*read(shapes[name][0])) if name in shapes else ckpt.load(name)
 
     def input_qparams(n: str) -> tuple[torch.Tensor, torch.Tensor]:
         scale = take(f"{n}.input_scale", "static input scale").float().reshape(1)
         zero = (
             torch.zeros(1)
-            if inputs.symmetric
+            if scheme[n].inputs.symmetric
             else take(f"{n}.input_zero_point", "static input zero point").float().reshape(1)
         )
         return scale, zero
@@ -301,24 +357,33 @@ def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
         n: IntLinear(
             n,
             shapes[f"{n}.weight"][1],
-            wargs,
-            inputs,
-            lambda n=n: read_linear(ckpt, n, shapes[f"{n}.weight"][1], wargs, fmt, take),
-            (lambda n=n: input_qparams(n)) if inputs is not None and not inputs.dynamic else None,
+            s.weights,
+            s.inputs,
+            lambda n=n: read(n),
+            (lambda n=n: input_qparams(n))
+            if s.inputs is not None and not s.inputs.dynamic
+            else None,
             sum(_nbytes(ckpt.infos[f"{n}.{k}"]) for k in kinds if f"{n}.{k}" in ckpt.infos),
         )
-        for n in linears
+        for n, s in scheme.items()
     }
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-    what = f"W{wargs.bits} " + (
-        f"g{wargs.group_size}" if wargs.granularity == "group" else f"per-{wargs.granularity}"
-    )
-    metadata = {**ckpt.metadata, "dequantized_from": f"compressed-tensors {fmt} ({what})",
+    used = list(dict.fromkeys(scheme.values()))
+
+    def what(w: WeightArgs) -> str:
+        return f"W{w.bits} " + (f"g{w.group_size}" if w.granularity == "group" else f"per-{w.granularity}")  # fmt: skip
+
+    formats = ", ".join(dict.fromkeys(s.format for s in used))
+    weights = ", ".join(dict.fromkeys(what(s.weights) for s in used))
+    metadata = {**ckpt.metadata, "dequantized_from": f"compressed-tensors {formats} ({weights})",
                 "ignored": list(ckpt.config["quantization_config"].get("ignore") or [])}  # fmt: skip
-    if inputs is not None:
-        metadata["quantized_activations"] = (
-            f"{'dynamic' if inputs.dynamic else 'static'} int{inputs.bits} inputs"
-        )
+    acts = dict.fromkeys(
+        f"{'dynamic' if s.inputs.dynamic else 'static'} int{s.inputs.bits} inputs"
+        for s in used
+        if s.inputs is not None
+    )
+    if acts:
+        metadata["quantized_activations"] = ", ".join(acts)
     return dataclasses.replace(
         ckpt, infos=infos, loader=load, config=config, metadata=metadata, quantized=quantized
     )

@@ -101,7 +101,9 @@ def _tensor_type(
     lin = t.quantized
     if lin is not None and choice not in ("f32", "f16"):
         try:
-            return Q[check_fits(t.name, lin.weights, t.shape[-1], choice).upper()], True
+            # per tensor: a mixed-precision folder's Linears each get their own scheme's type
+            where = f"{lin.name} (GGUF {t.name})"
+            return Q[check_fits(where, lin.weights, t.shape[-1], choice).upper()], True
         except SlimportError:
             if not (requantize and choice):
                 raise
@@ -141,10 +143,13 @@ def _integer_blocks(t, qtype, requantize: bool, requantized: list) -> np.ndarray
 
 def _plan_notes(plan, choice: str | None, quantized: set[str]) -> list[str]:
     """What the report says about a quantized model's Linears: which kept their integers."""
-    exact = Counter(q.name for t, q, e in plan if e)
+    # one note per scheme: a mixed-precision folder's W4 and W8 Linears become different types
+    by_scheme: dict[str, Counter] = {}
+    for t, q, e in plan:
+        if e:
+            by_scheme.setdefault(scheme_name(t.quantized.weights), Counter())[q.name] += 1
     notes = []
-    if exact:
-        scheme = scheme_name(next(t for t, _, e in plan if e).quantized.weights)
+    for scheme, exact in by_scheme.items():
         kinds = ", ".join(f"{n} {k}" for k, n in exact.items())
         notes.append(f"{sum(exact.values())} quantized Linear weight(s) written from their {scheme} integers as {kinds}")  # fmt: skip
     asked = choice in ("f32", "f16")

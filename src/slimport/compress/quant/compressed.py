@@ -38,7 +38,7 @@ from slimport.io.compressed import (
     ct_quantization,
     read_config,
     read_linear,
-    scheme_from,
+    schemes_from,
     weight_args,
 )
 from slimport.io.hf import model_for_config, set_module
@@ -305,7 +305,15 @@ def load_simulated(path: str | Path) -> tuple[nn.Module, QuantizationConfig]:
     if not folder.is_dir():
         raise SlimportError(f"{folder}: model folder not found")
     config = read_config(folder)
-    ct, s, fmt = scheme_from(folder / "config.json", config["quantization_config"])
+    ct, schemes = schemes_from(folder / "config.json", config["quantization_config"])
+    if len(ct.config_groups) != 1:  # the recipe below is one scheme for every Linear
+        raise SlimportError(
+            f"{folder}: the simulated reference reads one scheme, this folder has "
+            f"{len(ct.config_groups)} config groups ({schemes})",
+            hint="load per-module schemes with slimport.load_quantized or the MindSpore runtime",
+        )
+    (s,) = ct.config_groups.values()
+    fmt = schemes.groups[0][1].format
     qconfig = _recipe(folder, ct, s)
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"

@@ -23,7 +23,7 @@ import torch
 
 from slimport.errors import SlimportError
 from slimport.io import safetensors
-from slimport.io.compressed import PACKED, read_config, read_linear, scheme_from, weight_args
+from slimport.io.compressed import PACKED, Scheme, read_config, read_linear, schemes_from
 from slimport.runtime.onnx import w8a8
 from slimport.runtime.onnx.graph import MS_DOMAIN, Graph
 
@@ -46,8 +46,36 @@ def _pack(u: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def _check(folder: Path, name: str, s: Scheme) -> Scheme:
+    """`s` when ONNX Runtime computes Linear `name` in it; else an error naming both."""
+    w, a = s.weights, s.inputs
+    what = f"W{w.bits}" + (f"A{a.bits} {'dynamic' if a.dynamic else 'static'}" if a else "")
+    where = f"{folder}: {name} ({s})"
+    if a is not None and (w.bits != 8 or w.granularity == "group"):
+        raise SlimportError(
+            f"{where}: {what} {w.granularity} weights with quantized activations: the ONNX "
+            "integer GEMM (MatMulInteger) takes 8-bit weights with one scale per row",
+            hint="quantize W8A8 per channel (--bits 8 --activations dynamic|static), "
+            "or weight-only for MatMulNBits",
+        )
+    if w.bits not in BITS:
+        raise SlimportError(
+            f"{where}: {what} weights: ONNX Runtime's MatMulNBits runs "
+            + " or ".join(f"{b}-bit" for b in BITS)
+            + " weights on CPU",
+            hint="quantize with --bits 4 or --bits 8 to export to ONNX",
+        )
+    if w.granularity == "group" and (w.group_size < 16 or w.group_size & (w.group_size - 1)):
+        raise SlimportError(
+            f"{where}: group size {w.group_size}: MatMulNBits blocks are powers of two >= 16",
+            hint="quantize with --group-size 32, 64 or 128",
+        )
+    return s
+
+
 class QuantizedLinears:
-    """The quantized Linears of one compressed-tensors folder (its config.json + safetensors)."""
+    """The quantized Linears of one compressed-tensors folder (its config.json + safetensors),
+    each in its own config group's scheme (a mixed-precision folder's W4 and W8 Linears)."""
 
     def __init__(self, folder: Path, accuracy_level: int = 4):
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -56,41 +84,20 @@ class QuantizedLinears:
                 "2 (fp16), 3 (bf16) or 4 (int8 activations)"
             )
         self.folder, self.accuracy_level = folder, accuracy_level
-        cfg_path = folder / "config.json"
-        _, s, self.fmt = scheme_from(cfg_path, read_config(folder)["quantization_config"])
-        w = self.wargs = weight_args(s)
-        a = s.input_activations
-        what = f"W{w.bits}" + (
-            f"A{a.num_bits} {'dynamic' if a.dynamic else 'static'}" if a is not None else ""
+        _, schemes = schemes_from(
+            folder / "config.json", read_config(folder)["quantization_config"]
         )
-        self.inputs = a  # int8 inputs (W8A8): MatMulInteger, see w8a8.py
-        g = f"g{w.group_size}" if w.granularity == "group" else f"per-{w.granularity}"
-        self.scheme = f"{what} {g} {'sym' if w.symmetric else 'asym'}"
-        if a is not None and (w.bits != 8 or w.granularity == "group"):
-            raise SlimportError(
-                f"{folder}: {what} {w.granularity} weights with quantized activations: the ONNX "
-                "integer GEMM (MatMulInteger) takes 8-bit weights with one scale per row",
-                hint="quantize W8A8 per channel (--bits 8 --activations dynamic|static), "
-                "or weight-only for MatMulNBits",
-            )
-        if w.bits not in BITS:
-            raise SlimportError(
-                f"{folder}: {what} weights: ONNX Runtime's MatMulNBits runs "
-                + " or ".join(f"{b}-bit" for b in BITS)
-                + " weights on CPU",
-                hint="quantize with --bits 4 or --bits 8 to export to ONNX",
-            )
-        if w.granularity == "group":
-            g = w.group_size
-            if g < 16 or g & (g - 1):
-                raise SlimportError(
-                    f"{folder}: group size {g}: MatMulNBits blocks are powers of two >= 16",
-                    hint="quantize with --group-size 32, 64 or 128",
-                )
         index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
         self.ckpt = safetensors.read(index if index.is_file() else single)
         suffix = ".weight_scale"
-        self.names = {n[: -len(suffix)] for n in self.ckpt.infos if n.endswith(suffix)}
+        names = sorted(n[: -len(suffix)] for n in self.ckpt.infos if n.endswith(suffix))
+        try:  # each Linear its own config group's scheme, checked before any node is made
+            self.schemes = {n: _check(folder, n, schemes.of(n)) for n in names}
+        except SlimportError:
+            self.ckpt.close()
+            raise
+        self.names = set(names)
+        self.scheme = "; ".join(str(s) for s in dict.fromkeys(self.schemes.values()))
 
     def __contains__(self, prefix: str) -> bool:
         return prefix in self.names
@@ -104,15 +111,16 @@ class QuantizedLinears:
         return self.ckpt.load(name)
 
     def _shape(self, prefix: str) -> tuple[int, int]:
-        if self.fmt == PACKED:
+        if self.schemes[prefix].format == PACKED:
             return tuple(self._take(f"{prefix}.weight_shape", "weight shape").tolist())
         return tuple(self.ckpt.infos[f"{prefix}.weight"].shape)
 
     def arrays(self, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
         """MatMulNBits inputs (B, scales, zero points or None) and attributes of one Linear."""
-        w = self.wargs
+        s = self.schemes[prefix]
+        w = s.weights
         n, k = self._shape(prefix)
-        q, scale, zero = read_linear(self.ckpt, prefix, (n, k), w, self.fmt, self._take)
+        q, scale, zero = read_linear(self.ckpt, prefix, (n, k), w, s.format, self._take)
         block = (
             w.group_size
             if w.granularity == "group"
@@ -140,7 +148,7 @@ class QuantizedLinears:
 
     def emit(self, g: Graph, x: str, prefix: str, bias: str | None) -> str:
         """x [tokens, K] -> [tokens, N] through the integers of Linear `prefix`."""
-        if self.inputs is not None:
+        if self.schemes[prefix].inputs is not None:
             return self._emit_w8a8(g, x, prefix, bias)
         arrays, attrs = self.arrays(prefix)
         names = [None if a is None else g.tensor(f"{prefix}.{key}", a) for key, a in arrays.items()]
@@ -150,11 +158,12 @@ class QuantizedLinears:
         return y if bias is None else g.op("Add", y, bias)
 
     def _emit_w8a8(self, g: Graph, x: str, prefix: str, bias: str | None) -> str:
+        s = self.schemes[prefix]
         q, scale, zero = read_linear(
-            self.ckpt, prefix, self._shape(prefix), self.wargs, self.fmt, self._take
+            self.ckpt, prefix, self._shape(prefix), s.weights, s.format, self._take
         )
-        arrays = w8a8.weight_arrays(q, scale, zero, self.wargs.symmetric)
-        a, static = self.inputs, None
+        arrays = w8a8.weight_arrays(q, scale, zero, s.weights.symmetric)
+        a, static = s.inputs, None
         if not a.dynamic:
             s = self._take(f"{prefix}.input_scale", "static input scale").float().reshape(1)
             z = (torch.zeros(1) if a.symmetric

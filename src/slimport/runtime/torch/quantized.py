@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import functools
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +25,14 @@ from torch import nn
 from slimport.compress.quant import primitives as P
 from slimport.compress.quant.config import QuantArgs
 from slimport.errors import SlimportError, name_list
-from slimport.io.compressed import WeightArgs, read_config, read_linear, scheme_from, weight_args
+from slimport.io.compressed import (
+    InputArgs,
+    Scheme,
+    Schemes,
+    read_config,
+    read_linear,
+    schemes_from,
+)
 from slimport.io.hf import model_for_config, set_module
 from slimport.runtime.torch.packed import InputQuant, PackedEmbedding, PackedLinear, PackedWeight
 
@@ -38,28 +44,25 @@ EMBEDDINGS = {
 }
 
 
-@dataclass(frozen=True)
-class Scheme:
-    """The one quantization scheme of a checkpoint's Linears."""
-
-    format: str
-    weights: WeightArgs
-    inputs: QuantArgs | None
-
-    def __str__(self) -> str:
-        w, a = self.weights, self.inputs
-        g = f"g{w.group_size}" if w.granularity == "group" else f"per-{w.granularity}"
-        act = "" if a is None else f" A{a.bits} {'dynamic' if a.dynamic else 'static'}"
-        return f"W{w.bits} {g} {'sym' if w.symmetric else 'asym'}{act} ({self.format})"
+def describe(s: Scheme) -> str:
+    """A Linear's scheme as load_quantized's info names it: "W4 g32 asym (pack-quantized)"."""
+    w, a = s.weights, s.inputs
+    g = f"g{w.group_size}" if w.granularity == "group" else f"per-{w.granularity}"
+    act = "" if a is None else f" A{a.bits} {'dynamic' if a.dynamic else 'static'}"
+    return f"W{w.bits} {g} {'sym' if w.symmetric else 'asym'}{act} ({s.format})"
 
 
-def scheme_of(folder: Path) -> tuple[dict, Scheme]:
-    """(config.json, its one quantization scheme), or a SlimportError saying what is unsupported."""
+def _input_args(a: InputArgs) -> QuantArgs:
+    """compressed-tensors' int8 inputs: dynamic per token, or static per tensor."""
+    return QuantArgs(a.bits, a.symmetric, "token" if a.dynamic else "tensor", None, a.dynamic)
+
+
+def scheme_of(folder: Path) -> tuple[dict, Schemes]:
+    """(config.json, its schemes: one per config group), or a SlimportError saying what is
+    unsupported."""
     config = read_config(folder)
-    _, s, fmt = scheme_from(folder / "config.json", config["quantization_config"])
-    a = s.input_activations
-    inputs = None if a is None else QuantArgs(8, a.symmetric, a.strategy, None, bool(a.dynamic))
-    return config, Scheme(fmt, weight_args(s), inputs)
+    _, schemes = schemes_from(folder / "config.json", config["quantization_config"])
+    return config, schemes
 
 
 class Checkpoint:
@@ -153,8 +156,9 @@ def _packed_linear(ckpt: Checkpoint, name: str, lin: nn.Linear, s: Scheme, dtype
     bias = ckpt.take(f"{name}.bias", "bias").to(dtype) if lin.bias is not None else None
     inputs = None
     if s.inputs is not None:
+        args = _input_args(s.inputs)
         if s.inputs.dynamic:
-            inputs = InputQuant(s.inputs)
+            inputs = InputQuant(args)
         else:
             iscale = ckpt.take(f"{name}.input_scale", "static input scale")
             izero = (
@@ -162,7 +166,7 @@ def _packed_linear(ckpt: Checkpoint, name: str, lin: nn.Linear, s: Scheme, dtype
                 if s.inputs.symmetric
                 else ckpt.take(f"{name}.input_zero_point", "input zero point")
             )
-            inputs = InputQuant(s.inputs, iscale, izero)
+            inputs = InputQuant(args, iscale, izero)
     return PackedLinear(weight, bias, inputs)
 
 
@@ -215,25 +219,29 @@ def resident_bytes(model: nn.Module) -> int:
     return total
 
 
-def _fill(model: nn.Module, ckpt: Checkpoint, scheme: Scheme, dtype, embeddings) -> None:
+def _fill(model: nn.Module, ckpt: Checkpoint, schemes: Schemes, dtype, embeddings) -> list[Scheme]:
     """Every checkpoint tensor into the meta-built model, once: quantized Linears (those with a
-    weight_scale) become PackedLinears, the rest are assigned; ties restored; nothing left meta."""
+    weight_scale) become PackedLinears, each in its config group's scheme, the rest are
+    assigned (float modules stay float); ties restored; nothing left meta. Returns the schemes
+    the Linears use."""
     quantized = sorted({n.rpartition(".")[0] for n in ckpt.names() if n.endswith(".weight_scale")})
     if not quantized:
         raise SlimportError(f"{ckpt.path}: compressed-tensors config, but no quantized tensors")
     modules = dict(model.named_modules())
+    scheme: dict[str, Scheme] = {}
     for name in quantized:
         lin = modules.get(name)
         if not isinstance(lin, nn.Linear):
             what = "absent" if lin is None else type(lin).__name__
             raise SlimportError(f"{ckpt.path}: {name} holds quantized tensors, but in {type(model).__name__} it is {what}, not a Linear")  # fmt: skip
-        set_module(model, name, _packed_linear(ckpt, name, lin, scheme, dtype))
+        scheme[name] = schemes.of(name)
+        set_module(model, name, _packed_linear(ckpt, name, lin, scheme[name], dtype))
 
     emb_name = _embedding_name(model) if embeddings else None
     tied_head = None
     for name in sorted(ckpt.unread):
         if name.rpartition(".")[0] in quantized:
-            raise SlimportError(f"{ckpt.path}: unexpected tensor {name!r} for the {scheme.format} scheme")  # fmt: skip
+            raise SlimportError(f"{ckpt.path}: unexpected tensor {name!r} for the {scheme[name.rpartition('.')[0]].format} scheme")  # fmt: skip
         value = ckpt.take(name)
         if emb_name is not None and name == f"{emb_name}.weight":
             tied_head = _quantize_embedding(model, emb_name, value, embeddings, dtype)
@@ -253,6 +261,7 @@ def _fill(model: nn.Module, ckpt: Checkpoint, scheme: Scheme, dtype, embeddings)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise SlimportError(f"{ckpt.path}: tensor(s) missing from the checkpoint: {name_list(missing)}")  # fmt: skip
+    return list(dict.fromkeys(scheme.values()))
 
 
 def load_quantized(
@@ -274,18 +283,18 @@ def load_quantized(
         raise SlimportError(f"embeddings {embeddings!r} is not supported", hint="None, int8 or int4")  # fmt: skip
     if not folder.is_dir():
         raise SlimportError(f"{folder}: model folder not found")
-    config, scheme = scheme_of(folder)
+    config, schemes = scheme_of(folder)
     dtype = DTYPES[compute_dtype]
     ckpt = Checkpoint(folder)
     try:
         model = _build_model(folder, config)
-        _fill(model, ckpt, scheme, dtype, embeddings)
+        used = _fill(model, ckpt, schemes, dtype, embeddings)
     finally:
         ckpt.close()
     model.config.dtype = dtype
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     info = {
-        "scheme": str(scheme),
+        "scheme": "; ".join(describe(s) for s in used),  # one per scheme of a mixed folder
         "compute_dtype": compute_dtype,
         "embeddings": embeddings,
         "kernels": dict(Counter(m.path for m in layers)),

@@ -87,9 +87,15 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
         ),  # fmt: skip
         (
             f"Inference at batch {m['batch']} x seq {m['seq']} (MiB)",
-            ["dtype", "weights", "activations (peak)", "KV cache", "total"],
+            ["dtype", "weights", "activations (peak)", "KV cache", "kernels + allocator", "total"],
             [
-                [d, *(_mib(r[k]) for k in ("weights", "activations", "kv_cache", "total"))]
+                [
+                    d,
+                    *(
+                        _mib(r[k])
+                        for k in ("weights", "activations", "kv_cache", "runtime", "total")
+                    ),
+                ]
                 for d, r in m["inference"].items()
             ],
         ),  # fmt: skip
@@ -140,7 +146,7 @@ def _document(result: dict, figures: bool = True):
 
         m = result["memory"]
         setups = {f"infer {d}": r for d, r in m["inference"].items()} | m["training"]
-        keys = ("weights", "gradients", "optimizer", "activations", "kv_cache")
+        keys = ("weights", "gradients", "optimizer", "activations", "kv_cache", "runtime")
         stacks = {k: [r.get(k, 0) / 2**20 for r in setups.values()] for k in keys}
         doc.add("Memory breakdown", Figure(stacked_bars(list(setups), stacks, "MiB"), "memory per setup (MiB)", "memory"))  # fmt: skip
     return doc

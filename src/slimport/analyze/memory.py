@@ -3,8 +3,9 @@
 Exact by construction: weight bytes per dtype and quantization scheme (every parameter of the
 built model, tied ones once) and the KV cache per token (2 x layers x kv heads x head dim).
 Estimates, by counting the tensors alive at the peak of each stage of the forward: activations
-at B x S for inference (no_grad), and the tensors autograd saves for training. Tests hold the
-exact numbers to real tensors and the inference estimate to a real forward's peak RSS."""
+at B x S for inference (no_grad), and the tensors autograd saves for training; for inference
+also what the process holds beyond live tensors (`runtime_reserve`). Tests hold the exact
+numbers to real tensors and the inference estimate to a real forward's peak RSS."""
 
 from __future__ import annotations
 
@@ -18,6 +19,18 @@ LORA_RANK = 8
 # backward: SwiGLU act(gate), up, product; GELU-tanh (GPT-2) makes ~4 temporaries; erf-GELU 2
 MLP_LIVE = {"llama": 3, "gpt2": 4}
 MLP_SAVED = {"llama": 3, "gpt2": 4}
+# A real CPU forward's peak RSS is more than its live tensors (measured on MiniLM at 8 x 64..512
+# with torch's profiler for the live bytes, tests/memory_probe.py for the RSS; glibc malloc):
+# - KERNELS_MIB: what the first full-size forward allocates outside torch's tensors (BLAS and
+#   kernel scratch, caches; anonymous memory: file-backed RSS grew 0.5 MiB) plus the module
+#   objects: 14.6 MiB above the live tensors with glibc's mmap threshold pinned (the same at
+#   8 x 128 and 8 x 256), ~3 MiB of it the model's Python objects;
+# - HEAP_HOLES x the largest freed activation: glibc raises its mmap threshold to each freed
+#   mapped block (up to 32 MiB), so later blocks of that size come from the heap, whose freed
+#   space stays resident (it trims the top only past twice the threshold). Measured 0.8-1.7x.
+KERNELS_MIB = 14.5
+HEAP_HOLES = 1.5
+MMAP_THRESHOLD_MAX = 32 << 20
 
 
 def _dims(config) -> dict:
@@ -76,11 +89,28 @@ def inference_activations(config, family: str, batch: int, seq: int, eager: bool
     """Elements alive at the forward's peak (no_grad), beyond the weights and the KV cache."""
     d, bs = _dims(config), batch * seq
     h, kvd = d["hidden"], d["kv_heads"] * d["head_dim"]
-    scores = 2 * batch * d["heads"] * seq * seq if eager else 0
-    attention = bs * (3 * h + 2 * kvd + 2 * h) + scores  # residual, norm, q, k, v, rope'd q / out
-    mlp = bs * (2 * h + MLP_LIVE.get(family, 2) * d["inter"])
+    # + h everywhere: the embedding output the model's forward still references
+    attention = bs * (4 * h + 2 * kvd + 2 * h)  # residual, norm, q, k, v, rope'd q / out
+    if eager:  # at the softmax: the scores and their softmax beside block input, q, k, v
+        attention = max(attention, bs * (3 * h + 2 * kvd) + 2 * batch * d["heads"] * seq * seq)
+    # SDPA on CPU (flash kernel, padding mask and all) never holds B x heads x S x S (profiled)
+    mlp = bs * (3 * h + MLP_LIVE.get(family, 2) * d["inter"])
     head = bs * (h + d["vocab"]) if hasattr(config, "vocab_size") and _causal(config) else 0
     return max(attention, mlp, head)
+
+
+def largest_transient(config, family: str, batch: int, seq: int, eager: bool = False) -> int:
+    """Elements of the largest activation a forward allocates and frees (the logits stay)."""
+    d = _dims(config)
+    scores = batch * d["heads"] * seq * seq if eager else 0
+    return max(batch * seq * d["inter"], scores)
+
+
+def runtime_reserve(config, family: str, batch: int, seq: int, eager: bool, nbytes: int) -> int:
+    """Bytes a forward's peak RSS holds beyond its live tensors: kernels + glibc heap holes."""
+    block = largest_transient(config, family, batch, seq, eager) * nbytes
+    holes = HEAP_HOLES * block if block <= MMAP_THRESHOLD_MAX else 0  # mapped: returned at free
+    return int(KERNELS_MIB * 2**20 + holes)
 
 
 def training_activations(config, family: str, batch: int, seq: int, checkpointing: bool) -> int:
@@ -117,8 +147,9 @@ def estimate(model: torch.nn.Module, family: str, batch: int, seq: int) -> dict:
     for dtype, b in BYTES.items():
         act = inference_activations(config, family, batch, seq, eager) * b
         kv = kv_tok * batch * seq * b  # the prefill fills the cache a plain forward returns
+        rt = runtime_reserve(config, family, batch, seq, eager, b)
         infer[dtype] = {"weights": w["bytes"][dtype], "activations": act, "kv_cache": kv,
-                        "total": w["bytes"][dtype] + act + kv}  # fmt: skip
+                        "runtime": rt, "total": w["bytes"][dtype] + act + kv + rt}  # fmt: skip
     train = {}
     lora = lora_parameters(model)
     for ckpt in (False, True):

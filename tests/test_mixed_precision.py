@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,12 +169,43 @@ def test_report_of_a_run_has_per_layer_errors_and_weight_histograms(llama, tmp_p
     out, html = tmp_path / "q", tmp_path / "run.html"
     assert main([command, str(llama), str(out), *extra, "--quiet", "--report", str(html)]) == 0
     text = html.read_text()
-    assert _figures(text) == ["layers", "weights"]
+    assert _figures(text) == ["layers", "weights", "activations"]
     assert "block 0" in text and "block 1" in text
     md = (tmp_path / "run.md").read_text()
     assert "![weight distributions" in md and (tmp_path / "run_files/weights.svg").is_file()
+    assert "![output activations" in md and (tmp_path / "run_files/activations.svg").is_file()
     if command == "prune":
         assert "| module | sparsity | seconds |" in md
+
+
+def test_report_activation_histograms_are_the_quantized_layers_outputs(llama, tmp_path):
+    """W8A8 (dynamic per-token inputs): the "output" activations the report plots are what the
+    in-memory quantized layer computes on the fp32 model's input to it; "fp32" the float layer's."""
+    from transformers import AutoModelForCausalLM
+
+    from slimport.compress.run_report import ACT_TOKENS, _activations, _ids
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(llama), str(out), "--bits", "8", "--granularity", "channel",
+                 "--activations", "dynamic", "--quiet"]) == 0  # fmt: skip
+    cfg = json.loads((out / "quantization_report.json").read_text())["config"]
+    name = "model.layers.1.mlp.down_proj"
+    panels = _activations(llama, out, [name], cfg)
+    fp32 = AutoModelForCausalLM.from_pretrained(llama).eval()
+    mem = pipeline.quantize_(
+        AutoModelForCausalLM.from_pretrained(llama), QuantizationConfig.from_dict(cfg)
+    )
+    seen = {}
+    fp32.get_submodule(name).register_forward_hook(lambda m, a, y: seen.update(x=a[0], y=y))
+    ids = _ids(llama, cfg, fp32.config)
+    with torch.no_grad():
+        fp32(input_ids=ids)
+        want = mem.get_submodule(name)(seen["x"])
+    (panel,) = panels.values()
+    assert ids.shape == (1, min(ACT_TOKENS, fp32.config.max_position_embeddings))
+    np.testing.assert_allclose(panel["fp32"], seen["y"].flatten().numpy(), atol=1e-6)
+    np.testing.assert_allclose(panel["output"], want.flatten().numpy(), atol=1e-5)
+    assert np.abs(panel["output"] - panel["fp32"]).max() > 1e-4  # the inputs were quantized
 
 
 def test_report_histograms_decode_the_override_scheme(llama, tmp_path):

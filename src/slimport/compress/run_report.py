@@ -1,6 +1,7 @@
-"""`slimport quantize|prune --report FILE.html`: the run's settings, per-layer errors and the
-weight distributions of chosen layers, fp32 (the source) against what the output folder holds
-(its integers decoded by compressed-tensors' own decompressor, or a pruned float weight)."""
+"""`slimport quantize|prune --report FILE.html`: the run's settings, per-layer errors and, for
+chosen layers, the weight distributions and the output-activation distributions, fp32 (the
+source) against what the output folder holds (its integers decoded by compressed-tensors' own
+decompressor, or a pruned float weight; the layer's input fake-quantized as the recipe says)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,88 @@ def document(report: dict, source: str | Path, out: str | Path, command: str) ->
         doc.add("Weights", Figure(histograms(panels, "weight value"),
                                   "weight distributions of the worst and best layer: fp32 vs output",
                                   "weights"))  # fmt: skip
+    panels = _activations(Path(source), Path(out), picks, cfg)
+    if panels:
+        doc.add("Activations", Figure(histograms(panels, "output activation"),
+                                      "output activations of the worst and best layer on "
+                                      "one sequence: fp32 layer vs output layer",
+                                      "activations"))  # fmt: skip
     return doc
+
+
+ACT_TOKENS = 128  # one sequence: enough values for a histogram, seconds on any model
+
+
+def _activations(source: Path, out: Path, names: list[str], cfg: dict) -> dict:
+    """{panel: {"fp32": y, "output": y}} of each named Linear on the same input: the fp32
+    source model's layer, and the same input through the output's weight (decoded), the input
+    fake-quantized first when the recipe quantizes activations (static: the stored scale). The
+    input is the first calibration text when there is one, else seeded random token ids."""
+    from slimport.compress.quant.config import QuantizationConfig
+    from slimport.compress.quant.qat import float_model
+    from slimport.io import safetensors
+
+    try:
+        model = float_model(source)
+    except SlimportError:
+        return {}  # a source transformers cannot build: the weight panels still say a lot
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):  # a pre-hook that returns nothing: the forward is left as it is
+        return lambda m, a: seen.__setitem__(name, a[0].detach())
+
+    modules, first = dict(model.named_modules()), names[0] if names else None
+    names = [n for n in dict.fromkeys(names) if isinstance(modules.get(n), torch.nn.Linear)]
+    hooks = [modules[n].register_forward_pre_hook(keep(n)) for n in names]
+    with torch.no_grad():
+        model(input_ids=_ids(source, cfg, model.config))
+    for h in hooks:
+        h.remove()
+    inputs = QuantizationConfig.from_dict(cfg).inputs
+    index = out / "model.safetensors.index.json"
+    got = safetensors.read(index if index.is_file() else out / "model.safetensors")
+    panels = {}
+    try:
+        for n in names:  # the picks' order, not the forward's
+            x, layer, w = seen.get(n), modules[n], _decoded(out, got, n)
+            if x is None or w is None or w.shape != layer.weight.shape:
+                continue
+            xq = x if inputs is None else _fake_input(x, inputs, got, n)
+            with torch.no_grad():
+                y, yq = layer(x), torch.nn.functional.linear(xq, w.float(), layer.bias)
+            panels[f"{n} ({'worst' if n == first else 'best'})"] = {
+                "fp32": y.flatten().numpy(), "output": yq.flatten().numpy()}  # fmt: skip
+    finally:
+        got.close()
+    return panels
+
+
+def _ids(source: Path, cfg: dict, config) -> torch.Tensor:
+    n = min(ACT_TOKENS, getattr(config, "max_position_embeddings", None) or ACT_TOKENS)
+    if cfg.get("calib_data"):
+        from slimport.data import read_texts
+        from slimport.io.hf import load_tokenizer
+
+        try:
+            tok = load_tokenizer(source)
+            ids = tok(read_texts(cfg["calib_data"])[0], return_tensors="pt")["input_ids"]
+            return ids[:, :n]
+        except (SlimportError, OSError, ValueError, IndexError):
+            pass  # no tokenizer beside the weights, or an empty file: random ids below
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, config.vocab_size, (1, n), generator=gen)
+
+
+def _fake_input(x: torch.Tensor, args, ckpt, name: str) -> torch.Tensor:
+    from slimport.compress.quant import primitives as P
+
+    if args.dynamic:
+        return P.dynamic_fake_quantize(x, args)
+    if f"{name}.input_scale" not in ckpt.infos:
+        return x
+    s = ckpt.load(f"{name}.input_scale").float()
+    z = ckpt.load(f"{name}.input_zero_point").float() if f"{name}.input_zero_point" in ckpt.infos else torch.zeros(())  # fmt: skip
+    return P.dequantize(P.quantize(x, s, z, args.bits), s, z)
 
 
 def _weights(source: Path, out: Path, names: list[str]) -> dict:

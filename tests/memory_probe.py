@@ -46,7 +46,9 @@ def main() -> None:
     peak = _status("VmHWM")
     # code pages the big forward touched first (kernels for large shapes): file-backed RSS
     code = _status("RssFile") - file0
-    print(json.dumps({"base": base, "loaded": loaded, "peak": peak, "code": code, "kept": len(out)}))
+    print(
+        json.dumps({"base": base, "loaded": loaded, "peak": peak, "code": code, "kept": len(out)})
+    )
 
 
 if __name__ == "__main__":

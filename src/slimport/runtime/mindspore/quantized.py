@@ -179,8 +179,9 @@ class QuantDense(nn.Cell):
         axis of the weight runs 5-10x slower than the MatMul on MindSpore's CPU (measured).
         Groups: the integers are laid out [G, group_size, out], so the group scale broadcasts
         along the middle axis (fast) and the scaled integers, reshaped to [in, out], are one
-        plain MatMul's weight; the zero point acts on the output, sum_g s_g z_g sum(x_g). (One
-        BatchMatMul per group into [G, M, out] temporaries cost ~2.5x the bytes of these.)"""
+        plain MatMul's weight; the zero point acts on the output, sum_g s_g z_g sum(x_g). (A
+        BatchMatMul into [G, M, out] temporaries, scaled and summed over G, kept ~1.4x the
+        graph memory at M = 128: BENCHMARKS.md, issue #13.)"""
         parts = self._float_ints(x)
         m, s = x.shape[0], self.weight_scale
         if self.groups == 1:

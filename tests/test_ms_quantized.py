@@ -274,9 +274,9 @@ def test_a_quantized_load_logs_no_unloaded_parameters(tmp_path):
     quant_api.quantize(tmp_path / "fp32", tmp_path / "w4", progress=False, bits=4, group_size=32)
     code = (
         "from slimport.runtime.mindspore.auto import AutoModelForCausalLM as A\n"
-        "m = A.from_pretrained(%r)\n"
+        f"m = A.from_pretrained({str(tmp_path / 'w4')!r})\n"
         "print(sum(p.dtype == __import__('mindspore').uint8 for p in m.get_parameters()))\n"
-    ) % str(tmp_path / "w4")
+    )
     env = {**os.environ, "GLOG_v": "2", "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -255,3 +255,30 @@ def test_int8_embedding_computes_what_torch_int8_embedding_computes(tmp_path, mo
     assert (np.asarray(got) == want.numpy()).all()
     with pytest.raises(SlimportError, match="embeddings"):
         AutoModelForCausalLM.from_pretrained(out, embeddings="int3")
+
+
+def test_a_quantized_load_logs_no_unloaded_parameters(tmp_path):
+    """The integer parameters are set before the float load; MindSpore must not list them as
+    'not loaded' (it printed all 630 names of SmolLM2 W4 on every load). Its logger writes to
+    stderr: load in a subprocess with warnings on (GLOG_v=2) and read what it wrote."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp32")
+    quant_api.quantize(tmp_path / "fp32", tmp_path / "w4", progress=False, bits=4, group_size=32)
+    code = (
+        "from slimport.runtime.mindspore.auto import AutoModelForCausalLM as A\n"
+        f"m = A.from_pretrained({str(tmp_path / 'w4')!r})\n"
+        "print(sum(p.dtype == __import__('mindspore').uint8 for p in m.get_parameters()))\n"
+    )
+    env = {**os.environ, "GLOG_v": "2", "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "7"  # the seven Linear layers hold their integers
+    assert "not loaded" not in run.stderr and "weight_q" not in run.stderr

@@ -279,6 +279,9 @@ class PreTrainedCell(nn.Cell):
             value = t.compute()
             # load in float32 (what the Cell's parameters are), cast after: lossless for f16/bf16
             params[t.name] = ms.Parameter(to_ms(value, ms.float32), name=t.name)
+        # the integer parameters are already set (hold_integer_linears): pass them as they are,
+        # so that MindSpore's not-loaded list (and its warning, every name) holds only real gaps
+        params |= {p.name: p for p in self.get_parameters() if p.name in held}
         not_loaded, unused = ms.load_param_into_net(self, params, strict_load=True)
         new = self.newly_initialized(model) | mismatched
         fresh = sorted(n for n in not_loaded if n in new)

@@ -57,8 +57,8 @@ def test_per_call_holds_only_integers():
     weight, _, _ = _layer(QuantArgs(bits=4, granularity="group", group_size=32, symmetric=False))
     cell = QuantDense(weight, None)
     dtypes = {p.name: p.dtype for p in cell.get_parameters()}
-    # two 4-bit integers a byte, laid out [groups, group_size / 2, out]
-    assert dtypes["weight_q"] == ms.uint8 and tuple(cell.weight_q.shape) == (2, 16, 24)
+    # two 4-bit integers a byte, laid out [groups, out, group_size / 2]
+    assert dtypes["weight_q"] == ms.uint8 and tuple(cell.weight_q.shape) == (2, 24, 16)
     assert not any(p.dtype == ms.float32 and p.size == 24 * 64 for p in cell.get_parameters())
     # 0.5 B per weight + two float32 per group of 32: ~0.125x of fp32's 4 B
     assert cell.resident_bytes() <= 0.2 * 24 * 64 * 4

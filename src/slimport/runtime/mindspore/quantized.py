@@ -125,15 +125,14 @@ class QuantDense(nn.Cell):
         zero = full(zero) if zero.numel() == 1 else zero.reshape(out_f, groups)
         zero = zero + (8.0 if weight.bits == 4 else 0.0)  # 4-bit: the nibbles are q + 8
         self.has_zero = bool(zero.any())
-        # groups == 1: [out, in], the right operand of MatMul(transpose_b); groups > 1:
-        # [groups, group_size, out], which scaled per (group, out) and reshaped to [in, out] is
-        # the right operand of a plain MatMul. Scale and zero [1, out] / [groups, 1, out].
-        ints = weight.q.to(torch.int8)
-        ints = ints if groups == 1 else ints.reshape(out_f, groups, gs).permute(1, 2, 0)
-        if weight.bits == 4:  # low nibble: a group's first half of columns, high: the second
+        # [groups, out, group_size] (groups > 1) or [out, in]: the right operand of one batched
+        # (or plain) MatMul(transpose_b) per call; scale and zero [groups, 1, out] / [1, out]
+        # broadcast over the rows of its output
+        ints = weight.q.to(torch.int8).reshape(out_f, groups, gs).transpose(0, 1)
+        if weight.bits == 4:  # low nibble: the group's first half of columns, high: the second
             u = (ints.to(torch.int16) + 8).to(torch.uint8)
-            half = (in_f if groups == 1 else gs) // 2
-            ints = u[:, :half] | (u[:, half:] << 4)
+            ints = u[..., : gs // 2] | (u[..., gs // 2 :] << 4)
+        ints = ints[0] if groups == 1 else ints
         per_out = lambda t: t.T.reshape((groups, 1, out_f) if groups > 1 else (1, out_f))  # noqa: E731
         self.weight_q = ms.Parameter(to_ms(ints.contiguous()), "weight_q", requires_grad=False)
         self.weight_scale = ms.Parameter(
@@ -142,72 +141,66 @@ class QuantDense(nn.Cell):
         self.weight_zero = ms.Parameter(
             to_ms(per_out(zero).contiguous()), "weight_zero", requires_grad=False
         )
+        self.bmm = ops.BatchMatMul(transpose_b=True)
 
     def _float_ints(self, after=None):
-        """The held integers as float32; 4-bit: (low nibbles, high nibbles times 16), each half
-        the columns. Only these few ops touch weight-sized data, in float: MindSpore's CPU uint8
-        BitwiseAnd / Sub run ~4x slower than a Cast (measured). `after`: a tensor the Cast must
-        wait for (see _integer_matmul)."""
+        """The held integers as float32; 4-bit: (low nibbles, high nibbles times 16), each
+        [.., group_size / 2]. Only these few ops touch weight-sized data, in float: MindSpore's
+        CPU uint8 BitwiseAnd / Sub run ~4x slower than a Cast (measured). `after`: a tensor the
+        Cast must wait for (see _integer_matmul)."""
         q = self.weight_q if after is None else ops.depend(self.weight_q, after)
         q = q.astype(ms.float32)
         if self.bits == 8:
             return (q,)
-        low = ops.floor_mod(q, 16.0)  # exact: integers below 256
-        return low, q - low
+        high16 = ops.floor(q * 0.0625) * 16.0  # exact: integers below 256
+        return q - high16, high16
 
     def dequantized(self) -> ms.Tensor:
         """The float weight [out, in] (the reference: same float ops as torch's dequantize)."""
         if self.mode == "at_load":
             return self.weight
         parts = self._float_ints()
-        axis = -1 if self.groups == 1 else 1  # [out, in] / [G, group_size, out]
-        q = parts[0] if self.bits == 8 else ops.concat((parts[0], parts[1] / 16), axis)
+        q = parts[0] if self.bits == 8 else ops.concat((parts[0], parts[1] / 16), -1)
         if self.groups == 1:
-            return (q - self.weight_zero.reshape(-1, 1)) * self.weight_scale.reshape(-1, 1)
-        w = (q - self.weight_zero) * self.weight_scale
-        return w.reshape(self.in_channels, self.out_channels).transpose(1, 0)
+            w = (q - self.weight_zero.reshape(-1, 1)) * self.weight_scale.reshape(-1, 1)
+            return w
+        # [G, out, gs] -> [out, G, gs]
+        zero, scale = self.weight_zero.transpose(2, 0, 1), self.weight_scale.transpose(2, 0, 1)
+        w = (q.transpose(1, 0, 2) - zero) * scale
+        return w.reshape(self.out_channels, self.in_channels)
 
     def _integer_matmul(self, x):
-        """x [M, in] @ dequantized(W).T. The Cast waits for x (ops.depend): graph mode otherwise
-        runs every layer's weight-only ops first, all their float copies alive at once (the
-        8-12 GB of RSS that generate grew by, and most of its slowness). MindSpore's CPU graph
-        keeps every intermediate of a compiled graph (measured: RSS grows with the bytes of all
-        layers' temporaries), so each path makes as few and as small ones as it can.
-
-        Per channel: the integers (as float) go into the MatMul and scale / zero point act on
-        its [M, out] output, y = s * (x . q) - s * z * sum(x): a scale broadcast along the last
-        axis of the weight runs 5-10x slower than the MatMul on MindSpore's CPU (measured).
-        Groups: the integers are laid out [G, group_size, out], so the group scale broadcasts
-        along the middle axis (fast) and the scaled integers, reshaped to [in, out], are one
-        plain MatMul's weight; the zero point acts on the output, sum_g s_g z_g sum(x_g). (A
-        BatchMatMul into [G, M, out] temporaries, scaled and summed over G, kept ~1.4x the
-        graph memory at M = 128: BENCHMARKS.md, issue #13.)"""
+        """x [M, in] @ dequantized(W).T without building the float weight: the integers (as
+        float) go into the MatMul and scale / zero point act on its [M, out] output,
+        y = sum_g s_g * (x_g . q_g) - sum_g s_g * z_g * sum(x_g): MindSpore's CPU broadcasts
+        over the last axis (a scale per row / group) run 5-10x slower than the MatMul
+        (measured). The Cast waits for x (ops.depend): graph mode otherwise runs every layer's
+        weight-only ops first, all their float copies alive at once (the 8-12 GB of RSS that
+        generate grew by, and most of its slowness)."""
         parts = self._float_ints(x)
-        m, s = x.shape[0], self.weight_scale
+        half = self.group_size // 2
         if self.groups == 1:
-            half = self.in_channels // 2
             if self.bits == 8:
                 acc = self.matmul(x, parts[0])
             else:  # x_hi / 16 . (16 * high) is exactly x_hi . high (powers of two)
                 acc = self.matmul(x[:, :half], parts[0]) + self.matmul(
                     x[:, half:] * 0.0625, parts[1]
                 )
-            y = acc * s
+            y = acc * self.weight_scale
             if self.has_zero:
-                y = y - x.sum(-1, keepdims=True) * (s * self.weight_zero)
+                y = y - x.sum(-1, keepdims=True) * (self.weight_scale * self.weight_zero)
             return y
+        m = x.shape[0]
+        xg = x.reshape(m, self.groups, self.group_size)
+        xt = xg.transpose(1, 0, 2)  # [G, M, gs]
         if self.bits == 8:
-            y = self.matmul_nt(x, (parts[0] * s).reshape(self.in_channels, self.out_channels))
-        else:  # each group's first half of columns against the low nibbles, second: the high
-            shape = (self.in_channels // 2, self.out_channels)
-            xh = x.reshape(m, self.groups, 2, self.group_size // 2)
-            y = self.matmul_nt(xh[:, :, 0].reshape(m, -1), (parts[0] * s).reshape(shape))
-            y = y + self.matmul_nt(
-                xh[:, :, 1].reshape(m, -1), (parts[1] * (s * 0.0625)).reshape(shape)
-            )
+            acc = self.bmm(xt, parts[0])
+        else:
+            acc = self.bmm(xt[:, :, :half], parts[0]) + self.bmm(xt[:, :, half:] * 0.0625, parts[1])
+        y = (acc * self.weight_scale).sum(0)  # [G, M, out] -> [M, out]
         if self.has_zero:
-            sz = (s * self.weight_zero).reshape(self.groups, self.out_channels)
-            y = y - self.matmul_nt(x.reshape(m, self.groups, self.group_size).sum(-1), sz)
+            sz = (self.weight_scale * self.weight_zero).reshape(self.groups, self.out_channels)
+            y = y - self.matmul_nt(xg.sum(-1), sz)
         return y
 
     def fake_quantize_input(self, x):

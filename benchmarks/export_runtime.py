@@ -2,10 +2,12 @@
 
 SmolLM2-135M: torch fp32 (transformers, KV cache) vs our ONNX exports run by ONNX Runtime with our
 own KV-cache loop: fp32, W8 (an RTN per-channel folder) and W4 (the `--w4` compressed-tensors
-folders, e.g. AWQ+GPTQ; an RTN one without), MatMulNBits at accuracy_level 4; with
-onnxruntime-genai installed (the `bench` extra), the peer: its own model builder (`-p int4 -e cpu`,
-its RTN int4) on the same fp32 model, run by `og.Model`, and our first W4 graph run by
-`og.Model` too (same greedy tokens as our loop?). Per row and per `--threads` count: prefill
+folders, e.g. AWQ+GPTQ; an RTN one without), MatMulNBits at accuracy_level 4, the first W4 folder
+also with the tied embedding/LM head as int4 (`embeddings="int4"`); with onnxruntime-genai
+installed (the `bench` extra), the peer: its own model builder (`-p int4 -e cpu`, its RTN int4)
+on the same fp32 model, run by `og.Model`, and our first W4 graph and our int4-head graph run by
+`og.Model` too (same greedy tokens as our loop?). Exports are cached in `--work`: use a fresh one
+after the graph builder changes. Per row and per `--threads` count: prefill
 seconds for the prompt, then `--new` greedy tokens one a step: decode tokens/s, median of
 `--repeats` repeats interleaved (each repeat runs every row in turn, so load swings on a busy
 machine slow all rows alike: read the ratios to torch fp32). Then one model at a time: file MB,
@@ -186,14 +188,17 @@ def smollm2(args) -> None:
     w8 = work / "w8"
     if not w8.exists():
         compress.quantize(hf_dir, w8, bits=8, progress=False)  # RTN per channel
-    exports = {"ORT fp32": hf_dir, "ORT W8 (MatMulNBits)": w8}
+    # row -> (source folder, export options); the first W4 folder also with the tied
+    # embedding/head as int4 (GatherBlockQuantized + MatMulNBits on the same integers)
+    exports = {"ORT fp32": (hf_dir, {}), "ORT W8 (MatMulNBits)": (w8, {})}
     for folder in w4:
-        exports[f"ORT W4 {_scheme(folder)} (MatMulNBits)"] = folder
+        exports[f"ORT W4 {_scheme(folder)} (MatMulNBits)"] = (folder, {})
+    exports[f"ORT W4 {_scheme(w4[0])} + int4 head (MatMulNBits)"] = (w4[0], {"embeddings": "int4"})  # fmt: skip
     graphs = {}
-    for name, src in exports.items():
-        graphs[name] = work / ("onnx-" + src.name)
+    for name, (src, options) in exports.items():
+        graphs[name] = work / ("onnx-" + src.name + "".join(f"-{v}" for v in options.values()))
         if not graphs[name].exists():
-            export_onnx(src, graphs[name], accuracy_level=4)
+            export_onnx(src, graphs[name], accuracy_level=4, **options)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     ids = tok(PROMPT, return_tensors="np")["input_ids"]
     # row -> (runner, folder): torch; "ort", our KV-cache loop in ONNX Runtime; "genai",
@@ -203,7 +208,8 @@ def smollm2(args) -> None:
     if importlib.util.find_spec("onnxruntime_genai") is not None:
         builder = genai_builder(hf_dir, work / "genai-builder-int4")
         rows["genai builder int4 (its RTN)"] = ("genai", builder)
-        for name in (next(n for n in exports if n.startswith("ORT W4")),):  # fp32: tests
+        w4_rows = [n for n in exports if n.startswith("ORT W4")]
+        for name in (w4_rows[0], w4_rows[-1]):  # fp32: tests; the int4-head graph
             twin["genai ours " + name.removeprefix("ORT ")] = name
             rows["genai ours " + name.removeprefix("ORT ")] = ("genai", graphs[name])
 

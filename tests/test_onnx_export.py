@@ -147,6 +147,27 @@ def test_incremental_decode_equals_full_recompute(kind, tmp_path):
     assert np.abs(incremental[valid] - full[valid]).max() <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["llama-gqa-tied", "gpt2"])
+def test_decoder_attention_is_one_fused_kernel_per_layer(kind, tmp_path):
+    """GroupQueryAttention appends to the cache and attends (no per-layer Concat / Softmax),
+    writing the presents itself; Llama: RotaryEmbedding for q and k, RMSNorm + residual fused."""
+    import onnx
+
+    export_onnx(tiny(kind, tmp_path), tmp_path / "onnx")
+    graph = onnx.load(str(tmp_path / "onnx/model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
+    writers = {o: n.op_type for n in graph.node for o in n.output}
+    assert {writers[f"present.{i}.{kv}"] for i in (0, 1) for kv in ("key", "value")} == {
+        "GroupQueryAttention"
+    }
+    if kind == "llama-gqa-tied":
+        assert ops.count("RotaryEmbedding") == 2 * 2
+        assert ops.count("SkipSimplifiedLayerNormalization") == 2 * 2
+        assert ops.count("SimplifiedLayerNormalization") == 1  # the first layer's input norm
+        assert not {"ReduceMean", "Sqrt", "Transpose"} & set(ops)
+
+
 def test_fp16_weights_compute_what_fp16_rounded_weights_do(tmp_path):
     """float16 stores half-size weights, computed in fp32: exactly the rounded model."""
     from transformers import AutoModelForCausalLM

@@ -6,8 +6,11 @@ KV cache, in the layout onnxruntime-genai and Optimum use:
   outputs  logits [batch, seq, vocab], present.{i}.key|value [batch, kv_heads, past+seq, head_dim]
 
 A decode step feeds one token and the previous step's presents: it costs one token of compute.
-Attention keeps queries grouped by their KV head, `[batch, kv_heads, group, seq, head_dim]`, so
-grouped-query attention is a broadcasting MatMul (no repeated keys).
+Attention is ONNX Runtime's fused `com.microsoft::GroupQueryAttention` (CPU kernel; grouped
+queries without repeated keys, the cache append in place), RoPE its `RotaryEmbedding` on the
+position_ids we are given, RMSNorm + residual `SkipSimplifiedLayerNormalization`, as
+onnxruntime-genai's builder builds them. Left padding: every row counts all `past+seq` positions
+(GQA's seqlens_k), and the padded keys are masked by an additive bias from attention_mask.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from slimport.errors import SlimportError
-from slimport.runtime.onnx.graph import ACTIVATIONS, FLOAT, INT64, Graph
+from slimport.runtime.onnx.graph import ACTIVATIONS, FLOAT, INT32, INT64, MS_DOMAIN, Graph
 from slimport.runtime.onnx.weights import Weights
 
 PAST, PRESENT = "past_key_values.{}.{}", "present.{}.{}"
@@ -35,7 +38,7 @@ def _act(cfg: dict, key: str) -> str:
 
 
 class _Inputs:
-    """Graph inputs and the values every layer shares (shapes, the attention bias)."""
+    """Graph inputs and the values every layer shares (shapes, lengths, the attention bias)."""
 
     def __init__(self, g: Graph, n_layers: int, n_kv: int, head_dim: int):
         self.ids = g.input("input_ids", INT64, ["batch", "seq"])
@@ -45,46 +48,37 @@ class _Inputs:
             for kv in ("key", "value"):
                 g.input(PAST.format(i, kv), FLOAT, ["batch", n_kv, "past", head_dim])
         self.batch_seq = g.op("Shape", self.ids)  # [2]: batch, seq
-        total = g.op("Gather", g.op("Shape", self.mask), g.const(1))
+        total = g.op("Gather", g.op("Shape", self.mask), g.const(1))  # scalar
         seq = g.op("Gather", self.batch_seq, g.const(1))
+        # GroupQueryAttention's lengths (int32): total_sequence_length, and seqlens_k = total - 1
+        # for every row, padded or not (it assumes right padding; ours is masked by the bias)
+        self.total = g.op("Cast", total, to=INT32)
+        batch = g.dim(self.ids, 0)
+        self.seqlens = g.op("Cast", g.op("Expand", g.op("Sub", total, g.const(1)), batch), to=INT32)
         keys = g.op("Range", g.const(0), total, g.const(1))  # [total]
         queries = g.op("Range", g.op("Sub", total, seq), total, g.const(1))  # absolute positions
         causal = g.op("LessOrEqual", keys, g.op("Unsqueeze", queries, g.const([1])))  # [seq, total]
-        padded = g.op("Cast", g.op("Unsqueeze", self.mask, g.const([1, 2, 3])), to=9)  # bool
-        allowed = g.op("And", causal, padded)  # [batch, 1, 1, seq, total]
+        padded = g.op("Cast", g.op("Unsqueeze", self.mask, g.const([1, 2])), to=9)  # bool
+        allowed = g.op("And", causal, padded)  # [batch, 1, seq, total]
         self.bias = g.op("Where", allowed, g.const(0.0, np.float32), g.const(NEG, np.float32))
 
     def shape(self, g: Graph, *tail: int) -> str:
         return g.op("Concat", self.batch_seq, g.const(list(tail)), axis=0)
 
 
-def _rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
-    """x * cos + rotate_half(x) * sin (transformers' rotate-half RoPE)."""
-    x1, x2 = g.op("Split", x, g.const([half, half]), n_out=2, axis=-1)
-    rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
-
-
 def _attention(g, inp: _Inputs, layer, q, k, v, n_heads, n_kv, hd, scale, rope=None) -> str:
-    """q [tokens, heads*hd], k/v [tokens, kv*hd] -> context [tokens, heads*hd]; adds the presents."""
-    group = n_heads // n_kv
-    q = g.op("Transpose", g.reshape(q, inp.shape(g, n_kv, group, hd)), perm=[0, 2, 3, 1, 4])
-    k = g.op("Transpose", g.reshape(k, inp.shape(g, n_kv, hd)), perm=[0, 2, 1, 3])
-    v = g.op("Transpose", g.reshape(v, inp.shape(g, n_kv, hd)), perm=[0, 2, 1, 3])
-    if rope is not None:  # cos/sin [batch, seq, hd], broadcast over the head axes
-        cos, sin = rope
-        k_axes, q_axes = g.const([1]), g.const([1, 2])
-        k = _rotate(g, k, g.op("Unsqueeze", cos, k_axes), g.op("Unsqueeze", sin, k_axes), hd // 2)
-        q = _rotate(g, q, g.op("Unsqueeze", cos, q_axes), g.op("Unsqueeze", sin, q_axes), hd // 2)
-    presents = []
-    for kv, new in (("key", k), ("value", v)):
-        present = g.op("Concat", PAST.format(layer, kv), new, axis=2)
-        g.output(present, PRESENT.format(layer, kv), FLOAT, ["batch", n_kv, "total", hd])
-        presents.append(g.op("Unsqueeze", present, g.const([2])))  # [batch, kv, 1, total, hd]
-    keys_t = g.op("Transpose", presents[0], perm=[0, 1, 2, 4, 3])
-    scores = g.op("Mul", g.op("MatMul", q, keys_t), g.const(scale, np.float32))
-    probs = g.op("Softmax", g.op("Add", scores, inp.bias), axis=-1)
-    ctx = g.op("Transpose", g.op("MatMul", probs, presents[1]), perm=[0, 3, 1, 2, 4])
+    """q [tokens, heads*hd], k/v [tokens, kv*hd] -> context [tokens, heads*hd]; writes the
+    presents. rope: (cos, sin) caches [positions, hd/2] for RotaryEmbedding."""
+    q, k, v = (g.reshape(x, inp.shape(g, -1)) for x in (q, k, v))  # [batch, seq, features]
+    if rope is not None:
+        q, k = (g.op("RotaryEmbedding", x, inp.positions, *rope, domain=MS_DOMAIN) for x in (q, k))
+    past = [PAST.format(layer, kv) for kv in ("key", "value")]
+    present = [PRESENT.format(layer, kv) for kv in ("key", "value")]
+    ctx = g.op("GroupQueryAttention", q, k, v, *past, inp.seqlens, inp.total, None, None, None,
+               inp.bias, n_out=3, names=["", *present], domain=MS_DOMAIN, num_heads=n_heads,
+               kv_num_heads=n_kv, scale=float(scale))[0]  # fmt: skip
+    for name in present:
+        g.output(None, name, FLOAT, ["batch", n_kv, "total", hd])
     return g.reshape(ctx, [-1, n_heads * hd])
 
 
@@ -135,25 +129,27 @@ def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
     act = _act(cfg, "hidden_act")
     inp = _Inputs(g, n_layers, n_kv, hd)
     cos_table, sin_table = _rope_tables(config, cfg)
+    half = hd // 2  # rotate-half tables repeat their first half: RotaryEmbedding takes that half
     rope = (
-        g.op("Gather", g.tensor("/rope/cos", cos_table), inp.positions),
-        g.op("Gather", g.tensor("/rope/sin", sin_table), inp.positions),
+        g.tensor("/rope/cos", np.ascontiguousarray(cos_table[:, :half])),
+        g.tensor("/rope/sin", np.ascontiguousarray(sin_table[:, :half])),
     )
     embed = "model.embed_tokens.weight"
     h = g.reshape(w.lookup(g, embed, inp.ids), [-1, hidden])
     scale = hd**-0.5
-    for i in range(n_layers):
+    x = g.rms_norm(h, w.value(g, "model.layers.0.input_layernorm.weight"), eps)
+    for i in range(n_layers):  # h: the residual stream; x: its norm, the next block's input
         p = f"model.layers.{i}."
-        x = g.rms_norm(h, w.value(g, p + "input_layernorm.weight"), eps)
         q, k, v = (w.linear(g, x, f"{p}self_attn.{n}_proj") for n in "qkv")
         ctx = _attention(g, inp, i, q, k, v, n_heads, n_kv, hd, scale, rope)
-        h = g.op("Add", h, w.linear(g, ctx, p + "self_attn.o_proj"))
-        x = g.rms_norm(h, w.value(g, p + "post_attention_layernorm.weight"), eps)
+        attn = w.linear(g, ctx, p + "self_attn.o_proj")
+        x, h = g.skip_rms_norm(attn, h, w.value(g, p + "post_attention_layernorm.weight"), eps)
         gate = g.act(w.linear(g, x, p + "mlp.gate_proj"), act)
         up = w.linear(g, x, p + "mlp.up_proj")
-        h = g.op("Add", h, w.linear(g, g.op("Mul", gate, up), p + "mlp.down_proj"))
-    h = g.rms_norm(h, w.value(g, "model.norm.weight"), eps)
-    _logits(g, w, inp, h, embed if cfg["tie_word_embeddings"] else "lm_head", vocab)
+        mlp = w.linear(g, g.op("Mul", gate, up), p + "mlp.down_proj")
+        following = f"model.layers.{i + 1}.input_layernorm" if i + 1 < n_layers else "model.norm"
+        x, h = g.skip_rms_norm(mlp, h, w.value(g, following + ".weight"), eps)
+    _logits(g, w, inp, x, embed if cfg["tie_word_embeddings"] else "lm_head", vocab)
 
 
 # ---------------------------------------------------------------- GPT-2

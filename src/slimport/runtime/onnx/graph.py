@@ -15,6 +15,7 @@ OPSET = 17  # LayerNormalization; old enough for most converters (Ascend ATC, Te
 MS_DOMAIN = "com.microsoft"
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
+INT32 = TensorProto.INT32
 
 
 class Graph:
@@ -36,10 +37,12 @@ class Graph:
         self._count += 1
         return f"/{stem}_{self._count}"
 
-    def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", **attrs):
-        """Add one node; `None` inputs stand for omitted optional ones."""
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", names=(), **attrs):
+        """Add one node; `None` inputs stand for omitted optional ones; `names` name its first
+        outputs (graph outputs written in place, no Identity copy)."""
         name = self._fresh(op_type)
-        outs = [f"{name}/out{i}" for i in range(n_out)]
+        names = [*names, *[""] * (n_out - len(names))]
+        outs = [names[i] or f"{name}/out{i}" for i in range(n_out)]
         ins = ["" if i is None else i for i in inputs]
         while ins and ins[-1] == "":
             ins.pop()
@@ -77,7 +80,9 @@ class Graph:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: list) -> str:
-        self.nodes.append(helper.make_node("Identity", [value], [name], name=f"/out/{name}"))
+        """Graph output `name` (an Identity of `value`; None: a node already writes `name`)."""
+        if value is not None:
+            self.nodes.append(helper.make_node("Identity", [value], [name], name=f"/out/{name}"))
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
@@ -102,14 +107,16 @@ class Graph:
         return self.op("LayerNormalization", x, weight, bias, axis=-1, epsilon=float(eps))
 
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
-        """x / sqrt(mean(x^2) + eps) * w, as transformers' LlamaRMSNorm (fp32)."""
-        ms = self.op(
-            "ReduceMean", self.op("Mul", x, x), axes=[-1], keepdims=1
-        )  # opset 17: attribute
-        inv = self.op(
-            "Reciprocal", self.op("Sqrt", self.op("Add", ms, self.const(eps, np.float32)))
-        )
-        return self.op("Mul", self.op("Mul", x, inv), weight)
+        """x / sqrt(mean(x^2) + eps) * w, as transformers' LlamaRMSNorm (fp32): ORT's fused
+        kernel (registered in the default domain, as onnxruntime-genai's builder emits it)."""
+        return self.op("SimplifiedLayerNormalization", x, weight, axis=-1, epsilon=float(eps),
+                       stash_type=1)  # fmt: skip
+
+    def skip_rms_norm(self, x: str, residual: str, weight: str, eps: float) -> tuple[str, str]:
+        """(rms_norm(residual + x), residual + x) in one kernel."""
+        out = self.op("SkipSimplifiedLayerNormalization", x, residual, weight, n_out=4,
+                      domain=MS_DOMAIN, epsilon=float(eps))  # fmt: skip
+        return out[0], out[3]
 
     def act(self, x: str, kind: str) -> str:
         if kind == "silu":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +94,21 @@ def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp(f"{SESSION_DIR}smollm2") / "hf"
     convert(smollm2_gguf, out, to="hf", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2_slice(smollm2_hf, tmp_path_factory) -> Path:
+    """SmolLM2's embedding, first two blocks and final norm, as an HF folder."""
+    out = tmp_path_factory.mktemp("slice") / "hf"
+    out.mkdir()
+    keep = ("model.embed_tokens.", "model.norm.", "model.layers.0.", "model.layers.1.")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(smollm2_hf / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if k.startswith(keep)}, out / "model.safetensors")
+    config = json.loads((smollm2_hf / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     return out
 
 

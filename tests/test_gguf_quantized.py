@@ -6,14 +6,13 @@ is what makes transformers' GGUF loading slow); the whole model is the slow vari
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from slimport import api, cli
 from slimport.compress import pipeline
@@ -29,19 +28,6 @@ from slimport.io.compressed import dequantize
 
 Q = gguf.GGMLQuantizationType
 IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def smollm2_slice(smollm2_hf, tmp_path_factory) -> Path:
-    """SmolLM2's embedding, first two blocks and final norm, as an HF folder."""
-    out = tmp_path_factory.mktemp("slice") / "hf"
-    out.mkdir()
-    keep = ("model.embed_tokens.", "model.norm.", "model.layers.0.", "model.layers.1.")
-    tensors = load_file(smollm2_hf / "model.safetensors")
-    save_file({k: v for k, v in tensors.items() if k.startswith(keep)}, out / "model.safetensors")
-    config = json.loads((smollm2_hf / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
-    return out
 
 
 def quantized(src: Path, out: Path, calibrate: bool = False, **recipe) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 pytest.importorskip("compressed_tensors")
@@ -45,19 +45,6 @@ EXPECTED = {
     **{f"{P}.1.mlp.{m}": (4, 64, False) for m in ("gate_proj", "up_proj")},
 }  # fmt: skip
 FLOAT = (f"{P}.0.self_attn.o_proj", f"{P}.1.mlp.down_proj")
-
-
-@pytest.fixture(scope="module")
-def smollm2_slice(smollm2_hf, tmp_path_factory) -> Path:
-    """SmolLM2's embedding, first two blocks and final norm, as an HF folder."""
-    out = tmp_path_factory.mktemp("slice") / "hf"
-    out.mkdir()
-    keep = ("model.embed_tokens.", "model.norm.", "model.layers.0.", "model.layers.1.")
-    tensors = load_file(smollm2_hf / "model.safetensors")
-    save_file({k: v for k, v in tensors.items() if k.startswith(keep)}, out / "model.safetensors")
-    config = json.loads((smollm2_hf / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
-    return out
 
 
 def quantized(src: Path, out: Path, **recipe) -> Path:

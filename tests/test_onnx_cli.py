@@ -229,7 +229,9 @@ def test_quantized_embedding_is_looked_up_and_tied_on_the_same_integers(tiny_lm,
 
 
 def test_onnxruntime_genai_runs_a_w4_int4_head_export_with_our_greedy_tokens(tiny_lm, tmp_path):
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
+    from onnx_testing import genai_greedy
+
     from slimport.compress import api
     from slimport.runtime.onnx import OnnxModel
 
@@ -238,14 +240,7 @@ def test_onnxruntime_genai_runs_a_w4_int4_head_export_with_our_greedy_tokens(tin
     out = tmp_path / "onnx"
     assert main(["convert", str(q), str(out), "--to", "onnx", "--embeddings", "int4"]) == 0
     ids = [1, 504, 3458, 282, 4649, 314]
-    params = og.GeneratorParams(og_model := og.Model(str(out)))
-    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
-    gen = og.Generator(og_model, params)
-    gen.append_tokens(ids)
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
+    theirs = genai_greedy(out, ids, 12)
     ours = OnnxModel(out).generate(np.array([ids]), 12)[0, len(ids) :].tolist()
     assert theirs == ours and len(set(ours)) > 1  # (not one token repeated: a real sequence)
 

@@ -359,17 +359,11 @@ def test_smollm2_64_greedy_tokens_match_transformers(smollm2):
 
 
 def test_onnxruntime_genai_runs_the_folder_with_the_same_greedy_tokens(smollm2):
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(smollm2.folder))
+    pytest.importorskip("onnxruntime_genai")
+    from onnx_testing import genai_greedy
+
     ids = smollm2.ids[0].tolist()
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
+    theirs = genai_greedy(smollm2.folder, ids, 8)
     assert theirs == smollm2.onnx.generate(smollm2.ids, 8)[0, len(ids) :].tolist()
 
 

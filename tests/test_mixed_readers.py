@@ -131,24 +131,27 @@ def test_mindspore_gives_each_linear_its_own_scheme(mixed, reference, decoded):
         assert np.array_equal(c.dequantized().asnumpy(), want), name
 
 
-def test_onnx_export_gives_each_linear_its_own_matmulnbits(mixed, reference, tmp_path):
+def test_onnx_export_gives_each_linear_its_own_scheme(mixed, reference, tmp_path):
     onnx = pytest.importorskip("onnx")
     from slimport.runtime.onnx import OnnxModel, export_onnx
 
     report = export_onnx(mixed, tmp_path / "onnx", accuracy_level=0)
     assert report["quantized_linears"] == len(EXPECTED)
     proto = onnx.load(str(tmp_path / "onnx/model.onnx"))
-    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    attrs = sorted(
-        tuple(
-            onnx.helper.get_attribute_value(a)
-            for a in n.attribute
-            if a.name in ("bits", "block_size")
-        )  # fmt: skip
-        for n in nodes
-    )
-    # per channel: one scale per row over 128-wide blocks
-    assert attrs == sorted((b, g or 128) for b, g, _ in EXPECTED.values())
+    concat = {n.output[0]: list(n.input) for n in proto.graph.node if n.op_type == "Concat"}
+    covered = {}  # Linear -> (bits, block_size) of the MatMulNBits that computes it
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+            parts = [b.removesuffix(".weight_packed") for b in concat.get(n.input[1], [n.input[1]])]
+            covered |= {p: (a["bits"], a["block_size"], len(parts)) for p in parts}
+    # per channel: one scale per row over 128-wide blocks; Linears of one input and one scheme
+    # share a packed kernel (layer 1's q/k/v, both gate/up pairs); layer 0's q/k/v differ
+    assert {p: c[:2] for p, c in covered.items()} == {
+        p: (b, g or 128) for p, (b, g, _) in EXPECTED.items()
+    }
+    assert covered[f"{P}.1.self_attn.q_proj"][2] == 3 and covered[f"{P}.0.self_attn.q_proj"][2] == 1
+    assert covered[f"{P}.0.mlp.gate_proj"][2] == covered[f"{P}.1.mlp.up_proj"][2] == 2
     ours = OnnxModel(tmp_path / "onnx").logits(IDS.numpy())
     d = float(np.abs(ours - reference.numpy()).max())
     print(f"\nmixed folder as ONNX (accuracy_level 0) vs decompressed: logits max|d| {d:.2e}")

@@ -140,12 +140,12 @@ def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
     x = g.rms_norm(h, w.value(g, "model.layers.0.input_layernorm.weight"), eps)
     for i in range(n_layers):  # h: the residual stream; x: its norm, the next block's input
         p = f"model.layers.{i}."
-        q, k, v = (w.linear(g, x, f"{p}self_attn.{n}_proj") for n in "qkv")
+        q, k, v = w.linears(g, x, [f"{p}self_attn.{n}_proj" for n in "qkv"])
         ctx = _attention(g, inp, i, q, k, v, n_heads, n_kv, hd, scale, rope)
         attn = w.linear(g, ctx, p + "self_attn.o_proj")
         x, h = g.skip_rms_norm(attn, h, w.value(g, p + "post_attention_layernorm.weight"), eps)
-        gate = g.act(w.linear(g, x, p + "mlp.gate_proj"), act)
-        up = w.linear(g, x, p + "mlp.up_proj")
+        gate, up = w.linears(g, x, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+        gate = g.act(gate, act)
         mlp = w.linear(g, g.op("Mul", gate, up), p + "mlp.down_proj")
         following = f"model.layers.{i + 1}.input_layernorm" if i + 1 < n_layers else "model.norm"
         x, h = g.skip_rms_norm(mlp, h, w.value(g, following + ".weight"), eps)

@@ -157,6 +157,45 @@ class QuantizedLinears:
         )
         return y if bias is None else g.op("Add", y, bias)
 
+    def packable(self, prefixes: list[str]) -> bool:
+        """Whether Linears of one input can run as one MatMulNBits: all weight-only integers of
+        one scheme (bits, group size, symmetry) over the same K."""
+        if not all(p in self.names for p in prefixes):
+            return False
+        schemes = [self.schemes[p] for p in prefixes]
+        if any(s.inputs is not None for s in schemes):
+            return False
+        ks = {self._shape(p)[1] for p in prefixes}
+        return len(ks) == 1 and len({(s.weights, s.format) for s in schemes}) == 1
+
+    def emit_packed(self, g: Graph, x: str, prefixes: list[str], biases: list) -> list[str]:
+        """x [tokens, K] -> one output per Linear, computed by ONE MatMulNBits over their rows
+        stacked (q/k/v, gate/up): the activation is quantized once and one kernel runs instead of
+        several. The stacked B, scales and zero points are Concat nodes over each Linear's own
+        initializers (hub-named, as `emit` writes them), which ONNX Runtime folds at load."""
+        parts = [self.arrays(p) for p in prefixes]
+        ns = [attrs["N"] for _, attrs in parts]
+        stacked = []
+        for key in ("weight_packed", "weight_scale", "weight_zero_point"):
+            if parts[0][0][key] is None:
+                stacked.append(None)
+                continue
+            names = [
+                g.tensor(f"{p}.{key}", a[key]) for p, (a, _) in zip(prefixes, parts, strict=True)
+            ]
+            stacked.append(g.op("Concat", *names, axis=0))
+        attrs = {**parts[0][1], "N": sum(ns)}
+        y = g.op("MatMulNBits", x, *stacked, domain=MS_DOMAIN,
+                 accuracy_level=self.accuracy_level, **attrs)  # fmt: skip
+        if any(b is not None for b in biases):
+            zeros = [g.const(np.zeros(n), np.float32) for n in ns]
+            y = g.op(
+                "Add",
+                y,
+                g.op("Concat", *[b or z for b, z in zip(biases, zeros, strict=True)], axis=0),
+            )
+        return list(g.op("Split", y, g.const(ns), n_out=len(ns), axis=-1))
+
     def _emit_w8a8(self, g: Graph, x: str, prefix: str, bias: str | None) -> str:
         s = self.schemes[prefix]
         q, scale, zero = read_linear(

@@ -76,11 +76,18 @@ class OnnxRunner:
 
         out = {n: numpy_helper.to_array(t).astype(np.float32) for n, t in init.items()
                if not n.startswith("/") and t.data_type in (1, 10)}  # fmt: skip
+        # a packed MatMulNBits (q/k/v, gate/up) reads Concat-ed initializers: one part each
+        concat = {n.output[0]: list(n.input) for n in proto.graph.node if n.op_type == "Concat"}
         for node in proto.graph.node:
-            if node.op_type == "MatMulNBits":
-                a = {x.name: x.i for x in node.attribute}
-                b, s, z = arrays(*node.input[1:3], *(node.input[3:4] or ["-"]))
-                prefix = node.input[1].removesuffix(".weight_packed")
+            if node.op_type != "MatMulNBits":
+                continue
+            a = {x.name: x.i for x in node.attribute}
+            b_names, s_names = (concat.get(n, [n]) for n in node.input[1:3])
+            z = node.input[3] if len(node.input) > 3 and node.input[3] else None
+            z_names = concat.get(z, [z]) if z else [None] * len(b_names)
+            for b_name, s_name, z_name in zip(b_names, s_names, z_names, strict=True):
+                b, s, z = arrays(b_name, s_name, z_name or "-")
+                prefix = b_name.removesuffix(".weight_packed")
                 out.pop(prefix + ".weight_scale", None)
                 out[prefix + ".weight"] = _nbits_weight(b, s, z, a["bits"], a["block_size"], a["K"])
         for name in [n for n in init if n.endswith(".weight_int8")]:

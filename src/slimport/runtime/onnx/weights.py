@@ -67,6 +67,16 @@ class Weights:
             return self.quantized.emit(g, x, prefix, bias)
         return g.linear(x, self.value(g, prefix + ".weight"), bias, trans_b)
 
+    def linears(self, g: Graph, x: str, prefixes: list[str]) -> list[str]:
+        """Several Linears of the same input x; integer ones of one scheme run as one packed
+        MatMulNBits (`QuantizedLinears.emit_packed`), any others one by one."""
+        q = self.quantized
+        if q is None or len(prefixes) < 2 or not q.packable(prefixes):
+            return [self.linear(g, x, p) for p in prefixes]
+        biases = [self.optional(g, p + ".bias") for p in prefixes]
+        self.used.update(p + ".weight" for p in prefixes)
+        return q.emit_packed(g, x, prefixes, biases)
+
     def layer_norm(self, g: Graph, prefix: str, x: str, eps: float) -> str:
         return g.layer_norm(
             x, self.value(g, prefix + ".weight"), self.optional(g, prefix + ".bias"), eps

@@ -150,7 +150,8 @@ def test_incremental_decode_equals_full_recompute(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["llama-gqa-tied", "gpt2"])
 def test_decoder_attention_is_one_fused_kernel_per_layer(kind, tmp_path):
     """GroupQueryAttention appends to the cache and attends (no per-layer Concat / Softmax),
-    writing the presents itself; Llama: RotaryEmbedding for q and k, RMSNorm + residual fused."""
+    writing the presents itself; Llama: RoPE inside it (do_rotary), RMSNorm + residual fused;
+    GPT-2: its packed c_attn output is GroupQueryAttention's packed query."""
     import onnx
 
     export_onnx(tiny(kind, tmp_path), tmp_path / "onnx")
@@ -161,8 +162,14 @@ def test_decoder_attention_is_one_fused_kernel_per_layer(kind, tmp_path):
     assert {writers[f"present.{i}.{kv}"] for i in (0, 1) for kv in ("key", "value")} == {
         "GroupQueryAttention"
     }
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    rotary = {onnx.helper.get_attribute_value(a) for n in gqa for a in n.attribute if a.name == "do_rotary"}  # fmt: skip
+    assert rotary == {int(kind != "gpt2")} and "RotaryEmbedding" not in ops
+    inputs = {i.name for i in graph.input}
+    assert ("position_ids" in inputs) == (kind == "gpt2")  # learned positions only
+    if kind == "gpt2":
+        assert all(n.input[1] == "" for n in gqa) and "Split" not in ops  # packed q|k|v
     if kind == "llama-gqa-tied":
-        assert ops.count("RotaryEmbedding") == 2 * 2
         assert ops.count("SkipSimplifiedLayerNormalization") == 2 * 2
         assert ops.count("SimplifiedLayerNormalization") == 1  # the first layer's input norm
         assert not {"ReduceMean", "Sqrt", "Transpose"} & set(ops)
@@ -230,7 +237,7 @@ def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path
     proto = onnx.load(str(tmp_path / "onnx/model.onnx"))
     ops = [n.op_type for n in proto.graph.node]
     # per layer: q/k/v as one packed MatMulNBits, o, gate/up packed, down; the tied head float
-    assert ops.count("MatMulNBits") == 2 * 4 and "Gemm" in ops
+    assert ops.count("MatMulNBits") == 2 * 4 and "FusedMatMul" in ops
     names = {t.name for t in proto.graph.initializer}
     assert "model.layers.0.self_attn.q_proj.weight_packed" in names
     assert ("model.layers.0.self_attn.q_proj.weight_zero_point" in names) == (

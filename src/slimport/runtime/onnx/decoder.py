@@ -2,15 +2,18 @@
 KV cache, in the layout onnxruntime-genai and Optimum use:
 
   inputs   input_ids [batch, seq] int64, attention_mask [batch, past+seq] int64,
-           position_ids [batch, seq] int64, past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
+           position_ids [batch, seq] int64 (GPT-2 only: its learned positions),
+           past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
   outputs  logits [batch, seq, vocab], present.{i}.key|value [batch, kv_heads, past+seq, head_dim]
 
 A decode step feeds one token and the previous step's presents: it costs one token of compute.
-Attention is ONNX Runtime's fused `com.microsoft::GroupQueryAttention` (CPU kernel; grouped
-queries without repeated keys, the cache append in place), RoPE its `RotaryEmbedding` on the
-position_ids we are given, RMSNorm + residual `SkipSimplifiedLayerNormalization`, as
-onnxruntime-genai's builder builds them. Left padding: every row counts all `past+seq` positions
-(GQA's seqlens_k), and the padded keys are masked by an additive bias from attention_mask.
+Activations stay [batch, seq, features] (no reshapes: MatMulNBits, the norms and attention all
+take them; a float Linear is `FusedMatMul` on the weight as stored). Attention is ONNX Runtime's
+fused `com.microsoft::GroupQueryAttention` (CPU kernel; grouped queries without repeated keys,
+the cache append in place) on q/k/v packed where one MatMulNBits computes them, with RoPE inside
+it (do_rotary), RMSNorm + residual `SkipSimplifiedLayerNormalization`, as onnxruntime-genai's
+builder builds them. Left padding: every row counts all `past+seq` positions (GQA's seqlens_k),
+and the padded keys are masked by an additive bias from attention_mask.
 """
 
 from __future__ import annotations
@@ -38,18 +41,19 @@ def _act(cfg: dict, key: str) -> str:
 
 
 class _Inputs:
-    """Graph inputs and the values every layer shares (shapes, lengths, the attention bias)."""
+    """Graph inputs and the values every layer shares (shapes, lengths, the attention bias).
+    position_ids only where the graph reads them (GPT-2's learned positions): RoPE runs inside
+    GroupQueryAttention at each token's index in the cache (see `_attention`)."""
 
-    def __init__(self, g: Graph, n_layers: int, n_kv: int, head_dim: int):
+    def __init__(self, g: Graph, n_layers: int, n_kv: int, head_dim: int, positions: bool):
         self.ids = g.input("input_ids", INT64, ["batch", "seq"])
         self.mask = g.input("attention_mask", INT64, ["batch", "total"])
-        self.positions = g.input("position_ids", INT64, ["batch", "seq"])
+        self.positions = g.input("position_ids", INT64, ["batch", "seq"]) if positions else None
         for i in range(n_layers):
             for kv in ("key", "value"):
                 g.input(PAST.format(i, kv), FLOAT, ["batch", n_kv, "past", head_dim])
-        self.batch_seq = g.op("Shape", self.ids)  # [2]: batch, seq
         total = g.op("Gather", g.op("Shape", self.mask), g.const(1))  # scalar
-        seq = g.op("Gather", self.batch_seq, g.const(1))
+        seq = g.op("Gather", g.op("Shape", self.ids), g.const(1))
         # GroupQueryAttention's lengths (int32): total_sequence_length, and seqlens_k = total - 1
         # for every row, padded or not (it assumes right padding; ours is masked by the bias)
         self.total = g.op("Cast", total, to=INT32)
@@ -62,30 +66,30 @@ class _Inputs:
         allowed = g.op("And", causal, padded)  # [batch, 1, seq, total]
         self.bias = g.op("Where", allowed, g.const(0.0, np.float32), g.const(NEG, np.float32))
 
-    def shape(self, g: Graph, *tail: int) -> str:
-        return g.op("Concat", self.batch_seq, g.const(list(tail)), axis=0)
 
-
-def _attention(g, inp: _Inputs, layer, q, k, v, n_heads, n_kv, hd, scale, rope=None) -> str:
-    """q [tokens, heads*hd], k/v [tokens, kv*hd] -> context [tokens, heads*hd]; writes the
-    presents. rope: (cos, sin) caches [positions, hd/2] for RotaryEmbedding."""
-    q, k, v = (g.reshape(x, inp.shape(g, -1)) for x in (q, k, v))  # [batch, seq, features]
-    if rope is not None:
-        q, k = (g.op("RotaryEmbedding", x, inp.positions, *rope, domain=MS_DOMAIN) for x in (q, k))
+def _attention(g, inp: _Inputs, layer, qkv, n_heads, n_kv, hd, scale, rope=None) -> str:
+    """qkv: q/k/v packed [batch, seq, (heads + 2 kv) * hd] or a (q, k, v) triple -> context
+    [batch, seq, heads*hd]; writes the presents. rope: (cos, sin) caches [positions, hd/2], applied
+    by GroupQueryAttention itself (do_rotary) at each token's index in the (left-padded) cache,
+    not at its position_ids: a left-padded row is rotated `pad` positions further on, queries and
+    keys alike, and RoPE's scores depend only on their distance, so the result is the same."""
+    parts = [qkv] if isinstance(qkv, str) else list(qkv)
+    q, k, v = parts + [None] * (3 - len(parts))
+    cos, sin = rope or (None, None)
     past = [PAST.format(layer, kv) for kv in ("key", "value")]
     present = [PRESENT.format(layer, kv) for kv in ("key", "value")]
-    ctx = g.op("GroupQueryAttention", q, k, v, *past, inp.seqlens, inp.total, None, None, None,
+    ctx = g.op("GroupQueryAttention", q, k, v, *past, inp.seqlens, inp.total, cos, sin, None,
                inp.bias, n_out=3, names=["", *present], domain=MS_DOMAIN, num_heads=n_heads,
-               kv_num_heads=n_kv, scale=float(scale))[0]  # fmt: skip
+               kv_num_heads=n_kv, scale=float(scale), do_rotary=int(rope is not None))[0]  # fmt: skip
     for name in present:
         g.output(None, name, FLOAT, ["batch", n_kv, "total", hd])
-    return g.reshape(ctx, [-1, n_heads * hd])
+    return ctx
 
 
 def _logits(g: Graph, w: Weights, inp: _Inputs, h: str, head: str, vocab: int) -> None:
     """The LM head; a tied one multiplies by the embedding initializer itself."""
     logits = w.tied_head(g, h, head) if head.endswith(".weight") else w.linear(g, h, head)
-    g.output(g.reshape(logits, inp.shape(g, vocab)), "logits", FLOAT, ["batch", "seq", vocab])
+    g.output(logits, "logits", FLOAT, ["batch", "seq", vocab])
 
 
 # ---------------------------------------------------------------- Llama family
@@ -125,9 +129,10 @@ def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
         int(cfg[k])
         for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
     )
-    hidden, vocab, eps = int(cfg["hidden_size"]), int(cfg["vocab_size"]), float(cfg["rms_norm_eps"])
+    vocab, eps = int(cfg["vocab_size"]), float(cfg["rms_norm_eps"])
     act = _act(cfg, "hidden_act")
-    inp = _Inputs(g, n_layers, n_kv, hd)
+    g.batched = True
+    inp = _Inputs(g, n_layers, n_kv, hd, positions=False)
     cos_table, sin_table = _rope_tables(config, cfg)
     half = hd // 2  # rotate-half tables repeat their first half: RotaryEmbedding takes that half
     rope = (
@@ -135,13 +140,13 @@ def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
         g.tensor("/rope/sin", np.ascontiguousarray(sin_table[:, :half])),
     )
     embed = "model.embed_tokens.weight"
-    h = g.reshape(w.lookup(g, embed, inp.ids), [-1, hidden])
+    h = w.lookup(g, embed, inp.ids)
     scale = hd**-0.5
     x = g.rms_norm(h, w.value(g, "model.layers.0.input_layernorm.weight"), eps)
     for i in range(n_layers):  # h: the residual stream; x: its norm, the next block's input
         p = f"model.layers.{i}."
-        q, k, v = w.linears(g, x, [f"{p}self_attn.{n}_proj" for n in "qkv"])
-        ctx = _attention(g, inp, i, q, k, v, n_heads, n_kv, hd, scale, rope)
+        qkv = w.linears(g, x, [f"{p}self_attn.{n}_proj" for n in "qkv"], split=False)
+        ctx = _attention(g, inp, i, qkv, n_heads, n_kv, hd, scale, rope)
         attn = w.linear(g, ctx, p + "self_attn.o_proj")
         x, h = g.skip_rms_norm(attn, h, w.value(g, p + "post_attention_layernorm.weight"), eps)
         gate, up = w.linears(g, x, [p + "mlp.gate_proj", p + "mlp.up_proj"])
@@ -166,11 +171,12 @@ def gpt2(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
     if cfg.get("reorder_and_upcast_attn"):
         raise SlimportError("GPT-2 reorder_and_upcast_attn=true is not built for ONNX")
     act = _act(cfg, "activation_function")
-    inp = _Inputs(g, n_layers, n_heads, hd)
+    g.batched = True
+    inp = _Inputs(g, n_layers, n_heads, hd, positions=True)
     b = cfg["base"]
     tokens = w.lookup(g, b + "wte.weight", inp.ids)
     positions = g.op("Gather", w.value(g, b + "wpe.weight"), inp.positions)
-    h = g.reshape(g.op("Add", tokens, positions), [-1, hidden])
+    h = g.op("Add", tokens, positions)
     for i in range(n_layers):
         p = f"{b}h.{i}."
         scale = hd**-0.5 if cfg.get("scale_attn_weights", True) else 1.0
@@ -179,8 +185,7 @@ def gpt2(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
         qkv = w.linear(
             g, w.layer_norm(g, p + "ln_1", h, eps), p + "attn.c_attn", trans_b=0
         )  # Conv1D: [in, out]
-        q, k, v = g.op("Split", qkv, g.const([hidden] * 3), n_out=3, axis=-1)
-        ctx = _attention(g, inp, i, q, k, v, n_heads, n_heads, hd, scale)
+        ctx = _attention(g, inp, i, qkv, n_heads, n_heads, hd, scale)  # c_attn: q|k|v packed
         h = g.op("Add", h, w.linear(g, ctx, p + "attn.c_proj", trans_b=0))
         x = g.act(w.linear(g, w.layer_norm(g, p + "ln_2", h, eps), p + "mlp.c_fc", trans_b=0), act)
         h = g.op("Add", h, w.linear(g, x, p + "mlp.c_proj", trans_b=0))

@@ -137,7 +137,8 @@ def _write(proto, model, src: Path, out: Path, overwrite: bool, t0: float, repor
         files = [MODEL_FILE, *([DATA_FILE] if external else []), "config.json"]
         files += copy_tokenizer(tmp, model.source)  # the files beside it, or a GGUF's own
         if kind == "decoder":
-            genai = genai_config(config, model.cfg)
+            inputs = {i.name for i in proto.graph.input}
+            genai = genai_config(config, model.cfg, positions="position_ids" in inputs)
             (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
             files.append("genai_config.json")
         report["files"] = files
@@ -149,7 +150,7 @@ def _write(proto, model, src: Path, out: Path, overwrite: bool, t0: float, repor
 export = export_onnx  # the format registry's exporter hook (slimport.io.formats, --to onnx)
 
 
-def genai_config(config: dict, cfg: dict) -> dict:
+def genai_config(config: dict, cfg: dict, positions: bool) -> dict:
     """onnxruntime-genai's genai_config.json for our decoder graph (past and present are
     separate buffers: our graph concatenates, so past_present_share_buffer is off)."""
     mt = cfg["model_type"]
@@ -172,7 +173,7 @@ def genai_config(config: dict, cfg: dict) -> dict:
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                    **({"position_ids": "position_ids"} if positions else {}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },

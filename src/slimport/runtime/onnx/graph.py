@@ -1,8 +1,9 @@
 """A small graph builder over `onnx.helper`: nodes get unique names, initializers keep ours.
 
-Activations of the transformer graphs are 2-D `[tokens, features]` wherever they can be (norms,
-Linears, MLPs), so every Linear is one `Gemm` with the hub weight `[out, in]` as stored
-(`transB=1`): the initializers are the hub tensors byte for byte, no transposed copies.
+Encoder activations are 2-D `[tokens, features]` wherever they can be (norms, Linears, MLPs), so
+every float Linear is one standard `Gemm` with the hub weight `[out, in]` as stored (`transB=1`):
+the initializers are the hub tensors byte for byte, no transposed copies. Decoder graphs (which
+need ONNX Runtime's contrib ops anyway) keep `[batch, seq, features]` (`Graph.batched`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Graph:
     def __init__(self, name: str, weight_dtype: np.dtype = np.float32):
         self.name = name
         self.weight_dtype = np.dtype(weight_dtype)  # float16: stored halved, computed in fp32
+        self.batched = False  # activations [batch, seq, features] (decoders), else [tokens, ...]
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -37,12 +39,14 @@ class Graph:
         self._count += 1
         return f"/{stem}_{self._count}"
 
-    def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", names=(), **attrs):
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", names=(),
+           omit=(), **attrs):  # fmt: skip
         """Add one node; `None` inputs stand for omitted optional ones; `names` name its first
-        outputs (graph outputs written in place, no Identity copy)."""
+        outputs (graph outputs written in place, no Identity copy); `omit`: indices of optional
+        outputs left unnamed (not computed)."""
         name = self._fresh(op_type)
         names = [*names, *[""] * (n_out - len(names))]
-        outs = [names[i] or f"{name}/out{i}" for i in range(n_out)]
+        outs = ["" if i in omit else names[i] or f"{name}/out{i}" for i in range(n_out)]
         ins = ["" if i is None else i for i in inputs]
         while ins and ins[-1] == "":
             ins.pop()
@@ -98,8 +102,13 @@ class Graph:
     # ------------------------------------------------------------ common layers
 
     def linear(self, x: str, weight: str, bias: str | None = None, trans_b: int = 1) -> str:
-        """x [tokens, in] @ W^T (+ b): W is [out, in] as stored (GPT-2's Conv1D: [in, out])."""
-        return self.op("Gemm", x, weight, bias, transB=trans_b)
+        """x [tokens, in] @ W^T (+ b): W is [out, in] as stored (GPT-2's Conv1D: [in, out]).
+        In a graph of [batch, seq, features] activations (`batched`), the same product as ORT's
+        FusedMatMul, which takes the weight as stored too (its transB)."""
+        if not self.batched:
+            return self.op("Gemm", x, weight, bias, transB=trans_b)
+        y = self.op("FusedMatMul", x, weight, domain=MS_DOMAIN, transB=trans_b)
+        return y if bias is None else self.op("Add", y, bias)
 
     def layer_norm(self, x: str, weight: str, bias: str | None, eps: float) -> str:
         if bias is None:  # LayerNormalization's bias is optional, its scale is not
@@ -115,8 +124,8 @@ class Graph:
     def skip_rms_norm(self, x: str, residual: str, weight: str, eps: float) -> tuple[str, str]:
         """(rms_norm(residual + x), residual + x) in one kernel."""
         out = self.op("SkipSimplifiedLayerNormalization", x, residual, weight, n_out=4,
-                      domain=MS_DOMAIN, epsilon=float(eps))  # fmt: skip
-        return out[0], out[3]
+                      domain=MS_DOMAIN, epsilon=float(eps), omit=(1, 2))  # fmt: skip
+        return out[0], out[3]  # (mean and 1/std omitted: the kernel then skips writing them)
 
     def act(self, x: str, kind: str) -> str:
         if kind == "silu":

@@ -168,8 +168,8 @@ class QuantizedLinears:
         ks = {self._shape(p)[1] for p in prefixes}
         return len(ks) == 1 and len({(s.weights, s.format) for s in schemes}) == 1
 
-    def emit_packed(self, g: Graph, x: str, prefixes: list[str], biases: list) -> list[str]:
-        """x [tokens, K] -> one output per Linear, computed by ONE MatMulNBits over their rows
+    def emit_packed(self, g: Graph, x: str, prefixes: list[str], biases: list) -> tuple[str, list]:
+        """x [tokens, K] -> ([tokens, sum N], each Linear's N): ONE MatMulNBits over their rows
         stacked (q/k/v, gate/up): the activation is quantized once and one kernel runs instead of
         several. The stacked B, scales and zero points are Concat nodes over each Linear's own
         initializers (hub-named, as `emit` writes them), which ONNX Runtime folds at load."""
@@ -194,7 +194,7 @@ class QuantizedLinears:
                 y,
                 g.op("Concat", *[b or z for b, z in zip(biases, zeros, strict=True)], axis=0),
             )
-        return list(g.op("Split", y, g.const(ns), n_out=len(ns), axis=-1))
+        return y, ns
 
     def _emit_w8a8(self, g: Graph, x: str, prefix: str, bias: str | None) -> str:
         s = self.schemes[prefix]

@@ -59,8 +59,10 @@ class OnnxModel:
     def step(self, ids: np.ndarray, mask: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
         """Feed `ids` [batch, new] after the cached tokens; `mask` covers cached + new tokens.
         Returns (logits [batch, new, vocab], the cache after these tokens)."""
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1] :]
-        out = self.run(input_ids=ids, attention_mask=mask, position_ids=positions, **cache)
+        feeds = {"input_ids": ids, "attention_mask": mask, **cache}
+        if "position_ids" in self.inputs:  # GPT-2's learned positions (RoPE graphs need none)
+            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1] :]
+        out = self.run(**feeds)
         present = {
             PAST.format(i, kv): out[PRESENT.format(i, kv)]
             for i in range(self.n_layers)

@@ -151,8 +151,9 @@ export = export_onnx  # the format registry's exporter hook (slimport.io.formats
 
 
 def genai_config(config: dict, cfg: dict, positions: bool) -> dict:
-    """onnxruntime-genai's genai_config.json for our decoder graph (past and present are
-    separate buffers: our graph concatenates, so past_present_share_buffer is off)."""
+    """onnxruntime-genai's genai_config.json for our decoder graph. past_present_share_buffer:
+    GroupQueryAttention appends in place to one preallocated cache per layer (max_length long),
+    as the builder's graphs run; our own loop passes separate past and present buffers."""
     mt = cfg["model_type"]
     n_kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     context = int(cfg.get("max_position_embeddings") or cfg.get("n_positions"))
@@ -201,7 +202,7 @@ def genai_config(config: dict, cfg: dict, positions: bool) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": True,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

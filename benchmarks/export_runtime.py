@@ -3,10 +3,11 @@
 SmolLM2-135M: torch fp32 (transformers, KV cache) vs our ONNX exports run by ONNX Runtime with our
 own KV-cache loop: fp32, W8 (an RTN per-channel folder) and W4 (the `--w4` compressed-tensors
 folders, e.g. AWQ+GPTQ; an RTN one without), MatMulNBits at accuracy_level 4, the first W4 folder
-also with the tied embedding/LM head as int4 (`embeddings="int4"`); with onnxruntime-genai
-installed (the `bench` extra), the peer: its own model builder (`-p int4 -e cpu`, its RTN int4)
-on the same fp32 model, run by `og.Model`, and our first W4 graph and our int4-head graph run by
-`og.Model` too (same greedy tokens as our loop?). Exports are cached in `--work`: use a fresh one
+also with the tied embedding/LM head quantized (`--heads`: `embeddings="int8"` / `"int4"`, RTN;
+a folder whose recipe quantized lm_head itself, e.g. by GPTQ with `protect: []`, exports that
+head); with onnxruntime-genai installed (the `bench` extra), the peer: its own model builder
+(`-p int4 -e cpu`, its RTN int4) on the same fp32 model, run by `og.Model`, and each of our W4
+graphs run by `og.Model` too (same greedy tokens as our loop?). Exports are cached in `--work`: use a fresh one
 after the graph builder changes. Per row and per `--threads` count: prefill
 seconds for the prompt, then `--new` greedy tokens one a step: decode tokens/s, median of
 `--repeats` repeats interleaved (each repeat runs every row in turn, so load swings on a busy
@@ -123,6 +124,7 @@ def main() -> None:
     )
     ap.add_argument("--hf", type=Path, help="smollm2: the fp32 HF folder (default: from the package GGUF)")  # fmt: skip
     ap.add_argument("--w4", type=Path, action="append", help="smollm2: a W4 compressed-tensors folder (repeatable; default an RTN one)")  # fmt: skip
+    ap.add_argument("--heads", default="int8,int4", help="smollm2: the first W4 folder also with its tied embedding / head quantized so (comma-separated int8, int4; empty: none)")  # fmt: skip
     ap.add_argument("--windows", type=int, default=16, help="smollm2: WikiText-2 512-token windows (0: none)")  # fmt: skip
     ap.add_argument("--score", help="smollm2: comma-separated row-name prefixes to score (default all)")  # fmt: skip
     ap.add_argument("--only", choices=("smollm2", "minilm"), help="run one table")
@@ -193,7 +195,14 @@ def smollm2(args) -> None:
     exports = {"ORT fp32": (hf_dir, {}), "ORT W8 (MatMulNBits)": (w8, {})}
     for folder in w4:
         exports[f"ORT W4 {_scheme(folder)} (MatMulNBits)"] = (folder, {})
-    exports[f"ORT W4 {_scheme(w4[0])} + int4 head (MatMulNBits)"] = (w4[0], {"embeddings": "int4"})  # fmt: skip
+    variants = args.heads.split(",") if args.heads else []
+    for how in variants if _tied(w4[0]) else []:  # tied: the embedding and head, one integer set
+        exports[f"ORT W4 {_scheme(w4[0])} + {how} head (MatMulNBits)"] = (w4[0], {"embeddings": how})  # fmt: skip
+    for folder in [f for f in w4 if not _tied(f)] if "int8" in variants else []:
+        exports[f"ORT W4 {_scheme(folder)} + int8 embedding"] = (
+            folder,
+            {"embeddings": "int8"},
+        )  # its own head: the lookup only
     graphs = {}
     for name, (src, options) in exports.items():
         graphs[name] = work / ("onnx-" + src.name + "".join(f"-{v}" for v in options.values()))
@@ -208,8 +217,7 @@ def smollm2(args) -> None:
     if importlib.util.find_spec("onnxruntime_genai") is not None:
         builder = genai_builder(hf_dir, work / "genai-builder-int4")
         rows["genai builder int4 (its RTN)"] = ("genai", builder)
-        w4_rows = [n for n in exports if n.startswith("ORT W4")]
-        for name in (w4_rows[0], w4_rows[-1]):  # fp32: tests; the int4-head graph
+        for name in [n for n in exports if n.startswith("ORT W4")]:  # fp32: tests
             twin["genai ours " + name.removeprefix("ORT ")] = name
             rows["genai ours " + name.removeprefix("ORT ")] = ("genai", graphs[name])
 
@@ -281,7 +289,13 @@ def speed_table(args, rows: dict, twin: dict, ids: np.ndarray, load) -> None:
 
 def _scheme(folder: Path) -> str:
     r = json.loads((folder / "slimport_quantization.json").read_text())
-    return f"g{r['group_size']} {r['method'].upper()}" + (" fp16-scales" if r.get("gguf_compatible") else "")  # fmt: skip
+    head = "" if _tied(folder) else " + its W4 head"
+    return f"g{r['group_size']} {r['method'].upper()}{head}" + (" fp16-scales" if r.get("gguf_compatible") else "")  # fmt: skip
+
+
+def _tied(folder: Path) -> bool:
+    """Whether the folder's head is still the (float) embedding: not quantized by the recipe."""
+    return json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", False)
 
 
 def _logits_of(m):

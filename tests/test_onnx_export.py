@@ -210,11 +210,13 @@ def tiny_llama_dir(tmp_path_factory):
         dict(bits=4, group_size=32, symmetric=True),
         dict(bits=4, group_size=64, symmetric=True),
         dict(bits=8),  # per-channel: one scale per row, repeated over MatMulNBits blocks
+        dict(bits=4, group_size=32, symmetric=False, protect=[]),  # the (untied) head too
     ],
-    ids=lambda o: "w{bits}-g{group_size}-{sym}".format(
+    ids=lambda o: "w{bits}-g{group_size}-{sym}{head}".format(
         bits=o["bits"],
         group_size=o.get("group_size", "ch"),
         sym="sym" if o.get("symmetric", True) else "asym",
+        head="-head" if "protect" in o else "",
     ),
 )
 def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path):
@@ -224,7 +226,8 @@ def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path
     qdir = tmp_path / "q"
     api.quantize(tiny_llama_dir, qdir, progress=False, **options)
     report = export_onnx(qdir, tmp_path / "onnx", accuracy_level=0)
-    assert report["quantized_linears"] == 2 * 7  # q k v o gate up down per layer
+    head = "protect" in options  # the recipe quantized lm_head as well
+    assert report["quantized_linears"] == 2 * 7 + head  # q k v o gate up down per layer
     model, _ = load_simulated(qdir)
     ids, mask = _tokens(96)
     with torch.no_grad():
@@ -237,7 +240,7 @@ def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path
     proto = onnx.load(str(tmp_path / "onnx/model.onnx"))
     ops = [n.op_type for n in proto.graph.node]
     # per layer: q/k/v as one packed MatMulNBits, o, gate/up packed, down; the tied head float
-    assert ops.count("MatMulNBits") == 2 * 4 and "FusedMatMul" in ops
+    assert ops.count("MatMulNBits") == 2 * 4 + head and ("FusedMatMul" in ops) != head
     names = {t.name for t in proto.graph.initializer}
     assert "model.layers.0.self_attn.q_proj.weight_packed" in names
     assert ("model.layers.0.self_attn.q_proj.weight_zero_point" in names) == (

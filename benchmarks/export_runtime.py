@@ -62,16 +62,20 @@ def torch_decode(model, ids: np.ndarray, new: int) -> tuple[float, float, list[i
 
 
 def ort_decode(m, ids: np.ndarray, new: int) -> tuple[float, float, list[int]]:
+    """Our loop as `OnnxModel.generate` runs it: the KV cache appended in place (io binding)."""
+    from slimport.runtime.onnx.session import InPlaceCache
+
     mask = np.ones_like(ids)
     t0 = time.perf_counter()
-    logits, cache = m.step(ids, mask, m.empty_cache(1))
+    cache = InPlaceCache(m, 1, ids.shape[1] + new + 1)
+    logits = cache.step(ids, mask)
     prefill = time.perf_counter() - t0
     tok, tokens = logits[:, -1:].argmax(-1), []
     t0 = time.perf_counter()
     for _ in range(new):
         tokens.append(int(tok[0, 0]))
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        logits, cache = m.step(tok, mask, cache)
+        logits = cache.step(tok, mask)
         tok = logits[:, -1:].argmax(-1)
     return prefill, new / (time.perf_counter() - t0), tokens
 

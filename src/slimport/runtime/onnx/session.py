@@ -56,13 +56,16 @@ class OnnxModel:
         out = self.run(**feeds)
         return out.get("logits", out["last_hidden_state"])
 
+    def feeds(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in self.inputs:  # GPT-2's learned positions (RoPE graphs need none)
+            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1] :]
+        return feeds
+
     def step(self, ids: np.ndarray, mask: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
         """Feed `ids` [batch, new] after the cached tokens; `mask` covers cached + new tokens.
         Returns (logits [batch, new, vocab], the cache after these tokens)."""
-        feeds = {"input_ids": ids, "attention_mask": mask, **cache}
-        if "position_ids" in self.inputs:  # GPT-2's learned positions (RoPE graphs need none)
-            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1] :]
-        out = self.run(**feeds)
+        out = self.run(**self.feeds(ids, mask), **cache)
         present = {
             PAST.format(i, kv): out[PRESENT.format(i, kv)]
             for i in range(self.n_layers)
@@ -95,11 +98,12 @@ class OnnxModel:
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
         rng = np.random.default_rng(seed)
         done = np.zeros(len(ids), bool)
-        out, feed, cache = ids, ids, self.empty_cache(len(ids))
+        out, feed = ids, ids
+        cache = InPlaceCache(self, len(ids), ids.shape[1] + max_new_tokens)
         bar = tqdm(range(max_new_tokens), desc="generating", unit="token", leave=False,
                    disable=not progress or None)  # fmt: skip
         for _ in bar:
-            logits, cache = self.step(feed, mask, cache)
+            logits = cache.step(feed, mask)
             last = logits[:, -1].astype(np.float64)
             if repetition_penalty != 1.0:
                 last = _penalize(last, np.where(mask.astype(bool), out, -1), repetition_penalty)
@@ -113,6 +117,39 @@ class OnnxModel:
             if eos and done.all():
                 break
         return out
+
+
+class InPlaceCache:
+    """A decoder's KV cache that is never copied: one preallocated [batch, kv_heads, capacity,
+    head_dim] buffer per past/present pair, bound (ORT IO binding) as both the input and the
+    output, so GroupQueryAttention appends each step's keys and values in place, as
+    onnxruntime-genai runs these graphs (past_present_share_buffer). `OnnxModel.step` is the
+    plain form: numpy caches in and out, grown by a copy each step."""
+
+    def __init__(self, model: OnnxModel, batch: int, capacity: int):
+        import onnxruntime as ort
+
+        self.model, self.binding = model, model.session.io_binding()
+        self.vocab = model.session.get_outputs()[model.outputs.index("logits")].shape[-1]
+        self.logits: dict[tuple, np.ndarray] = {}  # one output buffer per shape (prompt, step)
+        shape = (batch, model.kv_heads, capacity, model.head_dim)
+        self.buffers = []
+        for i in range(model.n_layers):
+            for kv in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self.binding.bind_ortvalue_input(PAST.format(i, kv), buf)
+                self.binding.bind_ortvalue_output(PRESENT.format(i, kv), buf)
+                self.buffers.append(buf)  # (kept alive here: the binding does not own them)
+
+    def step(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """`OnnxModel.step`'s logits, the cache advanced in place."""
+        for name, value in self.model.feeds(ids, mask).items():
+            self.binding.bind_cpu_input(name, value)
+        shape = (*ids.shape, self.vocab)
+        out = self.logits.setdefault(shape, np.empty(shape, np.float32))
+        self.binding.bind_output("logits", "cpu", 0, np.float32, list(shape), out.ctypes.data)
+        self.model.session.run_with_iobinding(self.binding)
+        return out.copy()  # (the buffer is written again by the next step of this shape)
 
 
 def _penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

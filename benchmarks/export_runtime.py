@@ -293,8 +293,9 @@ def speed_table(args, rows: dict, twin: dict, ids: np.ndarray, load) -> None:
 
 def _scheme(folder: Path) -> str:
     r = json.loads((folder / "slimport_quantization.json").read_text())
-    head = "" if _tied(folder) else " + its W4 head"
-    return f"g{r['group_size']} {r['method'].upper()}{head}" + (" fp16-scales" if r.get("gguf_compatible") else "")  # fmt: skip
+    fp16 = " fp16-scales" if r.get("gguf_compatible") else ""
+    head = "" if _tied(folder) else ", its own W4 head"  # the recipe quantized lm_head too
+    return f"g{r['group_size']} {r['method'].upper()}{fp16}{head}"
 
 
 def _tied(folder: Path) -> bool:

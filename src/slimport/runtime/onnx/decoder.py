@@ -134,7 +134,7 @@ def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
     g.batched = True
     inp = _Inputs(g, n_layers, n_kv, hd, positions=False)
     cos_table, sin_table = _rope_tables(config, cfg)
-    half = hd // 2  # rotate-half tables repeat their first half: RotaryEmbedding takes that half
+    half = hd // 2  # rotate-half tables repeat their first half: GQA's caches are that half
     rope = (
         g.tensor("/rope/cos", np.ascontiguousarray(cos_table[:, :half])),
         g.tensor("/rope/sin", np.ascontiguousarray(sin_table[:, :half])),

@@ -153,7 +153,7 @@ export = export_onnx  # the format registry's exporter hook (slimport.io.formats
 def genai_config(config: dict, cfg: dict, positions: bool) -> dict:
     """onnxruntime-genai's genai_config.json for our decoder graph. past_present_share_buffer:
     GroupQueryAttention appends in place to one preallocated cache per layer (max_length long),
-    as the builder's graphs run; our own loop passes separate past and present buffers."""
+    as the builder's graphs run and as `OnnxModel.generate` runs ours (session.InPlaceCache)."""
     mt = cfg["model_type"]
     n_kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     context = int(cfg.get("max_position_embeddings") or cfg.get("n_positions"))

@@ -103,17 +103,16 @@ def speed(rows: list[dict], models: dict, tok, texts: list[str], reps: int) -> l
     return rows
 
 
-def _lm_recover(folder: Path, out: Path, steps: int, lr: float, seq: int = 256, batch: int = 4):
-    """`steps` steps of next-token loss on tinyshakespeare windows (AdamW, linear decay)."""
+def _lm_recover(folder: Path, out: Path, steps: int, lr: float, data: Path, seq: int = 256,
+                batch: int = 4):  # fmt: skip
+    """`steps` steps of next-token loss on windows of `data` (AdamW, linear decay)."""
     from transformers import AutoModelForCausalLM
 
     from slimport.data import calibration_batches
     from slimport.io.hf import load_tokenizer
 
     tok = load_tokenizer(folder)
-    ids = calibration_batches(
-        tok, shared_dir() / "data/tinyshakespeare/input.txt", steps * batch, seq, seed=1
-    )
+    ids = calibration_batches(tok, data, steps * batch, seq, seed=1)
     net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     net.model.embed_tokens.weight.requires_grad_(False)  # tied with lm_head: half the parameters
     net.train()
@@ -156,8 +155,12 @@ def lm(a) -> list[dict]:
         folders[name] = out
         if a.steps:
             rec = a.work / f"{out.name}-rec"
-            _lm_recover(out, rec, a.steps, a.lr)
+            _lm_recover(out, rec, a.steps, a.lr, shared / a.lm_data)
             folders[f"{name} + {a.steps} steps"] = rec
+    if a.steps:  # the control: the same steps on the dense model (what training alone buys)
+        control = a.work / "dense-rec"
+        _lm_recover(MODEL, control, a.steps, a.lr, shared / a.lm_data)
+        folders[f"dense + {a.steps} steps"] = control
     rows = []
     for k, f in folders.items():
         m = AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval()
@@ -204,6 +207,8 @@ def main() -> None:
     ap.add_argument("--heads", type=float, default=0.33, help="lm: head ratio first (0: none)")
     ap.add_argument("--steps", type=int, default=200, help="recovery fine-tune steps (0: none)")
     ap.add_argument("--lr", type=float, default=None, help="recovery lr (sst2 1e-4, lm 5e-5)")
+    ap.add_argument("--lm-data", default="data/tinyshakespeare/input.txt",
+                    help="lm: recovery text under ../shared (never the test split)")  # fmt: skip
     ap.add_argument("--sentences", type=int, default=200)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib", type=int, default=32)

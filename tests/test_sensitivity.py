@@ -5,6 +5,7 @@ models (with SmolLM2's / MiniLM's real tokenizers) for breadth; SmolLM2 itself i
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -110,12 +111,15 @@ def test_budgets_that_do_not_parse_are_refused_before_any_work(text, message):
 def test_budget_recipe_meets_the_budget_when_quantized_and_scored_afresh(probe, ranking, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    loose = run(probe.setup, budget="ppl<=+50%", recipe=tmp_path / "loose.yaml", probe=probe)
+    # confidence 0: met on the slice's own perplexity (the margin: the tests below)
+    loose = run(probe.setup, budget="ppl<=+50%", recipe=tmp_path / "loose.yaml", probe=probe,
+                confidence=0)  # fmt: skip
     w4 = next(e for e in loose["budget"]["tried"] if e["label"] == "every module W4 g16")
     assert loose["budget"]["chosen"] == w4 and w4["delta"] > 0
     # a budget half of uniform W4's cost: the answer mixes W8 and W4
     budget = f"ppl<=+{w4['delta'] * 50:.5f}%"
-    result = run(probe.setup, budget=budget, recipe=tmp_path / "mixed.yaml", probe=probe)
+    result = run(probe.setup, budget=budget, recipe=tmp_path / "mixed.yaml", probe=probe,
+                 confidence=0)  # fmt: skip
     chosen = result["budget"]["chosen"]
     w8 = sum(
         bits_per_weight(QuantArgs(8, True, "channel"), s) * s[0] * s[1]
@@ -146,6 +150,50 @@ def test_budget_recipe_meets_the_budget_when_quantized_and_scored_afresh(probe, 
     )
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
     assert len(groups) == 2
+
+
+def test_a_ppl_budget_is_met_on_the_upper_bound_of_its_windows_by_default(probe, tmp_path):
+    mean = run(probe.setup, budget="ppl<=+50%", recipe=tmp_path / "m.yaml", probe=probe,
+               confidence=0)  # fmt: skip
+    w4 = next(e for e in mean["budget"]["tried"] if e["label"] == "every module W4 g16")
+    budget = f"ppl<=+{w4['delta'] * 50:.5f}%"
+    plain = run(probe.setup, budget=budget, recipe=tmp_path / "p.yaml", probe=probe, confidence=0)
+    bound = run(probe.setup, budget=budget, recipe=tmp_path / "b.yaml", probe=probe)
+    assert bound["budget"]["confidence"] == 0.9 and "bound" not in plain["budget"]["chosen"]
+    limit = w4["delta"] / 2
+    for e in bound["budget"]["tried"]:
+        assert e["bound"] >= e["delta"] - 1e-12
+        assert e["meets"] == (e["bound"] <= limit + 1e-12)
+    # a margin never buys a smaller model
+    assert bound["budget"]["chosen"]["bits"] >= plain["budget"]["chosen"]["bits"]
+
+
+def test_check_windows_score_the_candidates_on_windows_the_costs_never_saw(tiny_llama, wiki,
+                                                                           tmp_path):  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    p = Probe(setup_for(tiny_llama, wiki, check_windows=3))
+    assert len(p.batches) == 2 and len(p.check_batches) == 3
+    cost = {tuple(b[0].tolist()) for b in p.batches}
+    assert not cost & {tuple(b[0].tolist()) for b in p.check_batches}
+    result = run(p.setup, budget="ppl<=+50%", recipe=tmp_path / "r.yaml", probe=p)
+    assert result["budget"]["scored_on"] == {"windows": 3, "check": True}
+    chosen = result["budget"]["chosen"]
+    model = AutoModelForCausalLM.from_pretrained(p.setup.model).eval()
+    pipeline.quantize_(model, QuantizationConfig.from_yaml(tmp_path / "r.yaml"), p.calibration())
+    nll = p.window_nlls(model, check=True)
+    assert math.exp(sum(nll) / 3) == pytest.approx(chosen["metric"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("budget", "confidence", "message"),
+    [("bits<=6", 0.9, "--confidence 0.9: a margin for ppl budgets only"),
+     ("ppl<=+5%", 1.0, r"--confidence 1.0: a probability in \[0, 1\)")],
+)  # fmt: skip
+def test_confidences_that_mean_nothing_are_refused_before_any_work(budget, confidence, message):
+    with pytest.raises(SlimportError, match=message):
+        run(Setup(model="/nonexistent", windows=8), budget=budget, recipe="r.yaml",
+            confidence=confidence)  # fmt: skip
 
 
 def test_a_budget_no_recipe_meets_names_the_closest_and_writes_it(probe, tmp_path):

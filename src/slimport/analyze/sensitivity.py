@@ -53,6 +53,9 @@ class Setup:
     protect: tuple[str, ...] | None = None  # None: the quantizer's default (output heads)
     unit: str = "linear"  # what is quantized alone: one Linear, or every Linear of one block
     windows: int = 4  # causal LM: held-out windows of seq_len tokens, from the end of eval_data
+    # causal LM, --budget: candidates scored on these windows (just before the cost windows), not
+    # on the ones that ordered them (0: the same windows)
+    check_windows: int = 0
     seq_len: int = 512
     examples: int = 256  # classifier: held-out labelled rows (the first of eval_data)
     num_samples: int = 16  # calibration windows / sentences
@@ -126,7 +129,13 @@ class Probe:
         self.stats = self._calibrate()
         self._cache: dict = {}
         self.block_inputs: list[list[torch.Tensor]] | None = None
-        self.baseline = self.evaluate({}, record=True)
+        self._float_nlls: dict[str, list[float]] = {}
+        if self.causal:  # the float run records every block's input (the replays) and its NLLs
+            with self._from_block(0, record=True):
+                self._float_nlls["cost"] = self.window_nlls(self.model)
+            self.baseline = _perplexity(self._float_nlls["cost"])
+        else:
+            self.baseline = self.evaluate({}, record=True)
 
     def _units(self) -> dict[str, list[str]]:
         """What `measure` quantizes at once, by name: each Linear, or each block's Linears (a
@@ -157,12 +166,17 @@ class Probe:
         s = self.setup
         if not s.eval_data:
             raise SlimportError("sensitivity needs --eval-data (the held-out slice it scores on)")
+        self.check_batches = None
         if self.causal:
             ids = wikitext_windows(self.tokenizer, s.eval_data, s.seq_len)
-            if len(ids) < s.windows:
+            need = s.windows + s.check_windows
+            if s.windows < 1 or s.check_windows < 0 or len(ids) < need:
                 raise SlimportError(f"{s.eval_data}: {len(ids)} windows of {s.seq_len} tokens, "
-                                    f"fewer than --windows {s.windows}")  # fmt: skip
+                                    f"fewer than --windows {s.windows} + --check-windows "
+                                    f"{s.check_windows}")  # fmt: skip
             self.batches = list(ids[len(ids) - s.windows :].split(1))  # the file's last windows
+            if s.check_windows:  # the ones before them: other articles than the costs saw
+                self.check_batches = list(ids[len(ids) - need : len(ids) - s.windows].split(1))
         else:
             texts, labels = read_labeled(s.eval_data)
             texts, labels = texts[: s.examples], labels[: s.examples]
@@ -268,10 +282,22 @@ class Probe:
     def score(self, model: nn.Module) -> float:
         """Perplexity or accuracy of any model of this one's shape on the held-out slice."""
         if self.causal:
-            nll = [float(window_nll(_logits(model(b)), b)[0]) for b in self.batches]
-            return math.exp(sum(nll) / len(nll))
+            return _perplexity(self.window_nlls(model))
         preds = torch.cat([_logits(model(**b)).argmax(-1) for b in self.batches])
         return float((preds == self.labels).float().mean())
+
+    @torch.no_grad()
+    def window_nlls(self, model: nn.Module, check: bool = False) -> list[float]:
+        """Causal LM: mean next-token NLL of each held-out window (`check`: the check slice's)."""
+        batches = self.check_batches if check and self.check_batches else self.batches
+        return [float(window_nll(_logits(model(b)), b)[0]) for b in batches]
+
+    def float_nlls(self, check: bool = False) -> list[float]:
+        """The float model's `window_nlls`, computed once (a full forward: no replay)."""
+        key = "check" if check and self.check_batches else "cost"
+        if key not in self._float_nlls:
+            self._float_nlls[key] = self.window_nlls(self.model, check)
+        return self._float_nlls[key]
 
     def _first_block(self, plan) -> int:
         first = len(self.blocks)
@@ -339,6 +365,10 @@ class Probe:
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {n: tuple(w.shape) for n, w in self.originals.items()}
+
+
+def _perplexity(nlls: list[float]) -> float:
+    return math.exp(sum(nlls) / len(nlls))
 
 
 def _rtn(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:

@@ -273,13 +273,18 @@ def test_block_units_report_the_blocks_weights(tiny_llama, wiki, probe, tmp_path
 # ---------------------------------------------------------------- Ray
 
 
-def test_ray_gives_the_serial_results(probe, ranking):
+def test_ray_gives_the_serial_results(probe, ranking, tmp_path):
     ray = pytest.importorskip("ray")
+    budget = "ppl<=+1%"  # met on the 0.9 bound, the default
+    serial = run(probe.setup, budget=budget, recipe=tmp_path / "s.yaml", probe=probe)
     try:
-        on_ray = run(probe.setup, ray="local", ray_workers=2, probe=probe)
+        on_ray = run(probe.setup, budget=budget, recipe=tmp_path / "r.yaml", ray="local",
+                     ray_workers=2, probe=probe)  # fmt: skip
     finally:
         ray.shutdown()
-    assert on_ray["modules"] == ranking["modules"]
+    assert on_ray["modules"] == ranking["modules"] == serial["modules"]
+    assert on_ray["budget"]["tried"] == serial["budget"]["tried"]
+    assert (tmp_path / "r.yaml").read_text() == (tmp_path / "s.yaml").read_text()
 
 
 def test_ray_missing_is_a_clear_error(probe, monkeypatch):

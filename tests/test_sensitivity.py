@@ -185,6 +185,24 @@ def test_check_windows_score_the_candidates_on_windows_the_costs_never_saw(tiny_
     assert math.exp(sum(nll) / 3) == pytest.approx(chosen["metric"], rel=1e-6)
 
 
+def test_the_placeholders_of_wikitext_v1_are_not_scored(tiny_llama, wiki, probe):
+    from transformers import AutoTokenizer
+
+    from slimport.data import placeholder_mask, wikitext_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids, unk = wikitext_windows(tok, wiki, 64), placeholder_mask(tok, wiki, 64)
+    assert unk.shape == ids.shape and unk.any()
+    flagged = tok.decode(ids[unk]).replace(" ", "")
+    assert flagged == "<unk>" * (len(flagged) // 5)  # every token flagged spells a placeholder
+    kept = [tok.decode(ids[w][~unk[w]]) for w in range(len(ids))]
+    assert not any("<unk" in t or "unk>" in t for t in kept)  # every placeholder is flagged
+    # the probe scores the other tokens only; --score-unk: all of them
+    everything = Probe(setup_for(tiny_llama, wiki, skip_unk=False))
+    assert everything.baseline != probe.baseline
+    assert probe.keep[-1].sum() < 63 and everything.keep[-1] is None
+
+
 @pytest.mark.parametrize(
     ("budget", "confidence", "message"),
     [("bits<=6", 0.9, "--confidence 0.9: a margin for ppl budgets only"),

@@ -31,7 +31,7 @@ from slimport.compress.quant import primitives as P
 from slimport.compress.quant.awq import awq_clip, awq_scales
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.compress.skeleton import find_blocks, join
-from slimport.data import read_labeled, wikitext_windows
+from slimport.data import placeholder_mask, read_labeled, wikitext_windows
 from slimport.errors import SlimportError
 from slimport.evaluate.perplexity import _logits, window_nll
 
@@ -56,6 +56,8 @@ class Setup:
     # causal LM, --budget: candidates scored on these windows (just before the cost windows), not
     # on the ones that ordered them (0: the same windows)
     check_windows: int = 0
+    # causal LM: WikiText v1's <unk> placeholders (raw text has the words) are not scored
+    skip_unk: bool = True
     seq_len: int = 512
     examples: int = 256  # classifier: held-out labelled rows (the first of eval_data)
     num_samples: int = 16  # calibration windows / sentences
@@ -177,6 +179,13 @@ class Probe:
             self.batches = list(ids[len(ids) - s.windows :].split(1))  # the file's last windows
             if s.check_windows:  # the ones before them: other articles than the costs saw
                 self.check_batches = list(ids[len(ids) - need : len(ids) - s.windows].split(1))
+            # the targets scored (None: all): not the tokens of a placeholder
+            unk = placeholder_mask(self.tokenizer, s.eval_data, s.seq_len) if s.skip_unk else None
+            if unk is not None and len(unk) != len(ids):
+                raise SlimportError(f"{s.eval_data}: the tokenizer's offsets disagree with its ids")
+            keep = list((~unk[:, 1:]).split(1)) if unk is not None else [None] * len(ids)
+            self.keep = keep[len(ids) - s.windows :]
+            self.check_keep = keep[len(ids) - need : len(ids) - s.windows]
         else:
             texts, labels = read_labeled(s.eval_data)
             texts, labels = texts[: s.examples], labels[: s.examples]
@@ -289,8 +298,12 @@ class Probe:
     @torch.no_grad()
     def window_nlls(self, model: nn.Module, check: bool = False) -> list[float]:
         """Causal LM: mean next-token NLL of each held-out window (`check`: the check slice's)."""
-        batches = self.check_batches if check and self.check_batches else self.batches
-        return [float(window_nll(_logits(model(b)), b)[0]) for b in batches]
+        if check and self.check_batches:
+            batches, keep = self.check_batches, self.check_keep
+        else:
+            batches, keep = self.batches, self.keep
+        return [float(window_nll(_logits(model(b)), b, k)[0])
+                for b, k in zip(batches, keep, strict=True)]  # fmt: skip
 
     def float_nlls(self, check: bool = False) -> list[float]:
         """The float model's `window_nlls`, computed once (a full forward: no replay)."""

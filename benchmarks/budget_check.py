@@ -42,6 +42,8 @@ def search_argv(a: argparse.Namespace, out: Path) -> list[str]:
         argv += ["--check-windows", str(a.check_windows)]
     if a.confidence is not None:
         argv += ["--confidence", str(a.confidence)]
+    if a.score_unk:
+        argv += ["--score-unk"]
     return argv
 
 
@@ -75,6 +77,7 @@ def main_() -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--check-windows", type=int, default=0)
     ap.add_argument("--confidence", type=float, help="default: the command's (0.9)")
+    ap.add_argument("--score-unk", action="store_true", help="score <unk> on the slice too")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--method", default="rtn")
     ap.add_argument("--group-size", type=int, default=64)

@@ -177,7 +177,9 @@ def test_check_windows_score_the_candidates_on_windows_the_costs_never_saw(tiny_
     cost = {tuple(b[0].tolist()) for b in p.batches}
     assert not cost & {tuple(b[0].tolist()) for b in p.check_batches}
     result = run(p.setup, budget="ppl<=+50%", recipe=tmp_path / "r.yaml", probe=p)
-    assert result["budget"]["scored_on"] == {"windows": 3, "check": True}
+    float_check = math.exp(sum(p.float_nlls(check=True)) / 3)
+    assert result["budget"]["scored_on"] == {"windows": 3, "check": True, "float": float_check}
+    assert float_check != p.baseline  # other windows than the costs'
     chosen = result["budget"]["chosen"]
     model = AutoModelForCausalLM.from_pretrained(p.setup.model).eval()
     pipeline.quantize_(model, QuantizationConfig.from_yaml(tmp_path / "r.yaml"), p.calibration())
@@ -347,6 +349,17 @@ def test_sensitivity_report_has_the_ranking_layers_weights_and_pareto(budget_rep
     assert "Budget search (bits&lt;=7)" in html and "every recipe scored" in html
     md = budget_report.with_suffix(".md").read_text()
     assert "![size / quality of every recipe the search scored](sens_files/pareto.svg)" in md
+
+
+def test_a_ppl_budget_report_shows_each_candidates_bound(probe, tmp_path):
+    pytest.importorskip("matplotlib")
+    from slimport.analyze.sensitivity_report import save_report
+
+    result = run(probe.setup, budget="ppl<=+1%", recipe=tmp_path / "r.yaml", probe=probe)
+    result.pop("_probe")
+    save_report(result, probe, tmp_path / "sens.html")
+    md = (tmp_path / "sens.md").read_text()
+    assert "0.9 bound" in md  # a column of the candidates table
 
 
 @pytest.mark.skipif(not CHROMIUM, reason="needs headless Chromium (apt-get install chromium)")

@@ -312,6 +312,10 @@ class Probe:
             self._float_nlls[key] = self.window_nlls(self.model, check)
         return self._float_nlls[key]
 
+    def float_metric(self, check: bool = False) -> float:
+        """Causal LM: the float model's perplexity on the slice (`check`: the check slice)."""
+        return _perplexity(self.float_nlls(check))
+
     def _first_block(self, plan) -> int:
         first = len(self.blocks)
         for n, args in plan.items():

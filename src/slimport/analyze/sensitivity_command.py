@@ -92,6 +92,7 @@ def run(
             "scored_on": {
                 "windows": setup.check_windows or setup.windows,
                 "check": bool(setup.check_windows),
+                "float": probe.float_metric(check=True),
             }
             if probe.causal
             else None,

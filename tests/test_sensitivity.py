@@ -242,6 +242,8 @@ def test_cli_writes_json_and_recipe(tiny_llama, wiki, ranking, tmp_path, capsys)
     assert ranking["modules"][0]["module"] in capsys.readouterr().out
     assert main(argv[:-5] + ["--budget", "nonsense"]) == REFUSED
     assert "does not parse" in capsys.readouterr().err
+    assert main(argv + ["--confidence", "1.5"]) == REFUSED
+    assert "--confidence 1.5: a probability" in capsys.readouterr().err
 
 
 def test_classifier_budget_in_accuracy_points(minilm_dir, shared, tmp_path):

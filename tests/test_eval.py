@@ -12,7 +12,7 @@ from slimport.cli import main
 from slimport.data import calibration_batches, read_labeled, read_texts, wikitext_windows
 from slimport.errors import SlimportError
 from slimport.evaluate.classification import sst2_accuracy
-from slimport.evaluate.perplexity import perplexity
+from slimport.evaluate.perplexity import perplexity, window_nll
 
 # SmolLM2-135M fp32 (our GGUF -> HF conversion), wiki.test.raw read whole, 16 windows of 512
 # tokens: 36.0768, the number, measured independently by the lead (the slow test below).
@@ -92,6 +92,16 @@ def test_perplexity_accepts_any_callable_returning_logits():
     assert result["perplexity"] == pytest.approx(vocab)
     with pytest.raises(SlimportError, match="seq_len >= 2"):
         perplexity(uniform, torch.zeros(3, 1, dtype=torch.long), progress=False)
+
+
+def test_window_nll_keep_scores_only_the_targets_kept():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 6, 11), torch.randint(0, 11, (2, 6))
+    per_token = -torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    keep = torch.tensor([[True, False, True, True, False], [True] * 5])
+    got = window_nll(logits, ids, keep)
+    assert float(got[0]) == pytest.approx(float(per_token[0, keep[0]].mean()), rel=1e-6)
+    assert torch.allclose(got[1], window_nll(logits, ids)[1])  # all kept: the plain mean
 
 
 def test_cli_eval_wikitext2_prints_one_json_object(smollm2_hf, wiki, capsys):

@@ -5,6 +5,7 @@ models (with SmolLM2's / MiniLM's real tokenizers) for breadth; SmolLM2 itself i
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -110,12 +111,15 @@ def test_budgets_that_do_not_parse_are_refused_before_any_work(text, message):
 def test_budget_recipe_meets_the_budget_when_quantized_and_scored_afresh(probe, ranking, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    loose = run(probe.setup, budget="ppl<=+50%", recipe=tmp_path / "loose.yaml", probe=probe)
+    # confidence 0: met on the slice's own perplexity (the margin: the tests below)
+    loose = run(probe.setup, budget="ppl<=+50%", recipe=tmp_path / "loose.yaml", probe=probe,
+                confidence=0)  # fmt: skip
     w4 = next(e for e in loose["budget"]["tried"] if e["label"] == "every module W4 g16")
     assert loose["budget"]["chosen"] == w4 and w4["delta"] > 0
     # a budget half of uniform W4's cost: the answer mixes W8 and W4
     budget = f"ppl<=+{w4['delta'] * 50:.5f}%"
-    result = run(probe.setup, budget=budget, recipe=tmp_path / "mixed.yaml", probe=probe)
+    result = run(probe.setup, budget=budget, recipe=tmp_path / "mixed.yaml", probe=probe,
+                 confidence=0)  # fmt: skip
     chosen = result["budget"]["chosen"]
     w8 = sum(
         bits_per_weight(QuantArgs(8, True, "channel"), s) * s[0] * s[1]
@@ -148,6 +152,70 @@ def test_budget_recipe_meets_the_budget_when_quantized_and_scored_afresh(probe, 
     assert len(groups) == 2
 
 
+def test_a_ppl_budget_is_met_on_the_upper_bound_of_its_windows_by_default(probe, tmp_path):
+    mean = run(probe.setup, budget="ppl<=+50%", recipe=tmp_path / "m.yaml", probe=probe,
+               confidence=0)  # fmt: skip
+    w4 = next(e for e in mean["budget"]["tried"] if e["label"] == "every module W4 g16")
+    budget = f"ppl<=+{w4['delta'] * 50:.5f}%"
+    plain = run(probe.setup, budget=budget, recipe=tmp_path / "p.yaml", probe=probe, confidence=0)
+    bound = run(probe.setup, budget=budget, recipe=tmp_path / "b.yaml", probe=probe)
+    assert bound["budget"]["confidence"] == 0.9 and "bound" not in plain["budget"]["chosen"]
+    limit = w4["delta"] / 2
+    for e in bound["budget"]["tried"]:
+        assert e["bound"] >= e["delta"] - 1e-12
+        assert e["meets"] == (e["bound"] <= limit + 1e-12)
+    # a margin never buys a smaller model
+    assert bound["budget"]["chosen"]["bits"] >= plain["budget"]["chosen"]["bits"]
+
+
+def test_check_windows_score_the_candidates_on_windows_the_costs_never_saw(tiny_llama, wiki,
+                                                                           tmp_path):  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    p = Probe(setup_for(tiny_llama, wiki, check_windows=3))
+    assert len(p.batches) == 2 and len(p.check_batches) == 3
+    cost = {tuple(b[0].tolist()) for b in p.batches}
+    assert not cost & {tuple(b[0].tolist()) for b in p.check_batches}
+    result = run(p.setup, budget="ppl<=+50%", recipe=tmp_path / "r.yaml", probe=p)
+    float_check = math.exp(sum(p.float_nlls(check=True)) / 3)
+    assert result["budget"]["scored_on"] == {"windows": 3, "check": True, "float": float_check}
+    assert float_check != p.baseline  # other windows than the costs'
+    chosen = result["budget"]["chosen"]
+    model = AutoModelForCausalLM.from_pretrained(p.setup.model).eval()
+    pipeline.quantize_(model, QuantizationConfig.from_yaml(tmp_path / "r.yaml"), p.calibration())
+    nll = p.window_nlls(model, check=True)
+    assert math.exp(sum(nll) / 3) == pytest.approx(chosen["metric"], rel=1e-6)
+
+
+def test_the_placeholders_of_wikitext_v1_are_not_scored(tiny_llama, wiki, probe):
+    from transformers import AutoTokenizer
+
+    from slimport.data import placeholder_mask, wikitext_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids, unk = wikitext_windows(tok, wiki, 64), placeholder_mask(tok, wiki, 64)
+    assert unk.shape == ids.shape and unk.any()
+    flagged = tok.decode(ids[unk]).replace(" ", "")
+    assert flagged == "<unk>" * (len(flagged) // 5)  # every token flagged spells a placeholder
+    kept = [tok.decode(ids[w][~unk[w]]) for w in range(len(ids))]
+    assert not any("<unk" in t or "unk>" in t for t in kept)  # every placeholder is flagged
+    # the probe scores the other tokens only; --score-unk: all of them
+    everything = Probe(setup_for(tiny_llama, wiki, skip_unk=False))
+    assert everything.baseline != probe.baseline
+    assert probe.keep[-1].sum() < 63 and everything.keep[-1] is None
+
+
+@pytest.mark.parametrize(
+    ("budget", "confidence", "message"),
+    [("bits<=6", 0.9, "--confidence 0.9: a margin for ppl budgets only"),
+     ("ppl<=+5%", 1.0, r"--confidence 1.0: a probability in \[0, 1\)")],
+)  # fmt: skip
+def test_confidences_that_mean_nothing_are_refused_before_any_work(budget, confidence, message):
+    with pytest.raises(SlimportError, match=message):
+        run(Setup(model="/nonexistent", windows=8), budget=budget, recipe="r.yaml",
+            confidence=confidence)  # fmt: skip
+
+
 def test_a_budget_no_recipe_meets_names_the_closest_and_writes_it(probe, tmp_path):
     with pytest.raises(
         SlimportError, match=r"bits<=3: not met .* closest is every module W4 g16 \(6\.250 bits"
@@ -174,6 +242,8 @@ def test_cli_writes_json_and_recipe(tiny_llama, wiki, ranking, tmp_path, capsys)
     assert ranking["modules"][0]["module"] in capsys.readouterr().out
     assert main(argv[:-5] + ["--budget", "nonsense"]) == REFUSED
     assert "does not parse" in capsys.readouterr().err
+    assert main(argv + ["--confidence", "1.5"]) == REFUSED
+    assert "--confidence 1.5: a probability" in capsys.readouterr().err
 
 
 def test_classifier_budget_in_accuracy_points(minilm_dir, shared, tmp_path):
@@ -225,13 +295,18 @@ def test_block_units_report_the_blocks_weights(tiny_llama, wiki, probe, tmp_path
 # ---------------------------------------------------------------- Ray
 
 
-def test_ray_gives_the_serial_results(probe, ranking):
+def test_ray_gives_the_serial_results(probe, ranking, tmp_path):
     ray = pytest.importorskip("ray")
+    budget = "ppl<=+1%"  # met on the 0.9 bound, the default
+    serial = run(probe.setup, budget=budget, recipe=tmp_path / "s.yaml", probe=probe)
     try:
-        on_ray = run(probe.setup, ray="local", ray_workers=2, probe=probe)
+        on_ray = run(probe.setup, budget=budget, recipe=tmp_path / "r.yaml", ray="local",
+                     ray_workers=2, probe=probe)  # fmt: skip
     finally:
         ray.shutdown()
-    assert on_ray["modules"] == ranking["modules"]
+    assert on_ray["modules"] == ranking["modules"] == serial["modules"]
+    assert on_ray["budget"]["tried"] == serial["budget"]["tried"]
+    assert (tmp_path / "r.yaml").read_text() == (tmp_path / "s.yaml").read_text()
 
 
 def test_ray_missing_is_a_clear_error(probe, monkeypatch):
@@ -276,6 +351,17 @@ def test_sensitivity_report_has_the_ranking_layers_weights_and_pareto(budget_rep
     assert "Budget search (bits&lt;=7)" in html and "every recipe scored" in html
     md = budget_report.with_suffix(".md").read_text()
     assert "![size / quality of every recipe the search scored](sens_files/pareto.svg)" in md
+
+
+def test_a_ppl_budget_report_shows_each_candidates_bound(probe, tmp_path):
+    pytest.importorskip("matplotlib")
+    from slimport.analyze.sensitivity_report import save_report
+
+    result = run(probe.setup, budget="ppl<=+1%", recipe=tmp_path / "r.yaml", probe=probe)
+    result.pop("_probe")
+    save_report(result, probe, tmp_path / "sens.html")
+    md = (tmp_path / "sens.md").read_text()
+    assert "0.9 bound" in md  # a column of the candidates table
 
 
 @pytest.mark.skipif(not CHROMIUM, reason="needs headless Chromium (apt-get install chromium)")

@@ -237,6 +237,28 @@ def wikitext_windows(
     return ids[: available * seq_len].view(available, seq_len)
 
 
+def placeholder_mask(
+    tokenizer, path: str | Path, seq_len: int, placeholder: str = "<unk>"
+) -> torch.Tensor | None:
+    """[n, seq_len] bool over `wikitext_windows(tokenizer, path, seq_len)`: True for the tokens
+    that spell a `placeholder` of the text (WikiText-2 v1 writes <unk> for a rare word, which raw
+    text has: three near-certain tokens that would dilute a perplexity). None if it has none."""
+    import numpy as np
+
+    text = _read_document(Path(path))
+    spans = [(m.start(), m.end()) for m in re.finditer(re.escape(placeholder), text)]
+    if not spans:
+        return None
+    enc = tokenizer(text, return_offsets_mapping=True, verbose=False)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    starts, ends = np.asarray(spans, dtype=np.int64).T
+    i = np.searchsorted(starts, offsets[:, 1], side="left") - 1  # last span starting before
+    inside = (i >= 0) & (offsets[:, 1] > offsets[:, 0])
+    inside &= ends[np.clip(i, 0, None)] > offsets[:, 0]
+    n = len(offsets) // seq_len
+    return torch.from_numpy(inside[: n * seq_len].reshape(n, seq_len))
+
+
 def lm_windows(
     tokenizer, path: str | Path, seq_len: int, held_out: float = 0.1
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,11 @@ The search, in three steps:
    candidate quantized by the real pipeline (`pipeline.quantize_` with the candidate's recipe:
    error propagation, GPTQ, AWQ as `slimport quantize` runs them) and scored on the held-out slice.
 
+A perplexity budget is met on a margin (margin.py): the upper `confidence` bound of the
+candidate's increase over the slice's windows, not the slice's mean alone, must be within it. With
+`check_windows` (Setup), candidates are scored on windows the one-module costs never saw: the
+order was chosen to look cheap on the cost windows, so a plan scored there reads optimistic.
+
 Every candidate scored is kept (the Pareto plot). The answer is a recipe: the commonest scheme as
 the recipe's own, the others as per-module `overrides`, float modules in `protect`.
 """
@@ -20,10 +25,12 @@ the recipe's own, the others as per-module `overrides`, float modules in `protec
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slimport.analyze import margin
 from slimport.analyze.sensitivity import Probe, scheme_label
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.errors import SlimportError
@@ -103,6 +110,7 @@ class Search:
     budget: Budget
     rungs: list[QuantArgs]
     measure: object  # jobs -> rows (serial or Ray; workers.py)
+    confidence: float = 0.0  # ppl budgets: met on this upper confidence bound (0: the mean)
     tried: list[dict] = field(default_factory=list)
     costs: dict = field(default_factory=dict)  # (module, scheme label) -> one-module delta
 
@@ -125,22 +133,30 @@ class Search:
         model = copy.deepcopy(p.model)
         calib = p.calibration() if config.needs_calibration else None
         pipeline.quantize_(model, config, calib)
-        value = p.score(model)
+        entry = {"label": label, "bits": self.bits(plan)}
+        if p.causal:  # on the check windows when there are some
+            nlls, base = p.window_nlls(model, check=True), p.float_nlls(check=True)
+            value = math.exp(sum(nlls) / len(nlls))
+            entry |= {"metric": value, "delta": value / math.exp(sum(base) / len(base)) - 1.0}
+            if self.confidence and self.budget.kind == "ppl":
+                entry["bound"] = margin.relative_increase(nlls, base, self.confidence)
+        else:
+            value = p.score(model)
+            entry |= {"metric": value, "delta": p.delta(value)}
         del model
-        entry = {"label": label, "bits": self.bits(plan), "metric": value, "delta": p.delta(value),
-                 "float": sum(a is None for a in plan.values()),
-                 "schemes": _census(plan)}  # fmt: skip
-        entry["meets"] = self.budget.met(entry["delta"], entry["bits"])
+        entry |= {"float": sum(a is None for a in plan.values()), "schemes": _census(plan)}
+        entry["meets"] = self.budget.met(entry.get("bound", entry["delta"]), entry["bits"])
         self.tried.append(entry)
         return entry
 
 
 def search(
-    probe: Probe, budget: Budget, rungs: list[QuantArgs], measure
+    probe: Probe, budget: Budget, rungs: list[QuantArgs], measure, confidence: float = 0.0
 ) -> tuple[Plan, dict, Search]:
     """The plan meeting `budget` with the fewest bits found (see the module doc), its scored
-    entry and the search (every candidate in `.tried`). Raises when no plan meets it."""
-    s = Search(probe, budget, rungs, measure)
+    entry and the search (every candidate in `.tried`). Raises when no plan meets it.
+    `confidence`: a ppl budget is met on that upper bound of the increase (margin.py)."""
+    s = Search(probe, budget, rungs, measure, confidence)
     names = list(probe.units)
     top = rungs[0]
     start: Plan = dict.fromkeys(names, top)
@@ -226,7 +242,13 @@ def _unmet(budget: Budget, plan: Plan, entry: dict, s: Search) -> SlimportError:
     err = SlimportError(
         f"--budget {budget}: not met by any recipe tried; the closest is {entry['label']} "
         f"({entry['bits']:.3f} bits/weight, {s.probe.metric} {entry['metric']:.4g}, "
-        f"{_fmt_delta(s.probe, entry['delta'])})",
+        f"{_fmt_delta(s.probe, entry['delta'])}"
+        + (
+            f", {s.confidence:g} bound {_fmt_delta(s.probe, entry['bound'])}"
+            if "bound" in entry
+            else ""
+        )
+        + ")",
         hint="loosen the budget, or add rungs (--group-sizes, float modules)",
     )
     err.closest = plan  # the caller writes it beside the recipe

@@ -31,7 +31,7 @@ from slimport.compress.quant import primitives as P
 from slimport.compress.quant.awq import awq_clip, awq_scales
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.compress.skeleton import find_blocks, join
-from slimport.data import read_labeled, wikitext_windows
+from slimport.data import placeholder_mask, read_labeled, wikitext_windows
 from slimport.errors import SlimportError
 from slimport.evaluate.perplexity import _logits, window_nll
 
@@ -53,6 +53,11 @@ class Setup:
     protect: tuple[str, ...] | None = None  # None: the quantizer's default (output heads)
     unit: str = "linear"  # what is quantized alone: one Linear, or every Linear of one block
     windows: int = 4  # causal LM: held-out windows of seq_len tokens, from the end of eval_data
+    # causal LM, --budget: candidates scored on these windows (just before the cost windows), not
+    # on the ones that ordered them (0: the same windows)
+    check_windows: int = 0
+    # causal LM: WikiText v1's <unk> placeholders (raw text has the words) are not scored
+    skip_unk: bool = True
     seq_len: int = 512
     examples: int = 256  # classifier: held-out labelled rows (the first of eval_data)
     num_samples: int = 16  # calibration windows / sentences
@@ -126,7 +131,13 @@ class Probe:
         self.stats = self._calibrate()
         self._cache: dict = {}
         self.block_inputs: list[list[torch.Tensor]] | None = None
-        self.baseline = self.evaluate({}, record=True)
+        self._float_nlls: dict[str, list[float]] = {}
+        if self.causal:  # the float run records every block's input (the replays) and its NLLs
+            with self._from_block(0, record=True):
+                self._float_nlls["cost"] = self.window_nlls(self.model)
+            self.baseline = _perplexity(self._float_nlls["cost"])
+        else:
+            self.baseline = self.evaluate({}, record=True)
 
     def _units(self) -> dict[str, list[str]]:
         """What `measure` quantizes at once, by name: each Linear, or each block's Linears (a
@@ -157,12 +168,24 @@ class Probe:
         s = self.setup
         if not s.eval_data:
             raise SlimportError("sensitivity needs --eval-data (the held-out slice it scores on)")
+        self.check_batches = None
         if self.causal:
             ids = wikitext_windows(self.tokenizer, s.eval_data, s.seq_len)
-            if len(ids) < s.windows:
+            need = s.windows + s.check_windows
+            if s.windows < 1 or s.check_windows < 0 or len(ids) < need:
                 raise SlimportError(f"{s.eval_data}: {len(ids)} windows of {s.seq_len} tokens, "
-                                    f"fewer than --windows {s.windows}")  # fmt: skip
+                                    f"fewer than --windows {s.windows} + --check-windows "
+                                    f"{s.check_windows}")  # fmt: skip
             self.batches = list(ids[len(ids) - s.windows :].split(1))  # the file's last windows
+            if s.check_windows:  # the ones before them: other articles than the costs saw
+                self.check_batches = list(ids[len(ids) - need : len(ids) - s.windows].split(1))
+            # the targets scored (None: all): not the tokens of a placeholder
+            unk = placeholder_mask(self.tokenizer, s.eval_data, s.seq_len) if s.skip_unk else None
+            if unk is not None and len(unk) != len(ids):
+                raise SlimportError(f"{s.eval_data}: the tokenizer's offsets disagree with its ids")
+            keep = list((~unk[:, 1:]).split(1)) if unk is not None else [None] * len(ids)
+            self.keep = keep[len(ids) - s.windows :]
+            self.check_keep = keep[len(ids) - need : len(ids) - s.windows]
         else:
             texts, labels = read_labeled(s.eval_data)
             texts, labels = texts[: s.examples], labels[: s.examples]
@@ -268,10 +291,30 @@ class Probe:
     def score(self, model: nn.Module) -> float:
         """Perplexity or accuracy of any model of this one's shape on the held-out slice."""
         if self.causal:
-            nll = [float(window_nll(_logits(model(b)), b)[0]) for b in self.batches]
-            return math.exp(sum(nll) / len(nll))
+            return _perplexity(self.window_nlls(model))
         preds = torch.cat([_logits(model(**b)).argmax(-1) for b in self.batches])
         return float((preds == self.labels).float().mean())
+
+    @torch.no_grad()
+    def window_nlls(self, model: nn.Module, check: bool = False) -> list[float]:
+        """Causal LM: mean next-token NLL of each held-out window (`check`: the check slice's)."""
+        if check and self.check_batches:
+            batches, keep = self.check_batches, self.check_keep
+        else:
+            batches, keep = self.batches, self.keep
+        return [float(window_nll(_logits(model(b)), b, k)[0])
+                for b, k in zip(batches, keep, strict=True)]  # fmt: skip
+
+    def float_nlls(self, check: bool = False) -> list[float]:
+        """The float model's `window_nlls`, computed once (a full forward: no replay)."""
+        key = "check" if check and self.check_batches else "cost"
+        if key not in self._float_nlls:
+            self._float_nlls[key] = self.window_nlls(self.model, check)
+        return self._float_nlls[key]
+
+    def float_metric(self, check: bool = False) -> float:
+        """Causal LM: the float model's perplexity on the slice (`check`: the check slice)."""
+        return _perplexity(self.float_nlls(check))
 
     def _first_block(self, plan) -> int:
         first = len(self.blocks)
@@ -339,6 +382,10 @@ class Probe:
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {n: tuple(w.shape) for n, w in self.originals.items()}
+
+
+def _perplexity(nlls: list[float]) -> float:
+    return math.exp(sum(nlls) / len(nlls))
 
 
 def _rtn(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:

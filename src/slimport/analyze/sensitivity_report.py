@@ -88,7 +88,7 @@ def _budget(doc: Report, result: dict, scale, label: str) -> None:
     b = result["budget"]
     chosen, tried = b["chosen"], b["tried"]
     metric = result["metric"]
-    base = result["baseline"]
+    base = (b.get("scored_on") or {}).get("float", result["baseline"])  # the candidates' slice
     limit = None
     if b["budget"].startswith("ppl"):
         limit = base * (1 + float(b["budget"].split("+")[1].rstrip("%")) / 100)
@@ -102,8 +102,10 @@ def _budget(doc: Report, result: dict, scale, label: str) -> None:
     doc.add(f"Budget search ({b['budget']})", Figure(svg, "size / quality of every recipe the search scored", "pareto"))  # fmt: skip
     doc.add("", f"chosen: {chosen['bits']:.3f} bits/weight, {metric} {chosen['metric']:.5g} "
             f"({label} {scale(chosen['delta']):+.3f}), schemes {chosen['schemes']}; recipe {b['recipe']}")  # fmt: skip
-    doc.add("", Table(["recipe", "bits/weight", metric, label, "meets", "schemes"],
-                      [[e["label"], e["bits"], e["metric"], scale(e["delta"]), e["meets"],
+    bound = [f"{b['confidence']:g} bound"] if any("bound" in e for e in tried) else []
+    doc.add("", Table(["recipe", "bits/weight", metric, label, *bound, "meets", "schemes"],
+                      [[e["label"], e["bits"], e["metric"], scale(e["delta"]),
+                        *([scale(e["bound"])] if bound else []), e["meets"],
                         ", ".join(f"{k}: {v}" for k, v in e["schemes"].items())] for e in tried],
                       "every recipe scored, in order"))  # fmt: skip
 

@@ -27,7 +27,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         method=args.method, bits=args.bits, group_size=args.group_size or None,
         protect=tuple(args.protect) if args.protect else None, windows=args.windows,
         seq_len=args.seq_len, examples=args.examples, num_samples=args.num_samples, seed=args.seed,
-        unit=args.unit,
+        unit=args.unit, check_windows=args.check_windows, skip_unk=not args.score_unk,
     )  # fmt: skip
     if args.report:
         from slimport.report.plots import _pyplot
@@ -41,7 +41,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
                 print()
 
     result = run(setup, args.budget, args.recipe_out, args.group_sizes, args.ray,
-                 args.workers, progress)  # fmt: skip
+                 args.workers, progress, confidence=args.confidence)  # fmt: skip
     probe = result.pop("_probe")
     print(summary(result))
     if args.json:
@@ -92,6 +92,17 @@ def register(sub) -> None:
         "--budget",
         help='"ppl<=+5%%", "accuracy>=-0.5pt" or "bits<=4.5" (default: none, the ranking only)',
     )
+    sp.add_argument("--confidence", type=float,
+                    help="ppl budgets: met on this one-sided upper confidence bound of the "
+                    "increase over the windows (Student t on paired per-window NLLs), not the "
+                    "slice's mean (default 0.9; 0: the mean)")  # fmt: skip
+    sp.add_argument("--check-windows", type=int, default=0,
+                    help="causal LM --budget: score the candidate recipes on these windows (the "
+                    "ones before --windows'), which the one-module costs never saw (default 0: "
+                    "the same windows)")  # fmt: skip
+    sp.add_argument("--score-unk", action="store_true",
+                    help="causal LM: score the tokens of WikiText v1's <unk> placeholders too "
+                    "(default: not; raw text has the words there)")  # fmt: skip
     sp.add_argument("--recipe-out", help="where --budget writes its recipe (YAML; default: none)")
     sp.add_argument("--group-sizes", type=_group_sizes,
                     help="--budget: W{bits} group sizes to try (default: --group-size)")  # fmt: skip

@@ -35,15 +35,21 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def window_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean next-token NLL per row: logits [b, t, vocab], ids [b, t] -> [b] (float64).
 
     log-softmax in float32 at least (a bf16/fp16 model's logits are upcast first), the mean in
-    float64 so windows of any length add up without rounding drift.
+    float64 so windows of any length add up without rounding drift. `keep` [b, t - 1] bool: the
+    targets scored (default all).
     """
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, input_ids[:, 1:, None].to(logp.device)).squeeze(-1)
-    return -picked.double().mean(dim=-1)
+    picked = -logp.gather(-1, input_ids[:, 1:, None].to(logp.device)).squeeze(-1).double()
+    if keep is None:
+        return picked.mean(dim=-1)
+    keep = keep.to(picked.device)
+    return (picked * keep).sum(dim=-1) / keep.sum(dim=-1)
 
 
 @torch.no_grad()

@@ -4,8 +4,9 @@ a script by tests/test_analyze_pipeline_memory.py and BENCHMARKS.md's command):
     python pipeline_memory_probe.py convert SRC OUT TARGET
     python pipeline_memory_probe.py rtn|gptq SRC OUT NUM_SAMPLES SEQ_LEN
 
-prints one JSON line: `base` (VmHWM after importing torch, transformers and the pipeline's
-modules, one tiny op run), `peak` (VmHWM at the end), in bytes. With SLIMPORT_PROBE_STAGES=1
+prints one JSON line: `base` (VmHWM after importing torch, transformers, compressed-tensors and
+the pipeline's modules, one tiny op run), `peak` (VmHWM at the end), in bytes.
+With SLIMPORT_PROBE_STAGES=1
 it also records the peak inside the pipeline's stages (for finding what holds memory)."""
 
 import functools
@@ -47,6 +48,7 @@ def _stages(events: list) -> None:
 
 
 def main() -> None:
+    import compressed_tensors  # noqa: F401 (the quantize writer imports it lazily)
     import torch
     import transformers  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401

@@ -145,6 +145,10 @@ def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 import torch, transformers
 import slimport.api, slimport.compress.pipeline
+try:
+    import compressed_tensors  # the quantize writer imports it lazily
+except ImportError:
+    pass
 if sys.argv[1:]:
     getattr(transformers, sys.argv[1], None)  # the model class's module: quantize builds it
 torch.zeros(8).sum()

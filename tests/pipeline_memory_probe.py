@@ -6,8 +6,7 @@ a script by tests/test_analyze_pipeline_memory.py and BENCHMARKS.md's command):
 
 prints one JSON line: `base` (VmHWM after importing torch, transformers, compressed-tensors and
 the pipeline's modules, one tiny op run), `peak` (VmHWM at the end), in bytes.
-With SLIMPORT_PROBE_STAGES=1
-it also records the peak inside the pipeline's stages (for finding what holds memory)."""
+With SLIMPORT_PROBE_STAGES=1 it also records the peak inside the pipeline's stages (for finding what holds memory)."""
 
 import functools
 import json

@@ -31,13 +31,14 @@ import sys
 
 import torch
 
-from slimport.analyze.memory import KERNELS_MIB, _dims
+from slimport.analyze.memory import KERNELS_MIB, _dims, _linears
 from slimport.arch.layout import layout_for
 
 FINITE_CHUNK = 1 << 24  # engine._all_finite
 AWQ_TOKENS = 4096  # modifiers.AWQConfig.max_tokens
 BATCH = 8  # calibration.calibration_inputs: batches of 8 samples
 FP32 = 4
+OUT_PROJ = ("o_proj", "down_proj", "dense", "c_proj", "out_proj", "out_lin", "lin2")  # own input
 
 
 def _finite_scratch(numel: int, itemsize: int) -> int:
@@ -73,12 +74,9 @@ def _linear_inputs(block: torch.nn.Module) -> list[int]:
     """in_features of each distinct Linear input of a block: Linears named as sharing an input
     (q/k/v, gate/up: the same parent and in_features, and not o/down) count once."""
     seen: dict[tuple, int] = {}
-    for name, m in block.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            parent = name.rpartition(".")[0]
-            leaf = name.rpartition(".")[2]
-            key = (parent, m.in_features) if leaf not in ("o_proj", "down_proj", "dense", "c_proj", "out_proj") else (name,)  # fmt: skip
-            seen[key] = m.in_features
+    for name, i, _ in _linears(block):  # GPT-2's Conv1D too: the pipeline makes it a Linear
+        parent, _, leaf = name.rpartition(".")
+        seen[(name,) if leaf in OUT_PROJ else (parent, i)] = i
     return list(seen.values())
 
 
@@ -96,14 +94,14 @@ def quantize_peak(
     tokens = samples * seq if method != "rtn" else 1
     hidden = tokens * d["hidden"] * FP32
     w = sum(p.numel() for p in block.parameters()) * FP32
-    lin = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+    lin = sum(i * o for _, i, o in _linears(block))
     quantlinears = lin * (FP32 + 1)  # dequantized float weight + int8 integers
     batch_tokens = min(tokens, BATCH * seq)
     act = batch_tokens * (3 * d["hidden"] + MLP_LIVE.get(family, 2) * d["inter"]) * FP32
     inputs = _linear_inputs(block)
     extra = 0
     if "gptq" in method:
-        n = max(inputs)
+        n = max(inputs, default=0)
         extra += sum(i * i for i in inputs) * FP32 + 2 * n * n * FP32
     if "awq" in method:
         extra += sum(min(tokens, AWQ_TOKENS) * i for i in inputs) * FP32
@@ -116,7 +114,7 @@ def quantize_peak(
     }
     outside = _outside(model, blocks)
     held = sum(t.numel() for t in outside) * FP32
-    big = max(t.numel() for t in outside)
+    big = max((t.numel() for t in outside), default=0)
     reread = max(_finite_scratch(big, itemsize) + big * (itemsize if itemsize != FP32 else 0),
                  big * FP32)  # fmt: skip
     tail_stage = {

@@ -134,7 +134,15 @@ def _analyze(args) -> int:
     from slimport.analyze import analyze, markdown, report
 
     with stdout_kept_for_json(args.json):
-        result = analyze(args.model, args.target, args.batch, args.seq, args.num_samples, args.seq_len, args.baseline)
+        result = analyze(
+            args.model,
+            args.target,
+            args.batch,
+            args.seq,
+            args.num_samples,
+            args.seq_len,
+            args.baseline,
+        )
     print(json.dumps(result, indent=1) if args.json else markdown(result))
     if args.report:
         print("wrote " + ", ".join(map(str, report(result, args.report))), file=sys.stderr)

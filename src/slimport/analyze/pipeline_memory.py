@@ -110,8 +110,9 @@ def quantize_peak(
         "QuantLinears (float + int8)": quantlinears,
         "hidden states in + out": 2 * hidden,
         "one batch's activations": act,
-        "Hessians + GPTQ work" if "gptq" in method else "AWQ samples": extra,
     }
+    if extra:
+        block_stage[" + ".join(k for m, k in (("gptq", "Hessians + GPTQ work"), ("awq", "AWQ samples")) if m in method)] = extra  # fmt: skip
     outside = _outside(model, blocks)
     held = sum(t.numel() for t in outside) * FP32
     big = max((t.numel() for t in outside), default=0)

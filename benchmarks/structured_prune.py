@@ -105,7 +105,10 @@ def speed(rows: list[dict], models: dict, tok, texts: list[str], reps: int) -> l
 
 def _lm_recover(folder: Path, out: Path, steps: int, lr: float, data: Path, seq: int = 256,
                 batch: int = 4):  # fmt: skip
-    """`steps` steps of next-token loss on windows of `data` (AdamW, linear decay)."""
+    """`steps` steps of next-token loss on windows of `data` (AdamW, linear decay); an `out`
+    that holds a model already (an earlier run's) is reused."""
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return
     from transformers import AutoModelForCausalLM
 
     from slimport.data import calibration_batches

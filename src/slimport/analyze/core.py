@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimport.analyze import targets
+import torch
+
+from slimport.analyze import pipeline_memory, targets
 from slimport.analyze.graph import hf_config, meta_model, op_inventory
 from slimport.analyze.memory import estimate
 from slimport.arch import family_for
@@ -26,13 +28,25 @@ def _config(model) -> object:
     return hf_config(model) if isinstance(model, dict) else model
 
 
-def analyze(model, target: str | None = None, batch: int = 1, seq: int = 128) -> dict:
+def analyze(
+    model,
+    target: str | None = None,
+    batch: int = 1,
+    seq: int = 128,
+    num_samples: int = 64,
+    seq_len: int = 512,
+    baseline: bool = False,
+) -> dict:
     """Op inventory, per-target verdicts (all targets unless `target`) and memory estimates of
-    `model` (a checkpoint path, a config.json dict or a transformers config) at batch x seq."""
+    `model` (a checkpoint path, a config.json dict or a transformers config) at batch x seq;
+    slimport's own convert / quantize peaks with `num_samples` x `seq_len` calibration tokens,
+    plus the measured import baseline of a fresh process when `baseline`."""
     if target is not None and target not in targets.TARGETS:
         raise SlimportError(f"unknown --target {target!r}", hint="one of " + ", ".join(targets.TARGETS))  # fmt: skip
     if batch < 1 or seq < 1:
         raise SlimportError(f"--batch {batch} --seq {seq}: both must be positive integers")
+    if num_samples < 1 or seq_len < 1:
+        raise SlimportError(f"--num-samples {num_samples} --seq-len {seq_len}: both must be positive integers")  # fmt: skip
     config = _config(model)
     family = family_for(config.model_type).name
     module = meta_model(config)
@@ -50,7 +64,17 @@ def analyze(model, target: str | None = None, batch: int = 1, seq: int = 128) ->
         ],  # fmt: skip
         "targets": {t: targets.CHECKS[t](uses, cfg) for t in chosen},
         "memory": estimate(module, family, batch, seq),
+        "pipelines": _pipelines(module, family, config, num_samples, seq_len, baseline),
     }
+
+
+def _pipelines(module, family, config, num_samples, seq_len, baseline) -> dict:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    out = pipeline_memory.estimate(module, family, dtype.itemsize, num_samples, seq_len)
+    arch = (config.architectures or [type(module).__name__])[0]
+    out["baseline"] = pipeline_memory.import_baseline(arch) if baseline else None
+    return out
 
 
 def _mib(b: float) -> str:
@@ -114,10 +138,35 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
             ],
         ),  # fmt: skip
     ]
+    if "pipelines" in result:
+        out.append(_pipeline_table(result["pipelines"]))
     for name, t in result["targets"].items():
         out.append((f"Target {name}: {t['verdict']}", ["ATen op", "count", "equivalent", "supported", "e.g. at"],
                     [[r["op"], r["count"], r["equivalent"], r["supported"], r["where"]] for r in t["ops"]]))  # fmt: skip
     return out
+
+
+def _pipeline_table(p: dict) -> tuple[str, list[str], list[list]]:
+    base = p.get("baseline")
+    rows = [["process baseline (imports)", "measured" if base else "not measured (--baseline)",
+             _mib(base) if base else "", "", ""]]  # fmt: skip
+    c = p["convert"]
+    rows.append(["slimport convert peak (--to hf)", "per tensor", _mib(c["total"]),
+                 _mib(c["total"] + base) if base else "",
+                 "; ".join(f"{k} {_mib(v)}" for k, v in c.items() if k != "total")])  # fmt: skip
+    for m, q in p["quantize"].items():
+        terms = {**q["terms"], "kernels + allocator": q["kernels + allocator"]}
+        rows.append([f"slimport quantize peak ({m}, calib {q['calibration']})", f"{q['stage']} stage",
+                     _mib(q["total"]), _mib(q["total"] + base) if base else "",
+                     "; ".join(f"{k} {_mib(v)}" for k, v in terms.items())])  # fmt: skip
+    if p.get("quantize_unsupported"):
+        rows.append(["slimport quantize peak", "", "", "", p["quantize_unsupported"]])
+    heading = "slimport's own pipelines: peak RSS (MiB; estimate above the import baseline). " + "; ".join(p["assumptions"][1:])  # fmt: skip
+    return (
+        heading,
+        ["pipeline", "high point", "above baseline", "with baseline", "terms (MiB)"],
+        rows,
+    )
 
 
 def markdown(result: dict) -> str:

@@ -134,7 +134,15 @@ def _analyze(args) -> int:
     from slimport.analyze import analyze, markdown, report
 
     with stdout_kept_for_json(args.json):
-        result = analyze(args.model, args.target, args.batch, args.seq)
+        result = analyze(
+            args.model,
+            args.target,
+            args.batch,
+            args.seq,
+            args.num_samples,
+            args.seq_len,
+            args.baseline,
+        )
     print(json.dumps(result, indent=1) if args.json else markdown(result))
     if args.report:
         print("wrote " + ", ".join(map(str, report(result, args.report))), file=sys.stderr)
@@ -233,6 +241,9 @@ def register(sub) -> None:
     sp.add_argument("--target", choices=("mindspore", "onnx", "ascend"), help="one target (default: all)")
     sp.add_argument("--batch", type=int, default=1, help="batch size of the memory estimates")
     sp.add_argument("--seq", type=int, default=128, help="sequence length of the memory estimates")
+    sp.add_argument("--num-samples", type=int, default=64, help="calibration samples of the quantize-peak estimate (quantize's default)")
+    sp.add_argument("--seq-len", type=int, default=512, help="calibration sequence length of the quantize-peak estimate")
+    sp.add_argument("--baseline", action="store_true", help="also measure the import baseline of a fresh slimport process (a few seconds)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.add_argument("--report", metavar="FILE.html", help="also write an HTML report (+ .md) with plots (default: none)")
     sp.set_defaults(fn=_analyze)

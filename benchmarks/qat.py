@@ -8,6 +8,10 @@ back, on two cases.
 
     python benchmarks/qat.py --case smollm2 --steps 100 --minutes 20
     python benchmarks/qat.py --case minilm --steps 100
+    python benchmarks/qat.py --case minilm --steps 300 --loss mse --hidden-weight 1 --sort-by-length
+
+`--qat-observer` starts QAT from ranges of another observer (the PTQ row stays min_max; that
+observer's own PTQ is printed as a row too, so what QAT adds is visible).
 
 recovered = (PTQ loss - QAT loss) / PTQ loss, loss = perplexity above fp32 (smollm2) or
 disagreement with fp32 (minilm).
@@ -16,6 +20,7 @@ disagreement with fp32 (minilm).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -74,7 +79,11 @@ def minilm(args, scratch: Path) -> None:
     config = make_config(bits=8, activations="static", observer="min_max", num_samples=256,
                          calib_data=str(sst2_path("train")))  # fmt: skip
     quantize(model, scratch / "ptq", config, progress=False)
-    report = quantize_aware(model, scratch / "qat", config, settings(args), overwrite=True)
+    start = config
+    if args.qat_observer != config.observer:
+        start = dataclasses.replace(config, observer=args.qat_observer)
+        quantize(model, scratch / "ptq-start", start, progress=False)
+    report = quantize_aware(model, scratch / "qat", start, settings(args), overwrite=True)
     tok = AutoTokenizer.from_pretrained(model)
     dev = sst2_path("dev")
     ref = sst2_accuracy(float_model(model), tok, dev)
@@ -82,6 +91,10 @@ def minilm(args, scratch: Path) -> None:
     res["W8A8 static min_max (PTQ)"] = sst2_accuracy(
         load_simulated(scratch / "ptq")[0], tok, dev, reference=ref
     )
+    if start is not config:
+        res[f"W8A8 static {start.observer} (PTQ, QAT's start)"] = sst2_accuracy(
+            load_simulated(scratch / "ptq-start")[0], tok, dev, reference=ref
+        )
     res[f"W8A8 + QAT {report['qat']['steps']} steps"] = sst2_accuracy(
         load_simulated(scratch / "qat")[0], tok, dev, reference=ref
     )
@@ -92,7 +105,11 @@ def minilm(args, scratch: Path) -> None:
     print("|---|---|---|")
     for name, r in res.items():
         print(f"| {name} | {r['accuracy']:.2%} | {r['agreement']:.2%} |")
-    ptq, qat = (1 - r["agreement"] for r in list(res.values())[1:])
+    ptq, qat = (
+        1 - r["agreement"] for r in (res["W8A8 static min_max (PTQ)"], list(res.values())[-1])
+    )
+    for name, r in res.items():
+        print(f"{name}: {round((1 - r['agreement']) * r['n'])} of {r['n']} disagree with fp32")
     print(
         f"\nQAT recovers {(ptq - qat) / ptq:.0%} of the disagreement PTQ introduced" if ptq else ""
     )
@@ -100,16 +117,22 @@ def minilm(args, scratch: Path) -> None:
 
 def settings(args) -> QATSettings:
     return QATSettings(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, lsq=not args.no_lsq,
-                       batch_size=args.batch_size, minutes=args.minutes)  # fmt: skip
+                       batch_size=args.batch_size, minutes=args.minutes, loss=args.loss,
+                       temperature=args.temperature, margin_weight=args.margin_weight,
+                       margin=args.margin, hidden_weight=args.hidden_weight, zero_lr=args.zero_lr,
+                       sort_by_length=args.sort_by_length)  # fmt: skip
 
 
 def _print(args, report, what: str) -> None:
     q = report["qat"]
     print(header("python benchmarks/qat.py " + " ".join(sys.argv[1:]), ("torch", "transformers")))
     print()
-    print(f"{what}; lr {args.lr}, log-scale lr {args.scale_lr}, LSQ {not args.no_lsq}; "
+    print(f"{what}; lr {args.lr}, log-scale lr {args.scale_lr}, LSQ {not args.no_lsq}, "
+          f"zero-point lr {args.zero_lr}; loss {args.loss} (T {args.temperature}) + "
+          f"{args.margin_weight} x margin hinge ({args.margin}) + {args.hidden_weight} x hidden MSE; "
+          f"sorted by length {args.sort_by_length}; "
           f"{q['steps']} steps in {q['seconds'] / 60:.1f} min (1 thread, shared machine), "
-          f"KL to fp32 {sum(q['losses'][:5]) / 5:.4g} (first 5 steps) -> "
+          f"loss {sum(q['losses'][:5]) / 5:.4g} (first 5 steps) -> "
           f"{sum(q['losses'][-5:]) / 5:.4g} (last 5); {q['integers_changed']:.2%} of the integers changed")  # fmt: skip
     print()
 
@@ -128,6 +151,15 @@ def main() -> None:
     ap.add_argument("--scale-lr", type=float, default=1e-3)
     ap.add_argument("--no-lsq", action="store_true")
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--loss", choices=("kl", "mse"), default="kl")
+    ap.add_argument("--temperature", type=float, default=1.0, help="of the KL loss")
+    ap.add_argument("--margin-weight", type=float, default=0.0)
+    ap.add_argument("--margin", type=float, default=1.0)
+    ap.add_argument("--hidden-weight", type=float, default=0.0)
+    ap.add_argument("--zero-lr", type=float, default=0.0, help="static input zero points")
+    ap.add_argument("--sort-by-length", action="store_true", help="encoders: less padding")
+    ap.add_argument("--qat-observer", default="min_max", choices=("min_max", "ema_min_max",
+                    "percentile", "mse", "kl"), help="minlm: the ranges QAT starts from")  # fmt: skip
     ap.add_argument(
         "--group-size", type=int, default=64, help="smollm2: 64 (128 does not divide 576)"
     )

@@ -16,7 +16,13 @@ from slimport.compress.quant import primitives as P
 from slimport.compress.quant.compressed import load_simulated
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
-from slimport.compress.quant.qat import FakeQuantLinear, QATSettings, float_model, quantize_aware
+from slimport.compress.quant.qat import (
+    FakeQuantLinear,
+    QATSettings,
+    float_model,
+    qat_loss,
+    quantize_aware,
+)
 from slimport.errors import SlimportError
 
 FAST = QATSettings(steps=16, lr=3e-5, warmup=0.0)
@@ -48,6 +54,104 @@ def test_qat_starts_from_the_ptq_model_exactly():
     back = fq.to_quant_linear("lin")  # untrained: the very integers and scales PTQ chose
     assert torch.equal(back.qweight, ql.qweight)
     assert torch.allclose(back.weight_scale, ql.weight_scale, rtol=1e-6)
+
+
+def _out(logits, hidden=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(logits=torch.tensor(logits), hidden_states=hidden)
+
+
+def test_mse_loss_weighs_every_rows_logit_error():
+    teacher = _out([[9.0, -9.0], [0.1, -0.1]])  # one sure row, one undecided
+    student = _out([[8.0, -9.0], [0.1, -0.1]])
+    mse = qat_loss(student, teacher, QATSettings(loss="mse"))
+    assert mse.item() == pytest.approx((1.0 + 0.0) / 4)  # mean over rows and classes
+    # KL barely sees the sure row's error: the float model's p(1-p) there is ~1e-8
+    assert qat_loss(student, teacher, QATSettings()).item() < 1e-6
+
+
+def test_margin_hinge_acts_where_the_student_is_less_decided_than_the_float_model():
+    teacher = _out([[3.0, 0.0], [0.2, 0.0]])  # margins 3 and 0.2 for class 0
+    hinge = QATSettings(loss="mse", margin_weight=1.0, margin=1.0)
+    same = qat_loss(teacher, teacher, hinge)
+    assert same.item() == 0.0
+    flipped = _out([[3.0, 0.0], [0.0, 0.3]])  # row 2 now says class 1: margin -0.3
+    mse = qat_loss(flipped, teacher, QATSettings(loss="mse")).item()
+    # hinge of row 2: min(1, 0.2) - (-0.3) = 0.5, averaged over the 2 rows
+    assert qat_loss(flipped, teacher, hinge).item() == pytest.approx(mse + 0.25)
+    surer = _out([[5.0, 0.0], [0.9, 0.0]])  # more decided than the teacher: no hinge
+    assert qat_loss(surer, teacher, hinge).item() == pytest.approx(
+        qat_loss(surer, teacher, QATSettings(loss="mse")).item()
+    )
+
+
+def test_hidden_state_term_is_relative_and_skips_padding_and_embeddings():
+    torch.manual_seed(0)
+    emb, h = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    teacher = _out([[1.0, 0.0]], hidden=(emb, h))
+    noisy = h.clone()
+    noisy[0, 0] *= 1.1  # a real token off by 10%
+    noisy[0, 2] += 100.0  # a padding position: must not count
+    student = _out([[1.0, 0.0]], hidden=(emb + 5.0, noisy))  # embeddings are never quantized
+    mask = torch.tensor([[1, 1, 0]])
+    settings = QATSettings(loss="mse", hidden_weight=2.0)
+    expected = 2.0 * (0.1 * h[0, 0]).pow(2).sum() / h[0, :2].pow(2).sum()
+    assert qat_loss(student, teacher, settings, mask).item() == pytest.approx(expected.item())
+
+
+def test_bad_qat_settings_are_refused():
+    with pytest.raises(SlimportError, match="loss 'hinge'"):
+        QATSettings(loss="hinge")
+    with pytest.raises(SlimportError, match="hidden_weight"):
+        QATSettings(hidden_weight=-1.0)
+    with pytest.raises(SlimportError, match="temperature"):
+        QATSettings(temperature=0.0)
+
+
+def test_learned_input_zero_point_stays_an_integer_and_moves_the_window():
+    args = QuantArgs(bits=8, symmetric=True, granularity="channel")
+    in_args = QuantArgs(bits=8, symmetric=False, granularity="tensor")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4)
+    ql = QuantLinear.from_linear(lin, *P.rtn(lin.weight.detach(), args), args, in_args)
+    # a window [-1, 1] (scale 2/255, zero 0 -> integers -128..127 cover about -1..1)
+    ql.set_input_qparams(torch.tensor(2 / 255), torch.tensor(0))
+    fq = FakeQuantLinear(ql, lsq=False, learn_zero=True)
+    x = torch.randn(64, 8) + 2.0  # mostly above the window: clamped at the top
+    assert torch.allclose(fq(x), ql(x), atol=1e-6)  # step 0: exactly the PTQ layer
+    opt = torch.optim.Adam([fq.input_zero], lr=5.0)
+    for _ in range(10):
+        loss = (fq(x) - lin(x)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    back = fq.to_quant_linear("lin")
+    z = back.input_zero_point.item()
+    assert z < -20  # the window slid up towards the data (zero point down)
+    assert back.input_zero_point.dtype == torch.int8
+    assert (back(x) - lin(x)).pow(2).mean() < (ql(x) - lin(x)).pow(2).mean()
+
+
+def test_sorted_by_length_batches_hold_the_same_sentences_with_less_padding(minilm_dir, shared):
+    from slimport.compress.calibration import calibration_inputs
+    from slimport.io.hf import load_tokenizer
+
+    tok = load_tokenizer(minilm_dir)
+    config = QuantizationConfig(bits=8, calib_data=str(shared / "data/sst2/train.tsv"),
+                                num_samples=256, seq_len=128)  # fmt: skip
+    plain = calibration_inputs(tok, config.calib_data, config, False, 32)
+    tidy = calibration_inputs(tok, config.calib_data, config, False, 32, sort_by_length=True)
+
+    def sentences(batches):
+        return sorted(tuple(ids[m.bool()].tolist()) for b in batches
+                      for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True))  # fmt: skip
+
+    assert sentences(tidy) == sentences(plain)
+    cost = lambda bs: sum(b["input_ids"].numel() for b in bs)  # noqa: E731
+    assert cost(tidy) < 0.7 * cost(plain)
+    firsts = [b["attention_mask"].sum(1).max().item() for b in tidy]
+    assert firsts != sorted(firsts)  # shuffled batches, not shortest first
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,12 @@ ranges): every QuantLinear becomes a `FakeQuantLinear` whose float weight starts
 dequantized integers (so step 0 computes exactly the PTQ model) and whose forward rounds it onto
 the grid with the straight-through estimator; static activations are fake-quantized the same
 way, dynamic ones per token as at run time. With `lsq` the weight and input scales train too
-(LSQ, log-parametrised so one learning rate fits every layer's magnitude). The loss is the
-float model's own logits (KL at temperature T): QAT as self-distillation, so no labels are
-needed and the calibration text is the training text (never a test split). The result is
+(LSQ, log-parametrised so one learning rate fits every layer's magnitude); with `zero_lr` the
+static inputs' zero points train too (rounded in the forward, so they stay integers). The loss
+is the float model's own outputs: QAT as self-distillation, so no labels are needed and the
+calibration text is the training text (never a test split). `loss` picks KL at temperature T
+(default) or MSE of the logits; `margin_weight` adds a hinge on the float model's decision and
+`hidden_weight` a relative MSE of every layer's hidden states (see `qat_loss`). The result is
 rounded once more and written by the PTQ path's writer: the same compressed-tensors folder.
 """
 
@@ -44,13 +47,37 @@ class QATSettings:
     warmup: float = 0.05
     minutes: float = 20.0
     threads: int | None = 1
+    loss: str = "kl"  # kl (at `temperature`) or mse of the logits
+    # hinge on the float model's argmax: the student's margin (its logit of that class minus its
+    # best other) should reach min(margin, the float model's margin); what a flip violates
+    margin_weight: float = 0.0
+    margin: float = 1.0
+    hidden_weight: float = 0.0  # relative MSE of every layer's output (dense signal per token)
+    zero_lr: float = 0.0  # static input zero points (integer units per step); 0 keeps PTQ's
+    sort_by_length: bool = False  # encoders: batches of like-length sentences, less padding
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise SlimportError(f"QAT loss {self.loss!r}: unknown", hint=" or ".join(LOSSES))
+        for name in ("margin_weight", "hidden_weight", "zero_lr"):
+            if getattr(self, name) < 0:
+                raise SlimportError(f"QAT {name} {getattr(self, name)}: must be >= 0")
+        if self.temperature <= 0:
+            raise SlimportError(f"QAT temperature {self.temperature}: must be positive")
+
+
+LOSSES = ("kl", "mse")
 
 
 class FakeQuantLinear(nn.Module):
     """A QuantLinear that trains: latent float weight, (learnable) scales, fixed zero points."""
 
     def __init__(
-        self, ql: QuantLinear, lsq: bool, float_weight: torch.Tensor | None = None
+        self,
+        ql: QuantLinear,
+        lsq: bool,
+        float_weight: torch.Tensor | None = None,
+        learn_zero: bool = False,
     ) -> None:
         super().__init__()
         self.weight_args: QuantArgs = ql.weight_args
@@ -68,10 +95,12 @@ class FakeQuantLinear(nn.Module):
         self.log_scale = nn.Parameter(log_s, requires_grad=lsq)
         self.register_buffer("zero", ql.weight_zero_point.float())
         self.log_input_scale = None
-        self.register_buffer("input_zero", None)
+        self.input_zero = None
         if ql.input_scale is not None:
             self.log_input_scale = nn.Parameter(ql.input_scale.float().log(), requires_grad=lsq)
-            self.input_zero = ql.input_zero_point.float()
+            # a float that the forward rounds: gradients reach it only through the clamp (where
+            # the integer window cuts values off), which is what moving the window trades
+            self.input_zero = nn.Parameter(ql.input_zero_point.float(), requires_grad=learn_zero)
 
     def quantized_weight(self) -> torch.Tensor:
         return P.fake_quantize_ste(self.weight, self.weight_args, self.log_scale.exp(), self.zero)
@@ -81,10 +110,14 @@ class FakeQuantLinear(nn.Module):
         if a is not None and a.dynamic:  # per-token scales: not learned, rounding passed straight
             x = x + (P.dynamic_fake_quantize(x.detach(), a) - x).detach()
         elif self.log_input_scale is not None:
-            s, z = self.log_input_scale.exp(), self.input_zero
             qmin, qmax = P.qrange(a.bits)
-            x = (torch.clamp(P.round_ste(x / s + z), qmin, qmax) - z) * s
+            s, z = self.log_input_scale.exp(), self._input_zero()
+            x = (torch.clamp(P.round_ste(x / s) + z, qmin, qmax) - z) * s
         return F.linear(x, self.quantized_weight(), self.bias)
+
+    def _input_zero(self) -> torch.Tensor:
+        qmin, qmax = P.qrange(self.input_args.bits)
+        return P.round_ste(torch.clamp(self.input_zero, qmin, qmax))
 
     def to_quant_linear(self, name: str) -> QuantLinear:
         """Round the trained weight onto the trained grid: the integers a loader will read."""
@@ -96,7 +129,7 @@ class FakeQuantLinear(nn.Module):
             if self.log_input_scale is not None:
                 s = self.log_input_scale.exp()
                 P.check_scale(f"{name} input", s)
-                ql.set_input_qparams(s, self.input_zero)
+                ql.set_input_qparams(s, self._input_zero())
         return ql
 
 
@@ -121,6 +154,49 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float, mask=None) -
     return t * t * kl.mean()
 
 
+def _margins(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Each row's logit of class `cls` minus its largest other logit."""
+    own = logits.gather(-1, cls.unsqueeze(-1)).squeeze(-1)
+    others = logits.scatter(-1, cls.unsqueeze(-1), float("-inf"))
+    return own - others.amax(-1)
+
+
+def qat_loss(student, teacher, settings: QATSettings, mask=None) -> torch.Tensor:
+    """The QAT objective between the student's and the float model's outputs (HF outputs with
+    `logits`, and `hidden_states` when hidden_weight > 0); `mask` [batch, tokens] leaves
+    padding out of per-token terms.
+
+    kl: T^2 KL at temperature T. On a fine-tuned classifier's training text the float model is
+    sure of most rows, so KL's gradient (p(1-p) times the logit error) is near zero there; mse
+    weighs every row's logit error alike (KL as T grows: the same up to centring).
+    margin_weight * mean relu(min(margin, teacher margin) - student margin), margins taken at
+    the teacher's argmax: nonzero only where the student is less decided than the teacher.
+    hidden_weight * mean over layers of |h_s - h_t|^2 / |h_t|^2 (real tokens only)."""
+    s, t = student.logits.float(), teacher.logits.float()
+    m = None if mask is None or s.ndim != 3 else mask.float()
+    if settings.loss == "kl":
+        loss = kd_loss(s, t, settings.temperature, m)
+    else:
+        err = (s - t).pow(2).mean(-1)
+        loss = err.mean() if m is None else (err * m).sum() / m.sum()
+    if settings.margin_weight:
+        cls = t.argmax(-1)
+        goal = torch.clamp(_margins(t, cls), max=settings.margin)
+        hinge = F.relu(goal - _margins(s, cls))
+        hinge = hinge.mean() if m is None else (hinge * m).sum() / m.sum()
+        loss = loss + settings.margin_weight * hinge
+    if settings.hidden_weight:
+        w = None if mask is None else mask.float().unsqueeze(-1)
+        terms = []
+        for hs, ht in zip(student.hidden_states[1:], teacher.hidden_states[1:], strict=True):
+            d, r = (hs.float() - ht.float()).pow(2), ht.float().pow(2)
+            if w is not None:
+                d, r = d * w, r * w
+            terms.append(d.sum() / r.sum().clamp_min(1e-12))
+        loss = loss + settings.hidden_weight * torch.stack(terms).mean()
+    return loss
+
+
 def train_qat(
     model: nn.Module,
     teacher: nn.Module,
@@ -139,7 +215,11 @@ def train_qat(
         n: m.qweight.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)
     }
     floats = dict(teacher.named_modules())
-    fq = _swap(model, QuantLinear, lambda n, m: FakeQuantLinear(m, s.lsq, floats[n].weight))
+    fq = _swap(
+        model,
+        QuantLinear,
+        lambda n, m: FakeQuantLinear(m, s.lsq, floats[n].weight, learn_zero=s.zero_lr > 0),
+    )
     if not fq:
         raise SlimportError("QAT: the model has no quantized Linear layers")
     weights = [m.weight for m in fq.values()]
@@ -150,6 +230,9 @@ def train_qat(
         # scale gradients are ~1e-12 (a sum of tiny terms): Adam's default eps 1e-8 would
         # swallow them; with eps ~0 each log-scale moves ~scale_lr per step
         groups.append({"params": scales, "lr": s.scale_lr, "eps": 1e-30})
+    zeros = [m.input_zero for m in fq.values() if m.input_zero is not None and s.zero_lr > 0]
+    if zeros:  # Adam: ~zero_lr integer units per step, whatever the gradient's size
+        groups.append({"params": zeros, "lr": s.zero_lr, "eps": 1e-30})
     optimizer = torch.optim.Adam(groups)
     warmup = max(1, round(s.warmup * s.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -165,20 +248,17 @@ def train_qat(
                 break
             batch = batches[step % len(batches)]
             mask = batch.get("attention_mask")
+            hidden = {"output_hidden_states": True} if s.hidden_weight else {}
             with torch.no_grad():
-                target = teacher(**batch).logits
-            logits = model(**batch).logits
-            if logits.ndim == 3 and mask is not None:  # per-token, padding left out
-                loss = kd_loss(logits, target, s.temperature, mask.float())
-            else:
-                loss = kd_loss(logits, target, s.temperature)
+                target = teacher(**batch, **hidden)
+            loss = qat_loss(model(**batch, **hidden), target, s, mask)
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(round(loss.item(), 6))
             bar.update()
-            bar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
         bar.close()
     quantized = _swap(model, FakeQuantLinear, lambda n, m: m.to_quant_linear(n))
     changed = sum(int((q.qweight != ptq_ints[n]).sum()) for n, q in quantized.items())
@@ -215,7 +295,10 @@ def training_batches(source, config: QuantizationConfig, settings: QATSettings) 
 
         n = min(n, len(read_texts(config.calib_data)))
     cfg = dataclasses.replace(config, num_samples=n, seed=config.seed + 1)  # not the PTQ sample
-    return calibration_inputs(load_tokenizer(source), config.calib_data, cfg, causal, per_batch)
+    return calibration_inputs(
+        load_tokenizer(source), config.calib_data, cfg, causal, per_batch,
+        sort_by_length=settings.sort_by_length,
+    )  # fmt: skip
 
 
 def float_model(source) -> nn.Module:

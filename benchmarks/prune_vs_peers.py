@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -188,6 +189,14 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def _when(r: dict) -> str:
+    return f"{r['started_utc']}-{r['finished_utc']}" if "started_utc" in r else "-"
+
+
+def _load(r: dict) -> str:
+    return " / ".join(f"{x:.1f}" for x in r["loadavg"]) if "loadavg" in r else "-"
+
+
 def table(rows: dict[str, dict], a, command: str) -> str:
     from _machine import header
 
@@ -198,19 +207,21 @@ def table(rows: dict[str, dict], a, command: str) -> str:
         f"calibration tokens (WikiText-2 valid, seed 0); {a.windows} x {SEQ_LEN} test windows "
         f"(WikiText-2 raw test); {a.threads} thread(s) per row",
         "",
-        "| method | perplexity | x dense | prune s | sparsity (measured) |",
-        "|---|---|---|---|---|",
+        "| method | perplexity | x dense | prune s | sparsity (measured) | row wall s | UTC | load avg (1/5/15 min, at its end) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     dense = rows.get("dense", {}).get("perplexity")
     for name, r in rows.items():
         label = ROWS[name][0]
         if "perplexity" not in r:
             why = r.get("skipped") or f"failed: {r.get('error', '?')}"
-            lines.append(f"| {label} | {why} | - | - | - |")
+            lines.append(f"| {label} | {why} | - | - | - | - | {_when(r)} | {_load(r)} |")
             continue
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
         x = f"{r['perplexity'] / dense:.2f}" if dense else "-"
-        lines.append(f"| {label} | {r['perplexity']:.2f} | {x} | {secs} | {r['sparsity']:.4f} |")
+        wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-"
+        lines.append(f"| {label} | {r['perplexity']:.2f} | {x} | {secs} | {r['sparsity']:.4f} "
+                     f"| {wall} | {_when(r)} | {_load(r)} |")  # fmt: skip
     return "\n".join([*lines, "", *verdicts(rows)])
 
 
@@ -224,7 +235,11 @@ def main() -> None:
                     "SparseGPT's column loop 18x slower)")  # fmt: skip
     ap.add_argument("--peer-python", default="/work/venv-llmc/bin/python",
                     help="python of the venv with llmcompressor")  # fmt: skip
-    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--json", default=None,
+                    help="also write the rows as JSON here (after every row: a run cut short keeps "
+                    "the rows it finished)")  # fmt: skip
+    ap.add_argument("--from-json", default=None,
+                    help="print the table of a JSON written by --json (e.g. of a run cut short)")  # fmt: skip
     ap.add_argument("--model", type=Path, default=MODEL, help="fp32 SmolLM2 HF folder")
     ap.add_argument("--shared", type=Path, default=None, help="the shared data folder")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -237,6 +252,12 @@ def main() -> None:
         a.shared = shared_dir()
     if a.worker:
         return worker(a)
+    if a.from_json:
+        saved = json.loads(Path(a.from_json).read_text())
+        for k, v in saved["meta"].items():
+            setattr(a, k, v)
+        print(table(saved["rows"], a, a.command))
+        return
     if a.peer_python and not Path(a.peer_python).exists():
         a.peer_python = None
     names = ORDER if a.only is None else tuple(a.only.split(","))
@@ -247,35 +268,42 @@ def main() -> None:
     command = "python benchmarks/prune_vs_peers.py " + shlex.join(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="prune-vs-peers-"))
     rows: dict[str, dict] = {}
+    a.peer_versions = peer_versions(a.peer_python) if a.peer_python else ""
+    meta = {"command": command, "windows": a.windows, "calib": a.calib, "threads": a.threads,
+            "peer_versions": a.peer_versions}  # fmt: skip
     try:
         data = work / "tokens.pt"
         make_data(a.model, a.shared, a.windows, a.calib, data)
         for name in names:
             print(f"{name} ...", file=sys.stderr, flush=True)
+            started = time.strftime("%H:%M:%S", time.gmtime())
             rows[name] = r = run_one(name, a, data, work)
+            # wall clock and the machine's load: on a shared machine the times need both
+            r.update(started_utc=started, finished_utc=time.strftime("%H:%M:%S", time.gmtime()),
+                     loadavg=os.getloadavg())  # fmt: skip
             if "perplexity" in r:
                 print(f"  ppl {r['perplexity']:.2f}, prune {r['seconds'] or 0:.1f} s, "
                       f"sparsity {r['sparsity']:.4f}", file=sys.stderr, flush=True)  # fmt: skip
             if a.json:  # rows so far, in case the run is cut short
-                Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+                Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    a.peer_versions = ", ".join(
-        sorted({f"llmcompressor {r['version']}" for r in rows.values() if r.get("version")})
-    )
-    if a.peer_versions and a.peer_python:
-        v = subprocess.run(
-            [a.peer_python, "-c", "import torch, transformers, compressed_tensors as c; "
-             "print(torch.__version__, transformers.__version__, c.__version__)"],
-            capture_output=True, text=True, check=False,
-        ).stdout.split()  # fmt: skip
-        if len(v) == 3:
-            a.peer_versions += (
-                f" (its venv: torch {v[0]}, transformers {v[1]}, compressed-tensors {v[2]})"
-            )
     text = table(rows, a, command)
     print()
     print(text)
+
+
+def peer_versions(python: str) -> str:
+    """llm-compressor's version and its venv's torch / transformers / compressed-tensors."""
+    v = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(*(m.version(p) for p in "
+         "('llmcompressor', 'torch', 'transformers', 'compressed-tensors')))"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split()  # fmt: skip
+    if len(v) != 4:
+        return ""
+    return (f"llmcompressor {v[0]} (its venv: torch {v[1]}, transformers {v[2]}, "
+            f"compressed-tensors {v[3]})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -115,15 +115,38 @@ def test_kv_cache_of_smollm2_after_n_tokens(smollm2_hf):
     assert real == 46_080 * 9
 
 
+# random-weight models of realistic size (memory does not depend on the values)
+RANDOM = {
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=512,
+                  num_hidden_layers=8, intermediate_size=1536, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048,
+                  tie_word_embeddings=True),
+    "distilbert": dict(model_type="distilbert", architectures=["DistilBertForSequenceClassification"],
+                       dim=768, n_layers=6, n_heads=12, hidden_dim=3072, vocab_size=30522),
+}  # fmt: skip
+# not GPT-2: its peak RSS at 4 x 256 (124M) read 854 and 965 MiB in two runs of the same probe
+# against 778 estimated (every live tensor is: the profiler counts 271 MiB live, as estimated);
+# glibc keeps a varying share of its freed gelu_new temporaries resident between the KV cache's
+# per-layer allocations, which the heap-holes term (1.5 blocks) does not model
+
+
 @pytest.mark.parametrize(
     ("which", "batch", "seq"),
-    [("smollm2", 4, 256), ("minilm", 8, 256)],
+    [
+        ("smollm2", 4, 256),
+        ("minilm", 8, 256),
+        ("qwen2", 4, 256),
+        ("distilbert", 4, 256),
+    ],
 )
 def test_inference_peak_rss_is_within_15_percent(
     which, batch, seq, smollm2_hf, minilm_dir, tmp_path
 ):
-    folder = smollm2_hf if which == "smollm2" else minilm_dir
-    config = json.loads((folder / "config.json").read_text())
+    if which in RANDOM:
+        config = RANDOM[which]
+    else:
+        folder = smollm2_hf if which == "smollm2" else minilm_dir
+        config = json.loads((folder / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config))
     probe = Path(__file__).with_name("memory_probe.py")
     run = subprocess.run([sys.executable, str(probe), str(tmp_path / "config.json"), str(batch), str(seq)],

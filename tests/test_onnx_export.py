@@ -150,7 +150,8 @@ def test_incremental_decode_equals_full_recompute(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["llama-gqa-tied", "gpt2"])
 def test_the_in_place_cache_computes_what_the_copied_cache_does(kind, tmp_path):
     """generate's cache (one buffer bound as past and present, appended in place) against
-    step's (numpy in, numpy out): the same logits every step, left-padded rows included."""
+    step's (numpy in, numpy out): the same logits every step (to 1e-5, as incremental decode is
+    held), left-padded rows included."""
     from slimport.runtime.onnx.session import InPlaceCache
 
     export_onnx(tiny(kind, tmp_path), tmp_path / "onnx")
@@ -160,7 +161,7 @@ def test_the_in_place_cache_computes_what_the_copied_cache_does(kind, tmp_path):
     for end in (5, 6, 7, 8, 9):
         start = 0 if end == 5 else end - 1
         copied, cache = m.step(ids[:, start:end], mask[:, :end], cache)
-        assert np.abs(in_place.step(ids[:, start:end], mask[:, :end]) - copied).max() <= 1e-6
+        assert np.abs(in_place.step(ids[:, start:end], mask[:, :end]) - copied).max() <= 1e-5
     assert m.generate(ids[:, :5], 4, attention_mask=mask[:, :5]).shape == (2, 9)
 
 

@@ -2,7 +2,8 @@
 perplexity increase over the held-out windows.
 
 Each window w gives a paired difference d_w = NLL_quantized(w) - NLL_float(w) (mean per-token NLL,
-nats). Windows hold the same number of tokens, so the perplexity ratio is exp(mean d) exactly; a
+nats). The slice's perplexity is exp of the mean window NLL (windows weigh alike, also when
+`<unk>` placeholders leave some with fewer scored tokens), so its ratio is exp(mean d); a
 one-sided Student t bound on mean d, exp(mean d + t_{c, n-1} * sd / sqrt(n)) - 1, is the increase
 a plan may be expected to stay under on other text of the same kind (with confidence c). It
 equals the slice's own increase when the windows agree (sd = 0), and grows as they disagree or

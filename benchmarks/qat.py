@@ -10,7 +10,7 @@ back, on two cases.
     python benchmarks/qat.py --case minilm --steps 100
     python benchmarks/qat.py --case minilm --steps 300 --loss mse --hidden-weight 1 --sort-by-length
 
-`--qat-observer` starts QAT from ranges of another observer (the PTQ row stays min_max; that
+`--seed` draws other calibration and QAT sentences (minilm). `--qat-observer` starts QAT from ranges of another observer (the PTQ row stays min_max; that
 observer's own PTQ is printed as a row too, so what QAT adds is visible).
 
 recovered = (PTQ loss - QAT loss) / PTQ loss, loss = perplexity above fp32 (smollm2) or
@@ -77,7 +77,7 @@ def minilm(args, scratch: Path) -> None:
 
     model = Path(args.model) if args.model else ensure_sst2_classifier(recipe=args.recipe)
     config = make_config(bits=8, activations="static", observer="min_max", num_samples=256,
-                         calib_data=str(sst2_path("train")))  # fmt: skip
+                         calib_data=str(sst2_path("train")), seed=args.seed)  # fmt: skip
     quantize(model, scratch / "ptq", config, progress=False)
     start = config
     if args.qat_observer != config.observer:
@@ -166,6 +166,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256, help="smollm2: QAT window tokens")
     ap.add_argument("--windows", type=int, default=16, help="smollm2: test windows of 512 tokens")
     ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="minilm: of the calibration and QAT sentences"
+    )
     ap.add_argument("--scratch", default=".cache/bench-qat")
     args = ap.parse_args()
     torch.set_num_threads(1)

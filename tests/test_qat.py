@@ -272,3 +272,41 @@ def test_cli_quantize_qat(tiny_llama, text, tmp_path, capsys):
         main([*argv[:2], str(tmp_path / "q2"), "--bits", "4", "--qat", "3", "--quiet"]) == 3
     )  # REFUSED: bad input
     assert "no calib_data" in capsys.readouterr().err
+
+
+def test_a_recipe_qat_section_runs_qat_and_flags_override_it(tiny_llama, text, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"quantization: {{bits: 4, group_size: 32, calib_data: {text}, seq_len: 32}}\n"
+        "qat: {steps: 2, loss: mse, hidden_weight: 0.5, scale_lr: 0.01}\n"
+    )
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama), str(out), "--recipe", str(recipe),
+                 "--qat-hidden-weight", "0.25", "--quiet"]) == 0  # fmt: skip
+    assert "QAT: 2 steps" in capsys.readouterr().out
+    ran = json.loads((out / "qat_report.json").read_text())["settings"]
+    assert (ran["steps"], ran["loss"], ran["hidden_weight"], ran["scale_lr"]) == (
+        2,
+        "mse",
+        0.25,
+        0.01,
+    )
+
+
+def test_qat_options_are_checked_by_name(tiny_llama, text, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"quantization: {{bits: 4, calib_data: {text}}}\nqat: {{steps: 2, lr_w: 1}}\n"
+    )
+    base = ["quantize", str(tiny_llama), str(tmp_path / "q"), "--quiet"]
+    assert main([*base, "--recipe", str(recipe)]) == 3
+    assert "qat option lr_w: unknown" in capsys.readouterr().err
+    recipe.write_text(f"quantization: {{bits: 4, calib_data: {text}}}\nqat: {{steps: two}}\n")
+    assert main([*base, "--recipe", str(recipe)]) == 3
+    assert "steps: 'two' is not" in capsys.readouterr().err
+    assert main([*base, "--bits", "4", "--qat-loss", "mse"]) == 3  # a QAT flag without QAT
+    assert "--qat-loss: QAT options without QAT" in capsys.readouterr().err
+    assert main([*base, "--bits", "4", "--calib-data", str(text), "--qat", "2",
+                 "--qat-batch-size", "0"]) == 3  # fmt: skip
+    assert "batch_size 0: must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

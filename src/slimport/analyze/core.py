@@ -9,7 +9,7 @@ import torch
 
 from slimport.analyze import pipeline_memory, targets
 from slimport.analyze.graph import hf_config, meta_model, op_inventory
-from slimport.analyze.memory import estimate
+from slimport.analyze.memory import PIN_MMAP_THRESHOLD, estimate
 from slimport.arch import family_for
 from slimport.errors import SlimportError
 
@@ -111,13 +111,28 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
         ),  # fmt: skip
         (
             f"Inference at batch {m['batch']} x seq {m['seq']} (MiB)",
-            ["dtype", "weights", "activations (peak)", "KV cache", "kernels + allocator", "total"],
+            [
+                "dtype",
+                "weights",
+                "activations (peak)",
+                "KV cache",
+                "kernels + allocator",
+                "total",
+                f"total with {PIN_MMAP_THRESHOLD}",
+            ],  # fmt: skip
             [
                 [
                     d,
                     *(
                         _mib(r[k])
-                        for k in ("weights", "activations", "kv_cache", "runtime", "total")
+                        for k in (
+                            "weights",
+                            "activations",
+                            "kv_cache",
+                            "runtime",
+                            "total",
+                            "pinned",
+                        )
                     ),
                 ]
                 for d, r in m["inference"].items()

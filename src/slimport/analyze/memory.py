@@ -28,9 +28,16 @@ MLP_SAVED = {"llama": 3, "gpt2": 4}
 # - HEAP_HOLES x the largest freed activation: glibc raises its mmap threshold to each freed
 #   mapped block (up to 32 MiB), so later blocks of that size come from the heap, whose freed
 #   space stays resident (it trims the top only past twice the threshold). Measured 0.8-1.7x.
+# Any MALLOC_* tunable pins the threshold (glibc then never raises it): every freed block over
+# 128 KiB is unmapped and the peak is the live tensors + KERNELS_MIB, `pinned` (measured within
+# 4% on SmolLM2, MiniLM and random GPT-2 / Qwen2 / DistilBERT, tests/test_analyze.py). With the
+# dynamic threshold, a decoder that keeps each layer's KV tensors between its freed MLP
+# temporaries can leave far more than HEAP_HOLES resident, varying run to run (random GPT-2 at
+# 4 x 256: +120..+180 MiB, about one 12 MiB MLP block per layer), which `total` does not model.
 KERNELS_MIB = 14.5
 HEAP_HOLES = 1.5
 MMAP_THRESHOLD_MAX = 32 << 20
+PIN_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_=131072"
 
 
 def _dims(config) -> dict:
@@ -106,10 +113,13 @@ def largest_transient(config, family: str, batch: int, seq: int, eager: bool = F
     return max(batch * seq * d["inter"], scores)
 
 
-def runtime_reserve(config, family: str, batch: int, seq: int, eager: bool, nbytes: int) -> int:
-    """Bytes a forward's peak RSS holds beyond its live tensors: kernels + glibc heap holes."""
+def runtime_reserve(
+    config, family: str, batch: int, seq: int, eager: bool, nbytes: int, pinned: bool = False
+) -> int:
+    """Bytes a forward's peak RSS holds beyond its live tensors: kernels + glibc heap holes
+    (none when the mmap threshold is pinned: freed blocks are unmapped)."""
     block = largest_transient(config, family, batch, seq, eager) * nbytes
-    holes = HEAP_HOLES * block if block <= MMAP_THRESHOLD_MAX else 0  # mapped: returned at free
+    holes = HEAP_HOLES * block if block <= MMAP_THRESHOLD_MAX and not pinned else 0
     return int(KERNELS_MIB * 2**20 + holes)
 
 
@@ -148,8 +158,10 @@ def estimate(model: torch.nn.Module, family: str, batch: int, seq: int) -> dict:
         act = inference_activations(config, family, batch, seq, eager) * b
         kv = kv_tok * batch * seq * b  # the prefill fills the cache a plain forward returns
         rt = runtime_reserve(config, family, batch, seq, eager, b)
+        pinned = w["bytes"][dtype] + act + kv + runtime_reserve(config, family, batch, seq, eager, b, True)  # fmt: skip
         infer[dtype] = {"weights": w["bytes"][dtype], "activations": act, "kv_cache": kv,
-                        "runtime": rt, "total": w["bytes"][dtype] + act + kv + rt}  # fmt: skip
+                        "runtime": rt, "total": w["bytes"][dtype] + act + kv + rt,
+                        "pinned": pinned}  # fmt: skip
     train = {}
     lora = lora_parameters(model)
     for ckpt in (False, True):

@@ -36,17 +36,41 @@ def _write_report(args, report: dict, command: str) -> None:
         print("report: " + ", ".join(map(str, written[:2])))
 
 
+# --qat-X flag -> QATSettings field (a recipe's `qat:` section holds the same fields)
+QAT_FLAGS = {"qat": "steps", "qat_lr": "lr", "lsq": "lsq", "qat_scale_lr": "scale_lr",
+             "qat_loss": "loss", "qat_hidden_weight": "hidden_weight",
+             "qat_margin_weight": "margin_weight", "qat_zero_lr": "zero_lr",
+             "qat_sort_by_length": "sort_by_length", "qat_batch_size": "batch_size",
+             "qat_minutes": "minutes"}  # fmt: skip
+
+
+def _qat_settings(args):
+    """QAT runs when the recipe has a `qat:` section or --qat is given; flags override it."""
+    from slimport.compress.quant.config import read_qat_section
+    from slimport.compress.quant.qat import QATSettings
+
+    section = read_qat_section(args.recipe) if args.recipe else None
+    flags = {f: getattr(args, a) for a, f in QAT_FLAGS.items() if getattr(args, a) is not None}
+    if section is None and args.qat is None:
+        extra = sorted(f"--{a.replace('_', '-')}" for a in QAT_FLAGS if a not in ("qat", "lsq")
+                       and getattr(args, a) is not None)  # fmt: skip
+        if extra:
+            raise SlimportError(f"{', '.join(extra)}: QAT options without QAT",
+                                hint="add --qat STEPS, or a `qat:` section to the recipe")  # fmt: skip
+        return None
+    where = f"{args.recipe}: qat option" if section else "QAT option"
+    return QATSettings.from_dict({**(section or {}), **flags}, where)
+
+
 def _quantize(args) -> int:
     from slimport.compress import api
 
     options = {k: v for k, v in vars(args).items() if k in api.CLI_OPTIONS and v is not None}
     _report_first(args)
     with stdout_kept_for_json(args.json):
-        if args.qat is not None:
-            from slimport.compress.quant.qat import QATSettings, quantize_aware
+        if (settings := _qat_settings(args)) is not None:
+            from slimport.compress.quant.qat import quantize_aware
 
-            lr = {} if args.qat_lr is None else {"lr": args.qat_lr}
-            settings = QATSettings(steps=args.qat, lsq=args.lsq, **lr)
             report = quantize_aware(args.model, args.out, api.make_config(args.recipe, **options),
                                     settings, progress=not args.quiet, overwrite=args.overwrite)  # fmt: skip
         else:
@@ -59,7 +83,7 @@ def _quantize(args) -> int:
     print(api.summary(report))
     _write_report(args, report, "quantize")
     if q := report.get("qat"):
-        print(f"QAT: {q['steps']} steps in {q['seconds']:.0f} s, KL {q['losses'][0]:.4g} -> "
+        print(f"QAT: {q['steps']} steps in {q['seconds']:.0f} s, loss {q['losses'][0]:.4g} -> "
               f"{q['losses'][-1]:.4g}, {q['integers_changed']:.2%} of the integers changed")  # fmt: skip
     return 0
 
@@ -185,7 +209,16 @@ def register(sub) -> None:
     sp.add_argument("--qat", type=int, metavar="STEPS",
                     help="then quantization-aware training: STEPS of KD from the float model on --calib-data (default: off)")
     sp.add_argument("--qat-lr", type=float, help="QAT learning rate of the weights (default: 1e-5)")
-    sp.add_argument("--no-lsq", dest="lsq", action="store_false", help="QAT: keep the PTQ scales fixed")
+    sp.add_argument("--no-lsq", dest="lsq", action="store_false", default=None, help="QAT: keep the PTQ scales fixed")
+    sp.add_argument("--qat-scale-lr", type=float, help="QAT learning rate of the log-scales (default: 1e-3)")
+    sp.add_argument("--qat-loss", choices=("kl", "mse"), help="QAT loss on the float model's logits (default: kl; "
+                    "mse when the float model is sure of most training inputs, as a fine-tuned classifier)")
+    sp.add_argument("--qat-hidden-weight", type=float, help="QAT: weight of a relative MSE on every layer's hidden states (default: 0)")
+    sp.add_argument("--qat-margin-weight", type=float, help="QAT: weight of a hinge on the float model's decision (default: 0)")
+    sp.add_argument("--qat-zero-lr", type=float, help="QAT: learning rate of static input zero points, in integer units (default: 0, fixed)")
+    sp.add_argument("--qat-sort-by-length", action="store_true", default=None, help="QAT: batch sentences of like length (less padding)")
+    sp.add_argument("--qat-batch-size", type=int, help="QAT: LM windows, or sentences x 32, per step (default: 1)")
+    sp.add_argument("--qat-minutes", type=float, help="QAT: stop after this many minutes (default: 20)")
     sp.add_argument("--max-shard-size", metavar="SIZE", help='largest safetensors shard, bytes or e.g. '
                     '"500MB"; an index when there are several (default: 5GB, as transformers)')
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -390,11 +390,11 @@ def read_recipe(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise SlimportError(f"{path}: a recipe is a mapping of options, got {type(data).__name__}")
     if "quantization" in data:
-        other = sorted(map(str, set(data) - {"quantization"}))
+        other = sorted(map(str, set(data) - {"quantization", "qat"}))
         if other:
             raise SlimportError(
                 f"{path}: unknown top-level key(s) {', '.join(other)} beside `quantization:`",
-                hint="put every option under `quantization:`",
+                hint="put every option under `quantization:` (and QAT's under `qat:`)",
             )
         data = data["quantization"]
     if not isinstance(data, dict):
@@ -403,6 +403,18 @@ def read_recipe(path: str | Path) -> dict:
         # the recipe's own folder, so a recipe works from any working directory
         data = {**data, "calib_data": os.path.normpath(path.parent / data["calib_data"])}
     return data
+
+
+def read_qat_section(path: str | Path) -> dict | None:
+    """The `qat:` mapping beside `quantization:` in a YAML recipe (QATSettings fields), or None."""
+    read_recipe(path)  # the same checks (size, aliases, keys)
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    qat = data.get("qat") if "quantization" in data else None
+    if qat is not None and not isinstance(qat, dict):
+        raise SlimportError(f"{path}: `qat:` is not a mapping of options", hint="qat: {steps: 200}")
+    return qat
 
 
 def _from_seed_form(d: dict) -> dict:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from slimport.compress.fields import check_field_types
 from slimport.compress.quant import primitives as P
 from slimport.compress.quant.config import QuantArgs, QuantizationConfig
 from slimport.compress.quant.modules import QuantLinear
@@ -56,12 +57,27 @@ class QATSettings:
     zero_lr: float = 0.0  # static input zero points (integer units per step); 0 keeps PTQ's
     sort_by_length: bool = False  # encoders: batches of like-length sentences, less padding
 
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "QAT option") -> QATSettings:
+        """Settings from a recipe's `qat:` mapping or CLI flags; unknown names and wrong types
+        are refused naming the option."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise SlimportError(f"{where} {', '.join(map(str, unknown))}: unknown",
+                                hint="known: " + ", ".join(names))  # fmt: skip
+        check_field_types(cls, values, where)
+        return cls(**values)
+
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise SlimportError(f"QAT loss {self.loss!r}: unknown", hint=" or ".join(LOSSES))
         for name in ("margin_weight", "hidden_weight", "zero_lr"):
             if getattr(self, name) < 0:
                 raise SlimportError(f"QAT {name} {getattr(self, name)}: must be >= 0")
+        for name in ("batch_size", "minutes"):
+            if getattr(self, name) <= 0:
+                raise SlimportError(f"QAT {name} {getattr(self, name)}: must be positive")
         if self.temperature <= 0:
             raise SlimportError(f"QAT temperature {self.temperature}: must be positive")
 

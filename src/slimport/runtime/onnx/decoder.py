@@ -53,18 +53,17 @@ class _Inputs:
             for kv in ("key", "value"):
                 g.input(PAST.format(i, kv), FLOAT, ["batch", n_kv, "past", head_dim])
         total = g.op("Gather", g.op("Shape", self.mask), g.const(1))  # scalar
-        seq = g.op("Gather", g.op("Shape", self.ids), g.const(1))
         # GroupQueryAttention's lengths (int32): total_sequence_length, and seqlens_k = total - 1
         # for every row, padded or not (it assumes right padding; ours is masked by the bias)
         self.total = g.op("Cast", total, to=INT32)
         batch = g.dim(self.ids, 0)
         self.seqlens = g.op("Cast", g.op("Expand", g.op("Sub", total, g.const(1)), batch), to=INT32)
-        keys = g.op("Range", g.const(0), total, g.const(1))  # [total]
-        queries = g.op("Range", g.op("Sub", total, seq), total, g.const(1))  # absolute positions
-        causal = g.op("LessOrEqual", keys, g.op("Unsqueeze", queries, g.const([1])))  # [seq, total]
+        # the bias masks the padded keys only: GroupQueryAttention is causal itself
         padded = g.op("Cast", g.op("Unsqueeze", self.mask, g.const([1, 2])), to=9)  # bool
-        allowed = g.op("And", causal, padded)  # [batch, 1, seq, total]
-        self.bias = g.op("Where", allowed, g.const(0.0, np.float32), g.const(NEG, np.float32))
+        bias = g.op("Where", padded, g.const(0.0, np.float32), g.const(NEG, np.float32))
+        shape = g.op("Concat", g.dim(self.ids, 0), g.const([1]), g.dim(self.ids, 1),
+                     g.dim(self.mask, 1), axis=0)  # fmt: skip
+        self.bias = g.op("Expand", bias, shape)  # [batch, 1, seq, total]
 
 
 def _attention(g, inp: _Inputs, layer, qkv, n_heads, n_kv, hd, scale, rope=None) -> str:
@@ -145,11 +144,12 @@ def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
     x = g.rms_norm(h, w.value(g, "model.layers.0.input_layernorm.weight"), eps)
     for i in range(n_layers):  # h: the residual stream; x: its norm, the next block's input
         p = f"model.layers.{i}."
-        qkv = w.linears(g, x, [f"{p}self_attn.{n}_proj" for n in "qkv"], split=False)
+        qkv = w.linears(g, x, [f"{p}self_attn.{n}_proj" for n in "qkv"])
         ctx = _attention(g, inp, i, qkv, n_heads, n_kv, hd, scale, rope)
         attn = w.linear(g, ctx, p + "self_attn.o_proj")
         x, h = g.skip_rms_norm(attn, h, w.value(g, p + "post_attention_layernorm.weight"), eps)
-        gate, up = w.linears(g, x, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+        # gate and up one by one: packed, the Split of its output costs more than it saves
+        gate, up = (w.linear(g, x, p + f"mlp.{n}_proj") for n in ("gate", "up"))
         gate = g.act(gate, act)
         mlp = w.linear(g, g.op("Mul", gate, up), p + "mlp.down_proj")
         following = f"model.layers.{i + 1}.input_layernorm" if i + 1 < n_layers else "model.norm"

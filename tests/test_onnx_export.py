@@ -257,8 +257,8 @@ def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path
 
     proto = onnx.load(str(tmp_path / "onnx/model.onnx"))
     ops = [n.op_type for n in proto.graph.node]
-    # per layer: q/k/v as one packed MatMulNBits, o, gate, up, down; the tied head float
-    assert ops.count("MatMulNBits") == 2 * 5 + head and ("FusedMatMul" in ops) != head
+    # per layer: q/k/v as one packed MatMulNBits, o, gate/up packed, down; the tied head float
+    assert ops.count("MatMulNBits") == 2 * 4 + head and ("FusedMatMul" in ops) != head
     names = {t.name for t in proto.graph.initializer}
     assert "model.layers.0.self_attn.q_proj.weight_packed" in names
     assert ("model.layers.0.self_attn.q_proj.weight_zero_point" in names) == (

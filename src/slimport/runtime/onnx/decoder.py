@@ -148,8 +148,7 @@ def llama(g: Graph, w: Weights, config: dict, cfg: dict) -> None:
         ctx = _attention(g, inp, i, qkv, n_heads, n_kv, hd, scale, rope)
         attn = w.linear(g, ctx, p + "self_attn.o_proj")
         x, h = g.skip_rms_norm(attn, h, w.value(g, p + "post_attention_layernorm.weight"), eps)
-        # gate and up one by one: packed, the Split of its output costs more than it saves
-        gate, up = (w.linear(g, x, p + f"mlp.{n}_proj") for n in ("gate", "up"))
+        gate, up = w.linears(g, x, [p + "mlp.gate_proj", p + "mlp.up_proj"], split=True)
         gate = g.act(gate, act)
         mlp = w.linear(g, g.op("Mul", gate, up), p + "mlp.down_proj")
         following = f"model.layers.{i + 1}.input_layernorm" if i + 1 < n_layers else "model.norm"

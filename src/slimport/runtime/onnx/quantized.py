@@ -170,7 +170,7 @@ class QuantizedLinears:
 
     def emit_packed(self, g: Graph, x: str, prefixes: list[str], biases: list) -> tuple[str, list]:
         """x [tokens, K] -> ([tokens, sum N], each Linear's N): ONE MatMulNBits over their rows
-        stacked (q/k/v): the activation is quantized once and one kernel runs instead of
+        stacked (q/k/v, gate/up): the activation is quantized once and one kernel runs instead of
         several. The stacked B, scales and zero points are Concat nodes over each Linear's own
         initializers (hub-named, as `emit` writes them), which ONNX Runtime folds at load."""
         parts = [self.arrays(p) for p in prefixes]

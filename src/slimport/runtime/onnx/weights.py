@@ -67,16 +67,19 @@ class Weights:
             return self.quantized.emit(g, x, prefix, bias)
         return g.linear(x, self.value(g, prefix + ".weight"), bias, trans_b)
 
-    def linears(self, g: Graph, x: str, prefixes: list[str]) -> list[str] | str:
+    def linears(
+        self, g: Graph, x: str, prefixes: list[str], split: bool = False
+    ) -> list[str] | str:
         """Several Linears of the same input x: integer ones of one scheme as one packed
         MatMulNBits (`QuantizedLinears.emit_packed`), its output with the features in `prefixes`
-        order; else a list, one by one (GroupQueryAttention takes either)."""
+        order, or Split into each Linear's (`split`); else a list, one by one."""
         q = self.quantized
         if q is None or len(prefixes) < 2 or not q.packable(prefixes):
             return [self.linear(g, x, p) for p in prefixes]
         biases = [self.optional(g, p + ".bias") for p in prefixes]
         self.used.update(p + ".weight" for p in prefixes)
-        return q.emit_packed(g, x, prefixes, biases)[0]
+        y, sizes = q.emit_packed(g, x, prefixes, biases)
+        return list(g.op("Split", y, g.const(sizes), n_out=len(sizes), axis=-1)) if split else y
 
     def layer_norm(self, g: Graph, prefix: str, x: str, eps: float) -> str:
         return g.layer_norm(

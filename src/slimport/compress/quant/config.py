@@ -362,6 +362,29 @@ def _from_llm_compressor(d: dict) -> dict:
 
 def read_recipe(path: str | Path) -> dict:
     """The option mapping of a YAML recipe (under `quantization:`, or at the top)."""
+    data = _recipe_document(path)
+    if "quantization" in data:
+        data = data["quantization"]
+    if not isinstance(data, dict):
+        raise SlimportError(f"{path}: `quantization:` is not a mapping of options")
+    if isinstance(data.get("calib_data"), str) and not Path(data["calib_data"]).is_absolute():
+        # the recipe's own folder, so a recipe works from any working directory
+        data = {**data, "calib_data": os.path.normpath(Path(path).parent / data["calib_data"])}
+    return data
+
+
+def read_qat_section(path: str | Path) -> dict | None:
+    """The `qat:` mapping beside `quantization:` in a YAML recipe (QATSettings fields), or None."""
+    data = _recipe_document(path)
+    qat = data.get("qat") if "quantization" in data else None
+    if qat is not None and not isinstance(qat, dict):
+        raise SlimportError(f"{path}: `qat:` is not a mapping of options", hint="qat: {steps: 200}")
+    return qat
+
+
+def _recipe_document(path: str | Path) -> dict:
+    """A YAML recipe's whole mapping, checked: a regular file under 1 MB, no aliases, and only
+    `qat:` beside `quantization:`."""
     import yaml
 
     class NoAliases(yaml.SafeLoader):
@@ -396,25 +419,7 @@ def read_recipe(path: str | Path) -> dict:
                 f"{path}: unknown top-level key(s) {', '.join(other)} beside `quantization:`",
                 hint="put every option under `quantization:` (and QAT's under `qat:`)",
             )
-        data = data["quantization"]
-    if not isinstance(data, dict):
-        raise SlimportError(f"{path}: `quantization:` is not a mapping of options")
-    if isinstance(data.get("calib_data"), str) and not Path(data["calib_data"]).is_absolute():
-        # the recipe's own folder, so a recipe works from any working directory
-        data = {**data, "calib_data": os.path.normpath(path.parent / data["calib_data"])}
     return data
-
-
-def read_qat_section(path: str | Path) -> dict | None:
-    """The `qat:` mapping beside `quantization:` in a YAML recipe (QATSettings fields), or None."""
-    read_recipe(path)  # the same checks (size, aliases, keys)
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text())
-    qat = data.get("qat") if "quantization" in data else None
-    if qat is not None and not isinstance(qat, dict):
-        raise SlimportError(f"{path}: `qat:` is not a mapping of options", hint="qat: {steps: 200}")
-    return qat
 
 
 def _from_seed_form(d: dict) -> dict:

@@ -7,7 +7,9 @@ WikiText-2 *valid* split (uniform random starts, seed 0, `slimport.data.calibrat
 evaluation = the first 16 non-overlapping 512-token windows of WikiText-2 raw *test*, perplexity
 = exp(mean per-window NLL). The tokens are cut once, here, and every row gets the very same
 tensors. Rows: dense; 50% unstructured and 2:4 for magnitude, Wanda, SparseGPT (ours and the
-peer's); SparseGPT 50% then GPTQ W4 g64 asymmetric on the kept weights (pruned stay zero).
+peer's); SparseGPT 50% then GPTQ W4 g64 asymmetric on the kept weights (pruned stay zero);
+SparseGPT 50% / 2:4 + KD: the pruned folder distilled from the dense model with its zeros kept
+(`slimport distill --keep-sparsity`, `--recover-steps` steps of 4 WikiText-2 valid windows).
 
 Each row runs in its own subprocess; "prune s" is the wall time of the pruning call alone (ours:
 `slimport.compress.prune.api.prune` from the checkpoint folder to the written output folder; the
@@ -57,6 +59,10 @@ ROWS = {
         "ours",
         {"method": "sparsegpt", "bits": 4, "group_size": GROUP, "symmetric": False},
     ),
+    # recovery: the pruned row's folder (re-pruned if that row did not run first) distilled from
+    # the dense model with its zeros kept (slimport distill --keep-sparsity)
+    "sparsegpt+kd": ("slimport SparseGPT 50% + KD", "ours", {"method": "sparsegpt", "recover": "sparsegpt"}),
+    "sparsegpt-2:4+kd": ("slimport SparseGPT 2:4 + KD", "ours", {"method": "sparsegpt", "pattern": "2:4", "recover": "sparsegpt-2:4"}),
     "llmc-sparsegpt": ("llm-compressor SparseGPTModifier 50%", "llmc", {"kind": "sparsegpt", "mask": "0:0"}),
     "llmc-wanda": ("llm-compressor WandaPruningModifier 50%", "llmc", {"kind": "wanda", "mask": "0:0"}),
     "llmc-sparsegpt-2:4": ("llm-compressor SparseGPTModifier 2:4", "llmc", {"kind": "sparsegpt", "mask": "2:4"}),
@@ -65,7 +71,7 @@ ROWS = {
 # the issue's targets: ours <= the peer's perplexity at equal sparsity, in <= its time
 PAIRS = {"sparsegpt": "llmc-sparsegpt", "wanda": "llmc-wanda",
          "sparsegpt-2:4": "llmc-sparsegpt-2:4", "wanda-2:4": "llmc-wanda-2:4"}  # fmt: skip
-RATIO = {"sparsegpt": 1.6, "sparsegpt-2:4": 2.0}  # perplexity at most this x dense
+RATIO = {"sparsegpt": 1.6, "sparsegpt-2:4": 2.0, "sparsegpt+kd": 1.6, "sparsegpt-2:4+kd": 2.0}
 # the compared pairs first: a run cut short still answers the targets
 ORDER = ("dense", *(x for pair in PAIRS.items() for x in pair), "magnitude", "magnitude-2:4",
          "sparsegpt+w4")  # fmt: skip
@@ -91,17 +97,42 @@ def work_ours(a, calib, out):
     from slimport.compress.prune import api
 
     opts = dict(ROWS[a.worker][2])
+    recover = opts.pop("recover", None)
+    pruned = out.parent / _folder(recover) if recover else out
     t0 = time.perf_counter()
-    api.prune(
-        a.model, out, progress=False, calib_data=str(a.shared / VALID), num_samples=len(calib),
-        seq_len=SEQ_LEN, seed=0, **opts,
-    )  # fmt: skip
+    if not (pruned / "config.json").is_file():
+        api.prune(
+            a.model, pruned, progress=False, calib_data=str(a.shared / VALID),
+            num_samples=len(calib), seq_len=SEQ_LEN, seed=0, **opts,
+        )  # fmt: skip
     seconds = time.perf_counter() - t0
+    if recover:
+        return _recover(a, pruned, out), seconds
     if "bits" in opts:
         from slimport.compress.quant.compressed import load_simulated
 
         return load_simulated(out)[0], seconds
     return _load_fp32(str(out)), seconds
+
+
+def _recover(a, pruned: Path, out: Path):
+    """Distil the dense model into the pruned one, zeros kept; WikiText-2 *valid* windows (the
+    calibration split, never the test one), T = 1, the teacher's top-64 logits cached."""
+    from slimport.compress.distill import DistillSettings, distill
+
+    s = DistillSettings(alpha=1.0, temperature=1.0, max_steps=a.recover_steps, batch_size=4,
+                        seq_len=a.recover_seq_len, lr=a.recover_lr, top_k=64, keep_sparsity=True,
+                        threads=a.threads, minutes=10_000, seed=0)  # fmt: skip
+    report = distill(a.model, out, student=str(pruned), task="lm", train=a.shared / VALID,
+                     settings=s, cache_dir=out.parent / "kd-cache", progress=False)  # fmt: skip
+    a.recover_info = {"steps": report["steps"], "train_seconds": report["train_seconds"],
+                      "teacher_seconds": report["teacher_cache"]["seconds"],
+                      "first_loss": report["losses"][0], "last_loss": report["losses"][-1]}  # fmt: skip
+    return _load_fp32(str(out))
+
+
+def _folder(name: str) -> str:
+    return name.replace(":", "_").replace("+", "_")
 
 
 def work_llmc(a, calib, out):
@@ -150,7 +181,7 @@ def worker(a) -> None:
     model.eval()
     ppl = perplexity(model, windows, progress=False)
     result = {"perplexity": ppl["perplexity"], "seconds": seconds, "sparsity": _sparsity(model),
-              "version": version}  # fmt: skip
+              "version": version, "recovery": getattr(a, "recover_info", None)}  # fmt: skip
     print("RESULT " + json.dumps(result))
 
 
@@ -160,8 +191,9 @@ def run_one(name: str, a, data: Path, work: Path) -> dict:
     from _workers import run_row
 
     argv = [__file__, "--worker", name, "--model", str(a.model), "--data", str(data),
-            "--out", str(work / name.replace(":", "_").replace("+", "_")), "--threads", str(a.threads),
-            "--shared", str(a.shared)]  # fmt: skip
+            "--out", str(work / _folder(name)), "--threads", str(a.threads),
+            "--shared", str(a.shared), "--recover-steps", str(a.recover_steps),
+            "--recover-lr", str(a.recover_lr), "--recover-seq-len", str(a.recover_seq_len)]  # fmt: skip
     return run_row(python, argv, a.threads, name)
 
 
@@ -222,6 +254,13 @@ def table(rows: dict[str, dict], a, command: str) -> str:
         wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-"
         lines.append(f"| {label} | {r['perplexity']:.2f} | {x} | {secs} | {r['sparsity']:.4f} "
                      f"| {wall} | {_when(r)} | {_load(r)} |")  # fmt: skip
+    for name, r in rows.items():
+        if r.get("recovery"):
+            k = r["recovery"]
+            lines.append(f"- {ROWS[name][0]}: {k['steps']} distillation steps from the dense model "
+                         f"(teacher logits {k['teacher_seconds']:.0f} s, training "
+                         f"{k['train_seconds']:.0f} s; KD loss {k['first_loss']:.3f} -> "
+                         f"{k['last_loss']:.3f}); 'prune s' is the pruning alone")  # fmt: skip
     return "\n".join([*lines, "", *verdicts(rows)])
 
 
@@ -240,6 +279,14 @@ def main() -> None:
                     "the rows it finished)")  # fmt: skip
     ap.add_argument("--from-json", default=None,
                     help="print the table of a JSON written by --json (e.g. of a run cut short)")  # fmt: skip
+    ap.add_argument(
+        "--recover-steps",
+        type=int,
+        default=200,
+        help="+kd rows: distillation steps (4 windows a step)",
+    )
+    ap.add_argument("--recover-lr", type=float, default=1e-4, help="+kd rows: AdamW learning rate")
+    ap.add_argument("--recover-seq-len", type=int, default=256, help="+kd rows: tokens per window")
     ap.add_argument("--model", type=Path, default=MODEL, help="fp32 SmolLM2 HF folder")
     ap.add_argument("--shared", type=Path, default=None, help="the shared data folder")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

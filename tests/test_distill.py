@@ -222,3 +222,43 @@ def test_cli_distill(tiny_bert, sst2_small, tmp_path, capsys, monkeypatch):
         main([*argv[:2], str(tmp_path / "o2"), "--student", "layers:7", *argv[5:]]) == 3
     )  # REFUSED: bad input
     assert "the teacher has layers 0..3" in capsys.readouterr().err
+
+
+def test_distillation_recovers_a_pruned_student_without_undoing_its_sparsity(
+    tiny_llama, shared, tmp_path
+):
+    """--keep-sparsity: the student is a 2:4-pruned copy of the teacher; distillation from the
+    dense teacher moves its kept weights but every pruned weight is still exactly zero."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from slimport.compress.prune import api
+
+    text = tmp_path / "shakespeare.txt"
+    text.write_text((shared / "data/tinyshakespeare/input.txt").read_text()[:20000])
+    pruned = tmp_path / "pruned"
+    api.prune(tiny_llama, pruned, method="magnitude", pattern="2:4", progress=False)
+    before = _block_linears(AutoModelForCausalLM.from_pretrained(pruned))
+    s = replace(FAST, batch_size=2, max_steps=10, alpha=1.0, keep_sparsity=True)
+    report = _run(tiny_llama, tmp_path / "s", text, tmp_path, settings=s, task="lm",
+                  student=str(pruned))  # fmt: skip
+    assert report["sparsity"] == {"modules": len(before), "zeros": 0.5}
+    after = _block_linears(AutoModelForCausalLM.from_pretrained(tmp_path / "s"))
+    for name, w in before.items():
+        assert torch.equal(after[name] == 0, w == 0), name  # the same zeros, no new ones
+        assert not torch.equal(after[name], w), name  # and the kept weights trained
+    losses = report["losses"]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    # a dense student has nothing to keep: said, not silently ignored
+    with pytest.raises(SlimportError, match="has no zero weights"):
+        _run(tiny_llama, tmp_path / "d", text, tmp_path, settings=s, task="lm", student="depth:3")
+    assert not (tmp_path / "d").exists()
+
+
+def _block_linears(model) -> dict[str, torch.Tensor]:
+    return {
+        n: m.weight.detach().clone()
+        for n, m in model.model.layers.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }

@@ -12,7 +12,7 @@ D = {f.name: f.default for f in dataclasses.fields(DistillSettings)}  # shown in
 
 SETTINGS = ("alpha", "temperature", "hidden_loss", "hidden_weight", "hidden_projection",
             "attention_weight", "max_steps", "lr", "batch_size", "seq_len", "top_k", "seed",
-            "minutes", "threads", "eval_every")  # fmt: skip
+            "minutes", "threads", "eval_every", "keep_sparsity")  # fmt: skip
 
 
 def _distill(args) -> int:
@@ -74,6 +74,9 @@ def register(sub) -> None:
     sp.add_argument("--hidden-projection", action="store_true", default=None,
                     help="learn a Linear when the student's hidden size differs from the teacher's")
     sp.add_argument("--attention-weight", type=float, help=f"> 0: MiniLM attention-map transfer on the last layer (default: {D['attention_weight']})")
+    sp.add_argument("--keep-sparsity", action="store_true", default=None,
+                    help="the student is pruned (slimport prune): its zero weights stay zero, so "
+                    "distillation recovers accuracy at the same sparsity")
     sp.add_argument("--max-steps", type=int, help=f"(default: {D['max_steps']})")
     sp.add_argument("--lr", type=float, help=f"AdamW learning rate (default: {D['lr']})")
     sp.add_argument("--batch-size", type=int, help=f"(default: {D['batch_size']})")

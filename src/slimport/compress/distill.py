@@ -6,7 +6,9 @@ loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labe
 
 The student is made from the teacher by keeping some of its layers (`layers:0,2,4`, `every:2`
 as DistilBERT's init, `depth:N` evenly spaced), built from a smaller config.json (random init), or
-read from any checkpoint slimport reads. Two tasks: `sst2` (sequence classification, labels from
+read from any checkpoint slimport reads; with `keep_sparsity` a pruned student (`slimport prune`)
+keeps its zeros, so distillation from the dense model recovers what pruning cost without
+undoing it. Two tasks: `sst2` (sequence classification, labels from
 a .tsv/.jsonl) and `lm` (next-token prediction on random windows of a text, as calibration draws
 them). With the logit loss alone the teacher runs once: its logits are cached on disk, keyed by
 teacher, data and settings (for `lm`, the top-k logits of each position: a sparse KD target).
@@ -16,6 +18,7 @@ Hidden-state and attention losses need the teacher beside the student at every s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -69,6 +72,7 @@ class DistillSettings:
     seq_len: int = 256  # lm: tokens per window
     top_k: int = 64  # lm: teacher logits kept per position in the cache
     freeze_embeddings: bool = True
+    keep_sparsity: bool = False  # a pruned student: its blocks' zero weights stay zero
     seed: int = 0
     minutes: float = 15.0
     threads: int | None = 1
@@ -337,6 +341,7 @@ def _distill(
     if s.freeze_embeddings:
         emb = net.get_input_embeddings()
         emb.weight.requires_grad_(False)
+    masks = sparsity_masks(net, student) if s.keep_sparsity else {}
     params = nn.ModuleList([net] + ([proj] if proj is not None else []))
     optimizer = adamw(params, s.lr, s.weight_decay)
     warmup = max(1, round(s.warmup * len(schedule)))
@@ -354,6 +359,7 @@ def _distill(
         loss = _step_loss(net, teacher_net, cache, batch, rows, labels, s, task, mapping, proj)
         loss.backward()
         optimizer.step()
+        _reapply(masks)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done += 1
@@ -387,6 +393,7 @@ def _distill(
         "train_seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
         "teacher_cache": cache_info,
+        "sparsity": _sparsity(masks) if masks else None,
         "settings": dataclasses.asdict(s),
         "train_data": str(train),
         "losses": curve,  # one per step
@@ -401,6 +408,35 @@ def _distill(
     (tmp / "distill_report.json").write_text(json.dumps(report, indent=2) + "\n")
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
+
+
+def sparsity_masks(net: nn.Module, student) -> dict[nn.Linear, torch.Tensor]:
+    """The nonzero pattern of each block Linear that has zeros; their gradients are masked, so
+    AdamW's moments stay zero there too, and the weights are re-masked after every step."""
+    masks = {}
+    for m in blocks_of(net)[1].modules():
+        if isinstance(m, nn.Linear) and not bool((keep := m.weight != 0).all()):
+            masks[m] = keep
+            m.weight.register_hook(functools.partial(torch.mul, other=keep))
+    if not masks:
+        raise SlimportError(
+            f"keep_sparsity: the student ({student or 'cut from the teacher'}) has no zero "
+            "weights in its blocks' Linear layers",
+            hint="pass a pruned checkpoint as --student (slimport prune MODEL OUT ...)",
+        )
+    return masks
+
+
+@torch.no_grad()
+def _reapply(masks: dict[nn.Linear, torch.Tensor]) -> None:
+    for m, keep in masks.items():
+        m.weight.mul_(keep)
+
+
+def _sparsity(masks: dict[nn.Linear, torch.Tensor]) -> dict:
+    kept = sum(int((m.weight != 0).sum()) for m in masks)
+    total = sum(m.weight.numel() for m in masks)
+    return {"modules": len(masks), "zeros": round(1 - kept / total, 6)}
 
 
 def _shown(values: dict) -> dict:

@@ -120,7 +120,7 @@ def settings(args) -> QATSettings:
                        batch_size=args.batch_size, minutes=args.minutes, loss=args.loss,
                        temperature=args.temperature, margin_weight=args.margin_weight,
                        margin=args.margin, hidden_weight=args.hidden_weight, zero_lr=args.zero_lr,
-                       sort_by_length=args.sort_by_length)  # fmt: skip
+                       sort_by_length=args.sort_by_length, boundary=args.boundary)  # fmt: skip
 
 
 def _print(args, report, what: str) -> None:
@@ -130,7 +130,7 @@ def _print(args, report, what: str) -> None:
     print(f"{what}; lr {args.lr}, log-scale lr {args.scale_lr}, LSQ {not args.no_lsq}, "
           f"zero-point lr {args.zero_lr}; loss {args.loss} (T {args.temperature}) + "
           f"{args.margin_weight} x margin hinge ({args.margin}) + {args.hidden_weight} x hidden MSE; "
-          f"sorted by length {args.sort_by_length}; "
+          f"sorted by length {args.sort_by_length}; boundary share {args.boundary}; "
           f"{q['steps']} steps in {q['seconds'] / 60:.1f} min (1 thread, shared machine), "
           f"loss {sum(q['losses'][:5]) / 5:.4g} (first 5 steps) -> "
           f"{sum(q['losses'][-5:]) / 5:.4g} (last 5); {q['integers_changed']:.2%} of the integers changed")  # fmt: skip
@@ -158,6 +158,12 @@ def main() -> None:
     ap.add_argument("--hidden-weight", type=float, default=0.0)
     ap.add_argument("--zero-lr", type=float, default=0.0, help="static input zero points")
     ap.add_argument("--sort-by-length", action="store_true", help="encoders: less padding")
+    ap.add_argument(
+        "--boundary",
+        type=float,
+        default=0.0,
+        help="minilm: share of QAT sentences drawn from the least decided (fp32 margin)",
+    )
     ap.add_argument("--qat-observer", default="min_max", choices=("min_max", "ema_min_max",
                     "percentile", "mse", "kl"), help="minlm: the ranges QAT starts from")  # fmt: skip
     ap.add_argument(

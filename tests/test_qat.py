@@ -154,6 +154,33 @@ def test_sorted_by_length_batches_hold_the_same_sentences_with_less_padding(mini
     assert firsts != sorted(firsts)  # shuffled batches, not shortest first
 
 
+def test_boundary_draw_takes_the_least_decided_sentences_then_random_ones(minilm_dir):
+    """boundary=0.25: a quarter of the QAT sentences are those with the smallest float-model
+    margin (here: a fake classifier whose margin is the sentence's number), the rest random."""
+    from types import SimpleNamespace
+
+    from slimport.compress.quant.qat import boundary_pool
+    from slimport.io.hf import load_tokenizer
+
+    pool = [f"sentence {i}" for i in range(100)]
+    tok = load_tokenizer(minilm_dir)
+
+    def teacher(input_ids, **_):  # margin |50 - i| for "sentence i": 48..52 are least decided
+        n = torch.tensor([float(tok.decode(row, skip_special_tokens=True).split()[-1])
+                          for row in input_ids])  # fmt: skip
+        return SimpleNamespace(logits=torch.stack([n, torch.full_like(n, 50.0)], -1))
+
+    config = QuantizationConfig(bits=8, seq_len=16, seed=3)
+    picked = boundary_pool(pool, 20, 0.25, teacher, tok, config)
+    assert len(picked) == len(set(picked)) == 20
+    assert sorted(picked[:5]) == sorted(f"sentence {i}" for i in (48, 49, 50, 51, 52))
+    assert picked[5:] == boundary_pool(pool, 20, 0.25, teacher, tok, config)[5:]  # seeded
+    assert set(picked[5:]) != set(boundary_pool(pool, 20, 0.25, teacher, tok,
+                                                 QuantizationConfig(bits=8, seq_len=16, seed=4))[5:])  # fmt: skip
+    with pytest.raises(SlimportError, match="boundary 1.5"):
+        QATSettings(boundary=1.5)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(smollm2_hf, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -259,6 +286,9 @@ def test_qat_refuses_what_it_cannot_train(tiny_llama, tmp_path):
         quantize_aware(tiny_llama, tmp_path / "q", config, FAST, progress=False)
     with pytest.raises(SlimportError, match="steps must be positive"):
         quantize_aware(tiny_llama, tmp_path / "q", config, QATSettings(steps=0), progress=False)
+    lm = QuantizationConfig(bits=4, group_size=32, granularity="group", calib_data=str(tmp_path))
+    with pytest.raises(SlimportError, match="no decision boundary"):
+        quantize_aware(tiny_llama, tmp_path / "q", lm, QATSettings(boundary=0.5), progress=False)
     assert not (tmp_path / "q").exists()
 
 

@@ -41,7 +41,7 @@ QAT_FLAGS = {"qat": "steps", "qat_lr": "lr", "lsq": "lsq", "qat_scale_lr": "scal
              "qat_loss": "loss", "qat_hidden_weight": "hidden_weight",
              "qat_margin_weight": "margin_weight", "qat_zero_lr": "zero_lr",
              "qat_sort_by_length": "sort_by_length", "qat_batch_size": "batch_size",
-             "qat_minutes": "minutes"}  # fmt: skip
+             "qat_minutes": "minutes", "qat_boundary": "boundary"}  # fmt: skip
 
 
 def _qat_settings(args):
@@ -218,6 +218,7 @@ def register(sub) -> None:
     sp.add_argument("--qat-zero-lr", type=float, help="QAT: learning rate of static input zero points, in integer units (default: 0, fixed)")
     sp.add_argument("--qat-sort-by-length", action="store_true", default=None, help="QAT: batch sentences of like length (less padding)")
     sp.add_argument("--qat-batch-size", type=int, help="QAT: LM windows, or sentences x 32, per step (default: 1)")
+    sp.add_argument("--qat-boundary", type=float, help="QAT (classifiers): share of the training sentences drawn from those the float model is least sure of (default: 0, all at random)")
     sp.add_argument("--qat-minutes", type=float, help="QAT: stop after this many minutes (default: 20)")
     sp.add_argument("--max-shard-size", metavar="SIZE", help='largest safetensors shard, bytes or e.g. '
                     '"500MB"; an index when there are several (default: 5GB, as transformers)')

@@ -18,15 +18,17 @@ def calibration_inputs(
     causal: bool,
     batch_size: int = 8,
     sort_by_length: bool = False,
+    texts: list[str] | None = None,
 ) -> list[dict]:
     """Causal LMs get `num_samples` random windows of `seq_len` tokens (the GPTQ/AWQ protocol);
     encoders get `num_samples` random sentences, padded per batch (how a classifier is used).
     sort_by_length (encoders): the same sentences, batched with like-length ones (a batch costs
-    its longest sentence times its size) and the batches in a seeded random order."""
+    its longest sentence times its size) and the batches in a seeded random order. `texts`
+    (encoders): the pool to draw from instead of the file's texts."""
     if causal:
         ids = calibration_batches(tokenizer, path, config.num_samples, config.seq_len, config.seed)
         return [{"input_ids": ids[i : i + batch_size]} for i in range(0, len(ids), batch_size)]
-    texts = read_texts(path)
+    texts = read_texts(path) if texts is None else texts
     if len(texts) < config.num_samples:
         raise SlimportError(
             f"{path}: {len(texts)} text(s), fewer than the {config.num_samples} calibration samples asked for",

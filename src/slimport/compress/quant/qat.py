@@ -56,6 +56,11 @@ class QATSettings:
     hidden_weight: float = 0.0  # relative MSE of every layer's output (dense signal per token)
     zero_lr: float = 0.0  # static input zero points (integer units per step); 0 keeps PTQ's
     sort_by_length: bool = False  # encoders: batches of like-length sentences, less padding
+    # classifiers: share of the QAT sentences drawn from the pool's least decided ones (smallest
+    # float-model logit margin), the rest at random. A fine-tuned classifier is sure of nearly
+    # every training sentence, so there its logits barely constrain the decision boundary,
+    # where quantization error flips predictions
+    boundary: float = 0.0
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "QAT option") -> QATSettings:
@@ -80,6 +85,8 @@ class QATSettings:
                 raise SlimportError(f"QAT {name} {getattr(self, name)}: must be positive")
         if self.temperature <= 0:
             raise SlimportError(f"QAT temperature {self.temperature}: must be positive")
+        if not 0 <= self.boundary <= 1:
+            raise SlimportError(f"QAT boundary {self.boundary}: a share, in [0, 1]")
 
 
 LOSSES = ("kl", "mse")
@@ -287,9 +294,12 @@ def train_qat(
     }
 
 
-def training_batches(source, config: QuantizationConfig, settings: QATSettings) -> list[dict]:
+def training_batches(
+    source, config: QuantizationConfig, settings: QATSettings, teacher: nn.Module | None = None
+) -> list[dict]:
     """The QAT steps' inputs from the recipe's calibration text: `steps * batch_size` windows of
-    seq_len tokens (LMs) or batches of 32 sentences (encoders), seeded by the recipe."""
+    seq_len tokens (LMs) or batches of 32 sentences (encoders), seeded by the recipe; with
+    `boundary`, that share of the sentences are those `teacher` is least sure of."""
     from slimport.arch.layout import is_causal_lm
     from slimport.compress.calibration import calibration_inputs
     from slimport.convert.loader import model_config
@@ -304,17 +314,49 @@ def training_batches(source, config: QuantizationConfig, settings: QATSettings) 
         )
     with open_checkpoint(source) as ckpt:
         causal = is_causal_lm(model_config(ckpt) or {})
+    if causal and settings.boundary:
+        raise SlimportError(
+            "QAT boundary: draws classifier sentences by the float model's margin; a causal LM "
+            "has no decision boundary to draw from",
+            hint="leave boundary at 0 for language models",
+        )
     per_batch = settings.batch_size if causal else 32 * settings.batch_size
     n = settings.steps * per_batch
+    tokenizer = load_tokenizer(source)
+    pool = None
     if not causal:  # as many sentences as the file has, reused in order after that
         from slimport.data import read_texts
 
-        n = min(n, len(read_texts(config.calib_data)))
+        pool = read_texts(config.calib_data)
+        n = min(n, len(pool))
     cfg = dataclasses.replace(config, num_samples=n, seed=config.seed + 1)  # not the PTQ sample
+    if settings.boundary:
+        with torch_threads(settings.threads):
+            pool = boundary_pool(pool, n, settings.boundary, teacher, tokenizer, cfg)
     return calibration_inputs(
-        load_tokenizer(source), config.calib_data, cfg, causal, per_batch,
-        sort_by_length=settings.sort_by_length,
+        tokenizer, config.calib_data, cfg, causal, per_batch,
+        sort_by_length=settings.sort_by_length, texts=pool,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def boundary_pool(pool, n, share, teacher, tokenizer, config) -> list[str]:
+    """`n` sentences of `pool`: the round(share * n) with the smallest top-1 minus top-2 logit
+    of the float `teacher`, the rest drawn at random (seeded) from the others."""
+    order = sorted(range(len(pool)), key=lambda i: len(pool[i]))  # little padding per batch
+    margin = torch.empty(len(pool))
+    for start in range(0, len(order), 256):
+        rows = order[start : start + 256]
+        enc = tokenizer([pool[i] for i in rows], padding=True, truncation=True,
+                        max_length=config.seq_len, return_tensors="pt", padding_side="right")  # fmt: skip
+        top = teacher(**enc).logits.float().topk(2, dim=-1).values
+        margin[rows] = top[:, 0] - top[:, 1]
+    k = round(share * n)
+    near = margin.argsort()[:k].tolist()
+    rest = sorted(set(range(len(pool))) - set(near))
+    gen = torch.Generator().manual_seed(config.seed)
+    rest = [rest[i] for i in torch.randperm(len(rest), generator=gen)[: n - k].tolist()]
+    return [pool[i] for i in near + rest]
 
 
 def float_model(source) -> nn.Module:
@@ -357,14 +399,15 @@ def quantize_aware(
             "learned scales are not float16 values: QAT with gguf_compatible needs lsq off",
             hint="pass --no-lsq",
         )
-    batches = training_batches(source, config, settings)
+    teacher = float_model(source) if settings.boundary else None
+    batches = training_batches(source, config, settings, teacher)
     with tempfile.TemporaryDirectory(prefix="slimport-ptq-", dir=out.parent) as scratch:
         from slimport.compress.api import quantize
 
         ptq = Path(scratch) / "ptq"
         report = quantize(source, ptq, config, progress=progress)
         model, qconfig = load_simulated(ptq)
-        teacher = float_model(source)
+        teacher = teacher or float_model(source)
         record = train_qat(model, teacher, batches, settings, progress)
         del teacher
         with atomic_dir(out, overwrite, Path(source)) as tmp:

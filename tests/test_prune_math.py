@@ -164,3 +164,33 @@ def test_sparsegpt_on_stacked_weights_equals_one_call_each(nm):
         assert torch.equal(got_m, alone.mask)
         torch.testing.assert_close(got_w, alone.weight, rtol=0, atol=1e-12)
         assert int(got_m.sum()) == round(w.numel() * s)
+
+
+def test_collect_stops_a_block_once_every_linear_input_is_seen():
+    """The calibration pass runs a Llama block only up to down_proj's input: the statistics are
+    those of the full pass, and down_proj itself (a quarter of the block's MACs) never runs."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from slimport.compress.capture import Batch, Needs, collect, run_block
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=1)  # fmt: skip
+    block = LlamaDecoderLayer(cfg, 0).eval()
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    x = torch.randn(2, 5, 32)
+    rope = LlamaRotaryEmbedding(cfg)(x, torch.arange(5)[None])
+    inputs = [Batch(x, (), {"position_embeddings": rope}), Batch(x * 2, (), {"position_embeddings": rope})]
+    calls = []
+    block.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
+    needs = Needs(sqnorm=True, hessian=True)
+    early = collect(block, linears, inputs, needs, 0, run_block)
+    assert calls == []  # down_proj's input was recorded, its matmul skipped
+    full = collect(block, linears, inputs, needs, 0, lambda b, i: run_block(b, i))
+    assert len(calls) == 2  # a custom run (AWQ's replay, the tail) is never cut short
+    for n in linears:
+        assert torch.equal(early[n].sqnorm, full[n].sqnorm), n
+        assert early[n].hessian.n == full[n].hessian.n == 20
+        assert torch.equal(early[n].hessian.sum, full[n].hessian.sum), n
+    assert early["self_attn.k_proj"] is early["self_attn.q_proj"]  # one Stats for one input

@@ -239,14 +239,21 @@ def collect(
     # kept alive, so a later input can never reuse a freed one's address and be mistaken for it.
     seen: dict[int, tuple[torch.Tensor, str]] = {}
 
+    # the Linears not yet seen in this batch's forward: once none is left, the rest of the block
+    # (the last Linear itself, e.g. down_proj, and the residual) computes nothing collect needs
+    pending: set[str] = set()
+    stop_early = run is run_block
+
     def make(n, m, token_rows):
         if needs.hessian:
             stats[n].hessian = Hessian(m.in_features)
 
         def hook(module, args):
+            pending.discard(n)
             owner = seen.setdefault(id(args[0]), (args[0], n))[1]
             if owner != n:
                 stats[n] = stats[owner]
+                _stop_if_done()
                 return
             st = stats[n]
             x = token_rows(args[0].detach()).float()
@@ -269,13 +276,28 @@ def collect(
                     k = max(1, round(budget * x.shape[0] / total))
                     keep = x[torch.randperm(x.shape[0], generator=gen)[:k]]
                 st.sample.append(keep.clone())
+            _stop_if_done()
 
         return hook
 
+    def _stop_if_done():
+        if stop_early and not pending:
+            raise _Stop
+
+    def start(*_):
+        seen.clear()
+        pending.update(linears)
+
     with input_hooks(block, inputs, linears, make):
-        clear = block.register_forward_pre_hook(lambda *_: seen.clear())
+        clear = block.register_forward_pre_hook(start)
         try:
-            run(block, inputs)
+            if stop_early:
+                with torch.no_grad():
+                    for b in inputs:
+                        with contextlib.suppress(_Stop):
+                            block(b.hidden, *b.args, **b.kwargs)
+            else:
+                run(block, inputs)
         finally:
             clear.remove()
     return stats

@@ -1,19 +1,21 @@
 """Structured pruning that shrinks (issue #16): accuracy / perplexity cost and fp32 torch speed of
 the smaller models, with and without a short recovery fine-tune.
 
-sst2  the MiniLM SST-2 classifier (`slimport finetune`, recipe `ci`) with `ratio` of every
-      layer's FFN channels removed (Wanda importance on 128 SST-2 *train* sentences); recovery =
-      `slimport.finetune.finetune` from the pruned classifier (`--steps` steps, SST-2 train).
-      Accuracy on SST-2 dev (872); ms per sentence = batch 1 over the first `--sentences` dev
-      sentences, 1 torch thread, best of `--reps` interleaved passes (every model in each pass).
-      BERT heads cannot be removed in a folder transformers 5 loads (see structured.py).
+sst2  the MiniLM SST-2 classifier (`slimport finetune`, recipe `ci`) with `--heads` of every
+      layer's attention heads (0: none; the folder says so in transformers 4's `pruned_heads`)
+      then `ratio` of its FFN channels removed (Wanda importance on 128 SST-2 *train*
+      sentences); recovery = `slimport.finetune.finetune` from the pruned classifier (`--steps`
+      steps, SST-2 train). Accuracy on SST-2 dev (872); ms per sentence = batch 1 over the first
+      `--sentences` dev sentences, 1 torch thread, best of `--reps` interleaved passes (every
+      model in each pass). `--tf4-python`: a python with transformers 4 loads every pruned
+      folder with plain `from_pretrained` and its logits are compared with ours.
 lm    SmolLM2-135M: heads (query heads per KV group) then FFN channels removed, Wanda importance
       on `--calib` 512-token WikiText-2 *valid* windows; perplexity on the first `--windows`
       512-token windows of WikiText-2 raw test (quant_vs_peers.py's protocol); recovery =
       `--steps` steps of LM loss on tinyshakespeare (never the test split). Speed: one 512-token
       window forward, best of `--reps`, 1 thread.
 
-    .venv/bin/python benchmarks/structured_prune.py --task sst2 --ratios 0.3,0.5
+    .venv/bin/python benchmarks/structured_prune.py --task sst2 --heads 0.3 --ratios 0.3
     .venv/bin/python benchmarks/structured_prune.py --task lm --heads 0.33 --ratios 0.3
 """
 
@@ -64,6 +66,7 @@ def sst2(a) -> list[dict]:
         finetune,
         sst2_path,
     )
+    from slimport.io import pruned_heads
 
     dense_dir = ensure_sst2_classifier(recipe="ci", model=default_model(), progress=False)
     dev, train = sst2_path("dev"), sst2_path("train")
@@ -74,21 +77,61 @@ def sst2(a) -> list[dict]:
         settings = FinetuneSettings(max_steps=a.steps, lr=a.lr, minutes=30.0, seed=0)
         finetune(rec, dense_dir, settings, progress=False)
         folders[f"dense + {a.steps} steps"] = rec
+    opts = dict(calib_data=train, num_samples=128, seq_len=128, overwrite=True)
+    src, stem = dense_dir, ""
+    if a.heads:
+        src, stem = a.work / f"heads{a.heads}", f"heads {a.heads:.0%} + "
+        structured.prune_structured(dense_dir, src, "heads", a.heads, **opts)
     for r in a.ratios:
-        out = a.work / f"ffn{r}"
-        structured.prune_structured(dense_dir, out, "ffn", r, calib_data=train, num_samples=128,
-                                    seq_len=128, overwrite=True)  # fmt: skip
-        folders[f"ffn {r:.0%}"] = out
+        out = a.work / f"heads{a.heads}-ffn{r}"
+        structured.prune_structured(src, out, "ffn", r, **opts)
+        folders[f"{stem}ffn {r:.0%}"] = out
         if a.steps:
-            rec = a.work / f"ffn{r}-rec"
+            rec = a.work / f"heads{a.heads}-ffn{r}-rec"
             settings = FinetuneSettings(max_steps=a.steps, lr=a.lr, minutes=30.0, seed=0)
             finetune(rec, out, settings, progress=False)
-            folders[f"ffn {r:.0%} + {a.steps} steps"] = rec
-    models = {k: AutoModelForSequenceClassification.from_pretrained(f, dtype=torch.float32).eval()
-              for k, f in folders.items()}  # fmt: skip
+            folders[f"{stem}ffn {r:.0%} + {a.steps} steps"] = rec
+    models = {k: pruned_heads.from_pretrained(AutoModelForSequenceClassification, f,
+                                              dtype=torch.float32) for k, f in folders.items()}  # fmt: skip
     rows = [{"model": k, "accuracy": sst2_accuracy(m, tok, dev)["accuracy"],
              "params": structured.parameters(m)} for k, m in models.items()]  # fmt: skip
-    return speed(rows, models, tok, read_labeled(dev)[0][: a.sentences], a.reps)
+    texts = read_labeled(dev)[0]
+    if a.tf4_python:
+        for r in rows:
+            r["tf4"] = _plain_transformers_4(a.tf4_python, folders[r["model"]], models[r["model"]],
+                                             tok, texts[:32])  # fmt: skip
+    return speed(rows, models, tok, texts[: a.sentences], a.reps)
+
+
+TF4_PROBE = """
+import sys, numpy as np, torch, transformers
+m = transformers.AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()
+x = np.load(sys.argv[2])
+with torch.no_grad():
+    y = m(input_ids=torch.from_numpy(x["ids"]), attention_mask=torch.from_numpy(x["mask"])).logits
+np.save(sys.argv[3], y.numpy())
+print(transformers.__version__)
+"""
+
+
+def _plain_transformers_4(python: str, folder: Path, model, tok, texts: list[str]) -> str:
+    """Load `folder` with plain transformers 4 in another python; max |Δlogits| vs `model`."""
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    x = tok(texts, padding=True, return_tensors="pt")
+    with tempfile.TemporaryDirectory() as d:
+        np.savez(f"{d}/x.npz", ids=x["input_ids"].numpy(), mask=x["attention_mask"].numpy())
+        run = subprocess.run([python, "-c", TF4_PROBE, str(folder), f"{d}/x.npz", f"{d}/y.npy"],
+                             capture_output=True, text=True)  # fmt: skip
+        if run.returncode:
+            return "fails: " + run.stderr.strip().splitlines()[-1][:120]
+        with torch.no_grad():
+            ours = model(**x).logits.numpy()
+        diff = float(np.abs(np.load(f"{d}/y.npy") - ours).max())
+    return f"{run.stdout.strip()}: {diff:.1e}"
 
 
 def speed(rows: list[dict], models: dict, tok, texts: list[str], reps: int) -> list[dict]:
@@ -185,6 +228,8 @@ def table(rows: list[dict], metric: str, unit: str) -> str:
     cols = ["model", metric, "params (M)", unit, "speed-up"]
     if "ms32" in d:
         cols += ["ms / sentence, batch 32", "speed-up"]
+    if "tf4" in d:
+        cols.append("plain transformers 4 loads it: max |Δlogits| vs ours")
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for r in rows:
         v = f"{r[metric]:.2%}" if metric == "accuracy" else f"{r[metric]:.2f}"
@@ -197,6 +242,8 @@ def table(rows: list[dict], metric: str, unit: str) -> str:
         ]
         if "ms32" in d:
             cells += [f"{r['ms32']:.3f}", f"{d['ms32'] / r['ms32']:.2f}x"]
+        if "tf4" in d:
+            cells.append(r["tf4"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -207,7 +254,9 @@ def main() -> None:
     )
     ap.add_argument("--task", choices=("sst2", "lm"), default="sst2")
     ap.add_argument("--ratios", default="0.3", help="comma-separated FFN ratios")
-    ap.add_argument("--heads", type=float, default=0.33, help="lm: head ratio first (0: none)")
+    ap.add_argument("--heads", type=float, default=None,
+                    help="head ratio removed first (0: none; default lm 0.33, sst2 0.3)")  # fmt: skip
+    ap.add_argument("--tf4-python", help="sst2: a python with transformers 4 (see the docstring)")
     ap.add_argument("--steps", type=int, default=200, help="recovery fine-tune steps (0: none)")
     ap.add_argument("--lr", type=float, default=None, help="recovery lr (sst2 1e-4, lm 5e-5)")
     ap.add_argument("--lm-data", default="data/tinyshakespeare/input.txt",
@@ -222,6 +271,7 @@ def main() -> None:
     a = ap.parse_args()
     a.ratios = [float(x) for x in a.ratios.split(",")]
     a.lr = a.lr or (1e-4 if a.task == "sst2" else 5e-5)
+    a.heads = a.heads if a.heads is not None else (0.3 if a.task == "sst2" else 0.33)
     torch.set_num_threads(a.threads)
     a.work.mkdir(parents=True, exist_ok=True)
     rows = sst2(a) if a.task == "sst2" else lm(a)

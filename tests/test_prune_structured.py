@@ -1,6 +1,8 @@
 """Structured pruning: removing heads / FFN channels gives a physically smaller model that
 computes exactly what the original computes with those units' outputs zeroed (logits equal to
-1e-5), whose folder loads in plain transformers; GQA stays consistent; bad options are refused."""
+1e-5), whose folder loads in plain transformers (BERT's heads: as transformers 4's
+`pruned_heads`, which slimport reads under transformers 5); GQA stays consistent; bad options
+are refused."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    BertForSequenceClassification,
     BertModel,
     LlamaConfig,
     LlamaForCausalLM,
@@ -21,6 +24,7 @@ from transformers import (
 from slimport.cli import main
 from slimport.compress.prune import structured
 from slimport.errors import SlimportError
+from slimport.io import pruned_heads
 
 TOL = 1e-5
 H, G, D, FFN = 6, 2, 8, 48  # query heads, KV heads (3 per group), head size, FFN channels
@@ -33,11 +37,11 @@ def _llama(**over) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **over})).eval()
 
 
-def _bert() -> BertModel:
+def _bert(cls=BertModel):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=96, hidden_size=32, intermediate_size=FFN, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=32)  # fmt: skip
-    return BertModel(cfg).eval()
+    return cls(cfg).eval()
 
 
 def _masked(model, p: structured.Plan, layout: structured.StructLayout):
@@ -103,6 +107,23 @@ def test_bert_ffn_pruning_equals_the_masked_original():
                                atol=TOL, rtol=0)  # fmt: skip
 
 
+def test_bert_head_pruning_equals_the_masked_original_and_lists_the_removed_heads():
+    model = _bert(BertForSequenceClassification)
+    p = structured.plan(model, "heads", 0.5)
+    small = structured.shrink(model, p)
+    removed = small.config.pruned_heads  # transformers 4's format: the count stays, heads listed
+    assert small.config.num_attention_heads == 4
+    assert {k: len(v) for k, v in removed.items()} == {"0": 2, "1": 2}
+    for i, (layer, keep) in enumerate(zip(small.bert.encoder.layer, p.keep, strict=True)):
+        assert sorted(keep + removed[str(i)]) == [0, 1, 2, 3]
+        assert layer.attention.self.query.weight.shape == (2 * 8, 32)
+        assert layer.attention.output.dense.weight.shape == (32, 2 * 8)
+    torch.testing.assert_close(_out(small, IDS), _out(_masked(model, p, structured.BERT), IDS),
+                               atol=TOL, rtol=0)  # fmt: skip
+    with pytest.raises(SlimportError, match="pruned already"):  # heads go once, from the original
+        structured.plan(small, "heads", 0.3)
+
+
 def test_the_least_important_units_go_first():
     model = _llama()
     with torch.no_grad():  # channel 5 and head 4 of layer 1 contribute nothing
@@ -161,6 +182,41 @@ def test_pruned_folder_loads_in_plain_transformers(tmp_path):
     )
 
 
+def test_minilm_heads_then_ffn_folder_loads_and_equals_the_masked_original(minilm_dir, tmp_path):
+    heads, out = tmp_path / "heads", tmp_path / "both"
+    report = structured.prune_structured(minilm_dir, heads, "heads", 0.3, method="magnitude")
+    structured.prune_structured(heads, out, "ffn", 0.3, method="magnitude")
+    assert "4 heads removed from each of 6 layers" in structured.summary(report)
+    config = json.loads((out / "config.json").read_text())
+    assert {len(v) for v in config["pruned_heads"].values()} == {4}  # 12 -> 8, every layer
+    assert config["intermediate_size"] == 1075
+    small = pruned_heads.from_pretrained(AutoModel, out, dtype=torch.float32)
+    layer = small.encoder.layer[0]
+    assert layer.attention.self.num_attention_heads == 8
+    assert layer.attention.self.key.weight.shape == (256, 384)
+    # what it computes: the original with the removed heads' and channels' outputs zeroed
+    original = AutoModel.from_pretrained(minilm_dir, dtype=torch.float32).eval()
+    masked = _masked(original, structured.Plan("heads", report["kept"]), structured.BERT)
+    ffn = json.loads((out / structured.REPORT).read_text())["kept"]
+    masked = _masked(masked, structured.Plan("ffn", ffn), structured.BERT)
+    ids = torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_out(small, ids), _out(masked, ids), atol=TOL, rtol=0)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers 5 alone
+        AutoModel.from_pretrained(out)  # refuses (never loads half a model)
+
+
+def test_a_pruned_heads_config_that_does_not_fit_is_refused(tmp_path):
+    model = _bert()
+    model.config.pruned_heads = {"0": [0, 1, 2, 3]}  # every head of layer 0
+    model.save_pretrained(tmp_path / "all")
+    with pytest.raises(SlimportError, match="at least one head must stay"):
+        pruned_heads.from_pretrained(AutoModel, tmp_path / "all")
+    model.config.pruned_heads = {"0": [1]}  # full-size weights under a pruned config
+    model.save_pretrained(tmp_path / "full")
+    with pytest.raises(SlimportError, match="do not fit the pruned-heads config"):
+        pruned_heads.from_pretrained(AutoModel, tmp_path / "full")
+
+
 def test_minilm_ffn_pruning_loads_in_transformers_and_equals_the_masked_original(
     minilm_dir, tmp_path
 ):
@@ -190,7 +246,7 @@ def test_minilm_ffn_pruning_loads_in_transformers_and_equals_the_masked_original
             ("heads", 0.99),
             "removes all 4",
         ),
-        (_bert, ("heads", 0.3), "prune FFN channels instead|cannot be removed"),
+        (_bert, ("heads", 0.9), "removes all 4 heads of every layer"),
         (
             lambda: _llama(
                 hidden_size=40, num_attention_heads=4, num_key_value_heads=4, head_dim=10

@@ -111,6 +111,8 @@ def test_recipe_yaml_and_seed_dict_form(tmp_path):
         "channel",
     )
     assert seed.is_protected("classifier") and not seed.is_protected("bert.pooler.dense")
+    nothing = api.make_config({"protect": [""]})  # `--protect ''`: no module kept in float
+    assert not nothing.is_protected("lm_head") and not nothing.is_protected("model.layers.0.mlp")
 
 
 @pytest.mark.parametrize(

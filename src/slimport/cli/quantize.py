@@ -203,7 +203,7 @@ def register(sub) -> None:
     sp.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default: {D['seq_len']})")
     sp.add_argument("--seed", type=int, help=f"seed of the calibration windows (default: {D['seed']})")
     sp.add_argument("--protect", action="append", help="regex of Linear names to keep in float "
-                    "(repeatable; replaces the default: the output heads lm_head/classifier)")
+                    "(repeatable; replaces the default: the output heads lm_head/classifier; '' protects none)")
     sp.add_argument("--gguf-compatible", action="store_true", default=None,
                     help="float16 scales (and Q4_1 minimums): --to gguf writes the integers exactly")
     sp.add_argument("--qat", type=int, metavar="STEPS",

@@ -209,7 +209,7 @@ def _quantized_linears(shapes: dict[str, tuple[int, int]], config, path) -> dict
     if not shapes:
         raise SlimportError(f"{path}: the model has no Linear layers to quantize")
     for p in config.protect:
-        if p not in DEFAULT_PROTECT and not any(re.search(p, n) for n in shapes):
+        if p and p not in DEFAULT_PROTECT and not any(re.search(p, n) for n in shapes):
             raise SlimportError(
                 f"protect pattern {p!r} matches no Linear layer",
                 hint="layer names look like " + ", ".join(list(shapes)[:3]),

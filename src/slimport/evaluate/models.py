@@ -9,6 +9,7 @@ from pathlib import Path
 
 from slimport.arch.layout import is_causal_lm
 from slimport.errors import SlimportError
+from slimport.io import pruned_heads
 
 RUNTIMES = ("torch", "onnx")
 
@@ -101,7 +102,7 @@ def load_for_eval(
     if compute_dtype not in DTYPES:
         raise SlimportError(f"compute_dtype {compute_dtype!r} is not supported", hint="float32 or bfloat16")  # fmt: skip
     try:
-        model = auto.from_pretrained(path, dtype=DTYPES[compute_dtype])
+        model = pruned_heads.from_pretrained(auto, path, dtype=DTYPES[compute_dtype])
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise SlimportError(f"{path}: transformers cannot load it for {task} ({e})") from None

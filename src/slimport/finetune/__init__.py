@@ -41,6 +41,7 @@ from slimport.compress.training import (
 from slimport.data import read_labeled, shared_dir
 from slimport.errors import SlimportError
 from slimport.evaluate.classification import sst2_accuracy
+from slimport.io import pruned_heads
 from slimport.io.base import atomic_dir
 
 LABELS = {0: "negative", 1: "positive"}
@@ -127,9 +128,10 @@ def finetune(
         raise SlimportError(f"{model}: not a model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model)
     torch.manual_seed(settings.seed)  # the classifier head's initialisation, dropout masks
-    net = BertForSequenceClassification.from_pretrained(
-        model, num_labels=len(LABELS), id2label=LABELS, label2id={v: k for k, v in LABELS.items()}
-    )
+    net = pruned_heads.from_pretrained(  # a head-pruned classifier (`pruned_heads`) too
+        BertForSequenceClassification, model, num_labels=len(LABELS), id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+    )  # fmt: skip
     if net.config.model_type != "bert":
         raise SlimportError(f"{model}: a {net.config.model_type} model; finetune expects BERT")
     net.bert.embeddings.word_embeddings.weight.requires_grad_(not settings.freeze_embeddings)

@@ -2,10 +2,10 @@
 of the matrices, and a config that says so, so the result is a smaller model plain transformers
 loads (and every reader of HF folders: our converters, MindSpore).
 
-transformers' configs hold one size for all layers (and since v5 no `pruned_heads`), so every
-layer keeps the same number of units; which ones is chosen per layer. BERT's head size is
-hidden_size / num_attention_heads in transformers, so its heads cannot be removed in a loadable
-folder: BERT prunes FFN channels only. Llama-family configs carry `head_dim`.
+transformers' configs hold one size for all layers, so every layer keeps the same number of
+units; which ones is chosen per layer. Llama-family configs say the new head count (with
+`head_dim` kept); BERT-family folders list the removed heads in `pruned_heads`, the format
+transformers 4 reads (transformers 5 dropped it: `slimport.io.pruned_heads` loads them there).
 
 Importance per unit (low = removed), one number per attention head / FFN channel:
   magnitude  the squared norm of every weight of the unit (q/k/v rows and o columns of a head;
@@ -28,6 +28,7 @@ from torch import nn
 
 from slimport.compress.prune import STRUCTURES, UNITS
 from slimport.errors import SlimportError
+from slimport.io import pruned_heads
 
 IMPORTANCE = ("wanda", "magnitude")
 REPORT = "structured_report.json"
@@ -44,14 +45,14 @@ class StructLayout:
     o: str
     up: tuple[str, ...]  # the Linears producing the FFN channels
     down: str
-    heads: bool  # whether a config can say a head count with the head size kept
+    heads: str  # how a config says heads were removed: "head_dim" (the count) or "pruned_heads"
 
 
 LLAMA = StructLayout("layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", True)  # fmt: skip
+                     "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "head_dim")  # fmt: skip
 BERT = StructLayout("encoder.layer", "attention.self.query", "attention.self.key",
                     "attention.self.value", "attention.output.dense", ("intermediate.dense",),
-                    "output.dense", False)  # fmt: skip
+                    "output.dense", "pruned_heads")  # fmt: skip
 LAYOUTS = {"llama": LLAMA, "mistral": LLAMA, "bert": BERT, "roberta": BERT}
 
 
@@ -206,24 +207,25 @@ def plan(
             s = importance(block, layout, "ffn", None, sqnorms[i] if sqnorms else None)
             keep.append(sorted(torch.topk(s, keep_n).indices.tolist()))
         return Plan("ffn", keep, sizes={"intermediate_size": keep_n})
-    if not layout.heads:
+    if pruned_heads.pruned_heads(config):
         raise SlimportError(
-            f"{config.model_type}: attention heads cannot be removed in a folder transformers "
-            "loads (its head size is hidden_size / num_attention_heads, and transformers 5 "
-            "dropped `pruned_heads`)",
-            hint="prune FFN channels instead: --structured ffn",
+            f"{config.model_type}: this model's heads were pruned already (`pruned_heads` in "
+            "its config)",
+            hint="prune heads once, from the original model (FFN channels can still go)",
         )
     if unit not in UNITS:
         raise SlimportError(f"unknown --unit {unit!r}", hint="one of " + ", ".join(UNITS))
     h, g, d = shape = head_shape(config)
     r = h // g  # query heads per KV group
     if unit == "group" or r == 1:  # whole groups (MHA: a head is its own group)
-        keep_g = g - _removed(g, ratio, "KV groups of every layer")
+        keep_g = g - _removed(
+            g, ratio, "KV groups of every layer" if r > 1 else "heads of every layer"
+        )
         keep_r = r
     else:
         keep_g = g
         keep_r = r - _removed(r, ratio, f"query heads per KV group ({r} per group)")
-    if config.hidden_size % (keep_g * keep_r):  # transformers' configs refuse it
+    if layout.heads == "head_dim" and config.hidden_size % (keep_g * keep_r):  # configs refuse it
         raise SlimportError(
             f"--ratio {ratio} leaves {keep_g * keep_r} attention heads, which do not divide "
             f"hidden_size {config.hidden_size}: transformers would refuse the config",
@@ -241,6 +243,9 @@ def plan(
         ]
         keep.append(heads)
         keep_kv.append(groups)
+    if layout.heads == "pruned_heads":  # the count stays; the removed heads are listed
+        removed = {str(i): sorted(set(range(h)) - set(k)) for i, k in enumerate(keep)}
+        return Plan("heads", keep, keep_kv, {"pruned_heads": removed})
     sizes = {"num_attention_heads": keep_g * keep_r, "num_key_value_heads": keep_g, "head_dim": d}
     return Plan("heads", keep, keep_kv, sizes)
 
@@ -284,7 +289,7 @@ def shrink(model: nn.Module, p: Plan) -> nn.Module:
             _cut(sd, at + layout.v, rows=kv)
             _cut(sd, at + layout.o, cols=heads)
     config = model.config.__class__.from_dict({**model.config.to_dict(), **p.sizes})
-    small = type(model)(config)
+    small = pruned_heads.apply(type(model)(config), pruned_heads.pruned_heads(config))
     small.load_state_dict(sd)
     return small.to(next(model.parameters()).dtype).eval()
 
@@ -326,7 +331,7 @@ def load(folder: str | Path):
     layout_of(config)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch or "", None) or transformers.AutoModel
-    return cls.from_pretrained(folder, dtype=torch.float32).eval()
+    return pruned_heads.from_pretrained(cls, folder, dtype=torch.float32)
 
 
 def prune_structured(
@@ -403,7 +408,12 @@ def _weights(name: str) -> bool:
 
 def summary(report: dict) -> str:
     b, a = report["sizes_before"], report["sizes_after"]
-    sizes = ", ".join(f"{k} {b[k]} -> {a[k]}" for k in a if b.get(k) != a[k])
+    if "pruned_heads" in a:  # BERT family: the removed heads are listed, the count stays
+        removed = a["pruned_heads"]
+        n = len(next(iter(removed.values())))
+        sizes = f"{n} heads removed from each of {len(removed)} layers (config `pruned_heads`)"
+    else:
+        sizes = ", ".join(f"{k} {b[k]} -> {a[k]}" for k in a if b.get(k) != a[k])
     pb, pa = report["parameters_before"], report["parameters_after"]
     return (
         f"{report['structure']} pruned by {report['importance']} importance (ratio {report['ratio']}): "

@@ -221,7 +221,7 @@ class QuantizationConfig:
         return any(m.needs_data for m in self.plan)
 
     def is_protected(self, name: str) -> bool:
-        return any(re.search(p, name) for p in self.protect)
+        return any(p and re.search(p, name) for p in self.protect)  # '' (`--protect ''`): none
 
     def to_dict(self) -> dict:
         d = asdict(self)

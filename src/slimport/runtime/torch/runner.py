@@ -14,7 +14,7 @@ import torch
 from slimport.arch.layout import is_causal_lm
 from slimport.convert.loader import convert, model_config
 from slimport.errors import SlimportError
-from slimport.io import open_checkpoint
+from slimport.io import open_checkpoint, pruned_heads
 from slimport.runtime.torch.quantized import DTYPES, load_quantized
 
 
@@ -60,7 +60,7 @@ class TorchRunner:
         elif fmt == "gguf":
             self.model = cls.from_pretrained(path.parent, gguf_file=path.name)
         elif fmt in ("safetensors", "pytorch"):
-            self.model = cls.from_pretrained(weights.parent)
+            self.model = pruned_heads.from_pretrained(cls, weights.parent)
         else:  # transformers cannot read it: go through our own HF conversion, and say so
             folder = work / "torch-reference"
             convert(path, folder, to="hf", progress=False)

@@ -14,6 +14,7 @@ import torch
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     BertModel,
@@ -294,3 +295,42 @@ def test_pruned_llama_runs_in_the_mindspore_runtime(tmp_path):
     ref = _out(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), IDS)
     logits = MSAutoModel.from_pretrained(out)(ms.Tensor(IDS.numpy().astype("int32"))).logits
     assert float((torch.from_numpy(logits.asnumpy()) - ref).abs().max()) <= 1e-4
+
+
+def test_a_head_pruned_bert_quantizes_and_its_packed_model_equals_the_reference(tmp_path):
+    from slimport import load_quantized
+    from slimport.compress import api
+    from slimport.compress.quant.compressed import load_simulated
+
+    src, small, w8 = tmp_path / "src", tmp_path / "small", tmp_path / "w8"
+    _bert(BertForSequenceClassification).save_pretrained(src)
+    structured.prune_structured(src, small, "heads", 0.5, method="magnitude")
+    api.quantize(small, w8, method="rtn", bits=8, progress=False)
+    assert json.loads((w8 / "config.json").read_text())["pruned_heads"]  # carried through
+    ref = _out(pruned_heads.from_pretrained(AutoModelForSequenceClassification, small), IDS)
+    sim, packed = _out(load_simulated(w8)[0], IDS), _out(load_quantized(w8)[0], IDS)
+    torch.testing.assert_close(packed, sim, atol=1e-5, rtol=0)
+    assert 0 < float((sim - ref).abs().max()) < 0.05  # W8 rounding: small, never nothing
+
+
+def test_a_head_pruned_bert_exports_to_onnx_and_refuses_uniform_layouts(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from slimport.api import convert
+
+    src, small = tmp_path / "src", tmp_path / "small"
+    _bert(BertForSequenceClassification).save_pretrained(src)
+    structured.prune_structured(src, small, "heads", 0.5, method="magnitude")
+    convert(small, tmp_path / "onnx", to="onnx", progress=False)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    ids = IDS.numpy()
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+    names = [i.name for i in session.get_inputs()]
+    logits = session.run(["logits"], {k: feed[k] for k in names})[0]
+    ref = _out(pruned_heads.from_pretrained(AutoModelForSequenceClassification, small), IDS)
+    assert float(np.abs(logits - ref.numpy()).max()) <= TOL
+    for to in ("gguf", "mindspore"):  # per-layer head counts: these layouts cannot say them
+        with pytest.raises(SlimportError, match="pruned per layer"):
+            convert(small, tmp_path / to, to=to, progress=False)
+        assert not (tmp_path / to).exists()

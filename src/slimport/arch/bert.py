@@ -132,6 +132,20 @@ def normalize_distilbert(cfg: dict) -> dict:
     return _common(c)
 
 
+def _pruned_heads(c: dict, shapes: dict) -> None:
+    """transformers 4's `pruned_heads` ({layer: [removed heads]}, written by structured head
+    pruning): that layer's q/k/v rows and attention-output columns are (heads - removed) x head
+    size wide."""
+    h, width = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
+    for layer, removed in (c.get("pruned_heads") or {}).items():
+        at = f"{c['base']}encoder.layer.{int(layer)}."
+        kept = (c["num_attention_heads"] - len(removed)) * width
+        for n in ("query", "key", "value"):
+            shapes[f"{at}attention.self.{n}.weight"] = (kept, h)
+            shapes[f"{at}attention.self.{n}.bias"] = (kept,)
+        shapes[f"{at}attention.output.dense.weight"] = (h, kept)
+
+
 def _pooler(c):
     return c["add_pooling_layer"]
 
@@ -405,6 +419,7 @@ FAMILY = Family(
     config_from={"gguf": config_from_gguf},
     config_to={"gguf": config_to_gguf},
     variants=_variants_of("bert"),
+    resize=_pruned_heads,
 )
 
 # Same tensors as BERT. No GGUF: llama.cpp drops RoBERTa's first padding_idx + 1 position rows,
@@ -417,6 +432,7 @@ ROBERTA = Family(
     normalize=normalize,
     ignorable=_IGNORABLE,
     variants=_variants_of("roberta", "xlm-roberta"),
+    resize=_pruned_heads,
 )
 
 # No GGUF: llama.cpp writes DistilBERT as a `bert` GGUF without token types, which reads back

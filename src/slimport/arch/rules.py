@@ -157,6 +157,9 @@ class Family:
     # hub weights the model class stores [in, out] (GPT-2's Conv1D): a quantized checkpoint
     # holds them as the nn.Linear they compute, [out, in] (compress.skeleton.linearize)
     stored_in_out: tuple[str, ...] = ()
+    # per-layer sizes a config lists (BERT's `pruned_heads`): resize(cfg, shapes) corrects the
+    # shapes hub_tensors derived from the uniform sizes
+    resize: Callable[[dict, dict], None] | None = None
 
     def __post_init__(self) -> None:
         self.dialects = {
@@ -177,6 +180,8 @@ class Family:
             if t.when is None or t.when(cfg):
                 for name in _expand(t.name, cfg):
                     out[name] = t.expected_shape(cfg)
+        if self.resize is not None:
+            self.resize(cfg, out)
         return out
 
     def in_out_weights(self, cfg: dict) -> set[str]:

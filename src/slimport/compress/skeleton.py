@@ -10,6 +10,7 @@ from slimport.arch.layout import CompressLayout, layout_for
 from slimport.convert import engine
 from slimport.convert.loader import load
 from slimport.errors import SlimportError
+from slimport.io import pruned_heads
 from slimport.io.base import release_freed_memory
 from slimport.io.hf import model_class
 
@@ -33,8 +34,9 @@ class Skeleton:
             cls = model_class(arch)
         except SlimportError as e:
             raise SlimportError(f"{m.source.path}: {e.message}", hint=e.hint) from None
-        with torch.device("meta"):
-            self.model = cls(hf_config).eval()
+        with torch.device("meta"):  # a head-pruned BERT's layers are narrower: see pruned_heads
+            self.model = pruned_heads.apply(cls(hf_config), pruned_heads.pruned_heads(hf_config))
+            self.model.eval()
         self.blocks_name, self.blocks = find_blocks(self.model, self.layout)
 
     def materialize(self, module: nn.Module, prefix: str) -> None:

@@ -214,6 +214,12 @@ def write(
     dialect, writer = TARGETS[to]
     if dialect not in model.family.dialects:
         raise SlimportError(f"--to {to}: {model.family.name} models have no '{dialect}' layout")
+    if model.cfg.get("pruned_heads") and dialect not in ("hf",):
+        raise SlimportError(  # GGUF metadata and our MindSpore Cells size every layer alike
+            f"--to {to}: this model's heads were pruned per layer (`pruned_heads` in its config), "
+            f"which the {dialect} layout cannot say",
+            hint="export it --to onnx or keep it as HF safetensors; or prune FFN channels only",
+        )
     tensors = engine.from_hub(hub, model.family, dialect, model.cfg, dtype)
     job = Job(model.family, model.config, model.cfg, model.source, dialect, dtype, options or {})
     total = sum(nbytes(t) for t in tensors)

@@ -30,7 +30,7 @@ from slimport.compress.quant.modules import QuantLinear
 from slimport.compress.quant.primitives import check_scale
 from slimport.compress.skeleton import linearize
 from slimport.errors import SlimportError, name_list
-from slimport.io import safetensors
+from slimport.io import pruned_heads, safetensors
 from slimport.io.compressed import (
     INT,
     PACKED,
@@ -289,7 +289,7 @@ def _build_model(folder: Path, config: dict) -> nn.Module:
 
     cls, hf_config = model_for_config(folder, config)
     with no_init_weights():  # every tensor is read from the checkpoint below
-        model = cls(hf_config)
+        model = pruned_heads.apply(cls(hf_config), pruned_heads.pruned_heads(hf_config))
     model.tie_weights()  # init_weights, skipped above, is what ties lm_head to the embeddings
     return model
 

@@ -79,15 +79,17 @@ def encoder(g: Graph, w: Weights, config: dict, cfg: dict, family: str) -> None:
     keep = g.op("Cast", g.op("Unsqueeze", mask, g.const([1, 2])), to=9)
     bias = g.op("Where", keep, g.const(0.0, np.float32), g.const(NEG, np.float32))
     layer, linears, norms = _LAYERS[family]
+    pruned = {int(k): v for k, v in (cfg.get("pruned_heads") or {}).items()}  # BERT: per layer
     for i in range(int(cfg["num_hidden_layers"])):
         p = b + layer.format(i)
         q, k, v, out, up, down = (p + n for n in linears)
-        heads = lambda x: g.op("Transpose", g.reshape(x, shape(n_heads, hd)), perm=[0, 2, 1, 3])  # noqa: E731
+        n = n_heads - len(pruned.get(i, ()))
+        heads = lambda x, n=n: g.op("Transpose", g.reshape(x, shape(n, hd)), perm=[0, 2, 1, 3])  # noqa: E731
         qh, kh, vh = heads(w.linear(g, h, q)), heads(w.linear(g, h, k)), heads(w.linear(g, h, v))
         scores = g.op("MatMul", qh, g.op("Transpose", kh, perm=[0, 1, 3, 2]))
         scores = g.op("Add", g.op("Mul", scores, g.const(hd**-0.5, np.float32)), bias)
         ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), vh)
-        ctx = g.reshape(g.op("Transpose", ctx, perm=[0, 2, 1, 3]), [-1, hidden])
+        ctx = g.reshape(g.op("Transpose", ctx, perm=[0, 2, 1, 3]), [-1, n * hd])
         h = w.layer_norm(g, p + norms[0], g.op("Add", w.linear(g, ctx, out), h), eps)
         x = g.act(w.linear(g, h, up), act)
         h = w.layer_norm(g, p + norms[1], g.op("Add", w.linear(g, x, down), h), eps)

@@ -25,6 +25,7 @@ from torch import nn
 from slimport.compress.quant import primitives as P
 from slimport.compress.quant.config import QuantArgs
 from slimport.errors import SlimportError, name_list
+from slimport.io import pruned_heads
 from slimport.io.compressed import (
     InputArgs,
     Scheme,
@@ -141,8 +142,8 @@ def _build_model(folder: Path, config: dict) -> nn.Module:
     from transformers.initialization import no_init_weights
 
     cls, hf_config = model_for_config(folder, config)
-    with parameters_on_meta(), no_init_weights():
-        return cls(hf_config)
+    with parameters_on_meta(), no_init_weights():  # narrower layers of a head-pruned BERT too
+        return pruned_heads.apply(cls(hf_config), pruned_heads.pruned_heads(hf_config))
 
 
 def _packed_linear(ckpt: Checkpoint, name: str, lin: nn.Linear, s: Scheme, dtype) -> PackedLinear:

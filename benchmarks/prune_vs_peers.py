@@ -101,13 +101,14 @@ def work_ours(a, calib, out):
     recover = opts.pop("recover", None)
     pruned = out.parent / _folder(recover) if recover else out
     _warm_imports(a.model)
-    t0 = time.perf_counter()
+    seconds = None  # a folder an earlier row (or a kept --work) pruned: no time of its own
     if not (pruned / "config.json").is_file():
+        t0 = time.perf_counter()
         api.prune(
             a.model, pruned, progress=False, calib_data=str(a.shared / VALID),
             num_samples=len(calib), seq_len=SEQ_LEN, seed=0, **opts,
         )  # fmt: skip
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
     if recover:
         return _recover(a, pruned, out), seconds
     if "bits" in opts:
@@ -216,7 +217,7 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
     dense = rows.get("dense", {}).get("perplexity")
     for ours, peer in PAIRS.items():
         r, p = rows.get(ours, {}), rows.get(peer, {})
-        if "perplexity" in r and "perplexity" in p:
+        if "perplexity" in r and "perplexity" in p and None not in (r["seconds"], p["seconds"]):
             ok_ppl = r["perplexity"] <= p["perplexity"]
             ok_time = r["seconds"] <= p["seconds"]
             out.append(
@@ -301,6 +302,11 @@ def main() -> None:
     ap.add_argument("--recover-lr", type=float, default=1e-4, help="+kd rows: AdamW learning rate")
     ap.add_argument("--recover-seq-len", type=int, default=256, help="+kd rows: tokens per window")
     ap.add_argument("--model", type=Path, default=MODEL, help="fp32 SmolLM2 HF folder")
+    ap.add_argument(
+        "--work",
+        default=None,
+        help="a folder kept after the run (pruned folders, teacher cache) to resume in",
+    )
     ap.add_argument("--shared", type=Path, default=None, help="the shared data folder")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -326,7 +332,10 @@ def main() -> None:
         raise SystemExit(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     ensure_model(a.model)
     command = "python benchmarks/prune_vs_peers.py " + shlex.join(sys.argv[1:])
-    work = Path(tempfile.mkdtemp(prefix="prune-vs-peers-"))
+    # --work keeps the pruned folders and the teacher's logit cache: a cut-off +kd run restarted
+    # with the same --work skips the pruning and the teacher pass
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="prune-vs-peers-"))
+    work.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     a.peer_versions = peer_versions(a.peer_python) if a.peer_python else ""
     meta = {"command": command, "windows": a.windows, "calib": a.calib, "threads": a.threads,
@@ -347,7 +356,8 @@ def main() -> None:
             if a.json:  # rows so far, in case the run is cut short
                 Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
     text = table(rows, a, command)
     print()
     print(text)

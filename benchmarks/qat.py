@@ -147,7 +147,7 @@ def settings(args) -> QATSettings:
     return QATSettings(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, lsq=not args.no_lsq,
                        batch_size=args.batch_size, minutes=args.minutes, loss=args.loss,
                        temperature=args.temperature, margin_weight=args.margin_weight,
-                       margin=args.margin, hidden_weight=args.hidden_weight, zero_lr=args.zero_lr,
+                       margin=args.margin, hidden_weight=args.hidden_weight, zero_lr=args.zero_lr, float_lr=args.float_lr,
                        sort_by_length=args.sort_by_length, boundary=args.boundary)  # fmt: skip
 
 
@@ -156,7 +156,7 @@ def _print(args, report, what: str) -> None:
     print(header("python benchmarks/qat.py " + " ".join(sys.argv[1:]), ("torch", "transformers")))
     print()
     print(f"{what}; lr {args.lr}, log-scale lr {args.scale_lr}, LSQ {not args.no_lsq}, "
-          f"zero-point lr {args.zero_lr}; loss {args.loss} (T {args.temperature}) + "
+          f"zero-point lr {args.zero_lr}, float-parameter lr {args.float_lr}; loss {args.loss} (T {args.temperature}) + "
           f"{args.margin_weight} x margin hinge ({args.margin}) + {args.hidden_weight} x hidden MSE; "
           f"sorted by length {args.sort_by_length}; boundary share {args.boundary}; "
           f"{q['steps']} steps in {q['seconds'] / 60:.1f} min (1 thread, shared machine), "
@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=1.0)
     ap.add_argument("--hidden-weight", type=float, default=0.0)
     ap.add_argument("--zero-lr", type=float, default=0.0, help="static input zero points")
+    ap.add_argument("--float-lr", type=float, default=0.0, help="norms, biases, float Linears")
     ap.add_argument("--sort-by-length", action="store_true", help="encoders: less padding")
     ap.add_argument(
         "--boundary",

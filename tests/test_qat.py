@@ -105,6 +105,8 @@ def test_bad_qat_settings_are_refused():
         QATSettings(loss="hinge")
     with pytest.raises(SlimportError, match="hidden_weight"):
         QATSettings(hidden_weight=-1.0)
+    with pytest.raises(SlimportError, match="float_lr"):
+        QATSettings(float_lr=-1e-4)
     with pytest.raises(SlimportError, match="temperature"):
         QATSettings(temperature=0.0)
 
@@ -340,3 +342,33 @@ def test_qat_options_are_checked_by_name(tiny_llama, text, tmp_path, capsys):
                  "--qat-batch-size", "0"]) == 3  # fmt: skip
     assert "batch_size 0: must be positive" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_float_lr_trains_norms_and_biases_but_not_embeddings(minilm_dir, shared, tmp_path):
+    import dataclasses
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from slimport.compress.api import quantize
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, num_labels=2)  # fmt: skip
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
+    for f in minilm_dir.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / "bert" / f.name)
+    rows = (shared / "data/sst2/train.tsv").read_text().splitlines()[:129]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    config = QuantizationConfig(bits=8, activations="static", calib_data=str(tmp_path / "train.tsv"),
+                                num_samples=32, seq_len=64)  # fmt: skip
+    quantize(tmp_path / "bert", tmp_path / "ptq", config, progress=False)
+    trained = dataclasses.replace(FAST, float_lr=1e-3)
+    quantize_aware(tmp_path / "bert", tmp_path / "qat", config, trained, progress=False)
+    quantize_aware(tmp_path / "bert", tmp_path / "fixed", config, FAST, progress=False)
+    ptq, qat, fixed = (load_simulated(tmp_path / f)[0].bert for f in ("ptq", "qat", "fixed"))
+    norm = lambda m: m.encoder.layer[0].attention.output.LayerNorm.weight  # noqa: E731
+    bias = lambda m: m.encoder.layer[1].intermediate.dense.bias  # noqa: E731
+    emb = lambda m: m.embeddings.word_embeddings.weight  # noqa: E731
+    assert not torch.equal(norm(ptq), norm(qat)) and not torch.equal(bias(ptq), bias(qat))
+    assert torch.equal(norm(ptq), norm(fixed)) and torch.equal(bias(ptq), bias(fixed))
+    assert torch.equal(emb(ptq), emb(qat))  # embeddings never train

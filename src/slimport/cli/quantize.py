@@ -39,7 +39,7 @@ def _write_report(args, report: dict, command: str) -> None:
 # --qat-X flag -> QATSettings field (a recipe's `qat:` section holds the same fields)
 QAT_FLAGS = {"qat": "steps", "qat_lr": "lr", "lsq": "lsq", "qat_scale_lr": "scale_lr",
              "qat_loss": "loss", "qat_hidden_weight": "hidden_weight",
-             "qat_margin_weight": "margin_weight", "qat_zero_lr": "zero_lr",
+             "qat_margin_weight": "margin_weight", "qat_zero_lr": "zero_lr", "qat_float_lr": "float_lr",
              "qat_sort_by_length": "sort_by_length", "qat_batch_size": "batch_size",
              "qat_minutes": "minutes", "qat_boundary": "boundary"}  # fmt: skip
 
@@ -216,6 +216,7 @@ def register(sub) -> None:
     sp.add_argument("--qat-hidden-weight", type=float, help="QAT: weight of a relative MSE on every layer's hidden states (default: 0)")
     sp.add_argument("--qat-margin-weight", type=float, help="QAT: weight of a hinge on the float model's decision (default: 0)")
     sp.add_argument("--qat-zero-lr", type=float, help="QAT: learning rate of static input zero points, in integer units (default: 0, fixed)")
+    sp.add_argument("--qat-float-lr", type=float, help="QAT: learning rate of every other float parameter but the embeddings: norms, biases, float Linears (default: 0, fixed)")
     sp.add_argument("--qat-sort-by-length", action="store_true", default=None, help="QAT: batch sentences of like length (less padding)")
     sp.add_argument("--qat-batch-size", type=int, help="QAT: LM windows, or sentences x 32, per step (default: 1)")
     sp.add_argument("--qat-boundary", type=float, help="QAT (classifiers): share of the training sentences drawn from those the float model is least sure of (default: 0, all at random)")

@@ -55,6 +55,10 @@ class QATSettings:
     margin: float = 1.0
     hidden_weight: float = 0.0  # relative MSE of every layer's output (dense signal per token)
     zero_lr: float = 0.0  # static input zero points (integer units per step); 0 keeps PTQ's
+    # every other float parameter but the embeddings (norms, biases, float Linears such as a
+    # classifier head) trains at this lr, as in torch.ao / NNCF QAT; 0 keeps them as PTQ left
+    # them. A norm's gain is what can shrink the outlier channels a per-tensor input grid clips
+    float_lr: float = 0.0
     sort_by_length: bool = False  # encoders: batches of like-length sentences, less padding
     # classifiers: share of the QAT sentences drawn from the pool's least decided ones (smallest
     # float-model logit margin), the rest at random. A fine-tuned classifier is sure of nearly
@@ -77,7 +81,7 @@ class QATSettings:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise SlimportError(f"QAT loss {self.loss!r}: unknown", hint=" or ".join(LOSSES))
-        for name in ("margin_weight", "hidden_weight", "zero_lr"):
+        for name in ("margin_weight", "hidden_weight", "zero_lr", "float_lr"):
             if getattr(self, name) < 0:
                 raise SlimportError(f"QAT {name} {getattr(self, name)}: must be >= 0")
         for name in ("batch_size", "minutes"):
@@ -154,6 +158,21 @@ class FakeQuantLinear(nn.Module):
                 P.check_scale(f"{name} input", s)
                 ql.set_input_qparams(s, self._input_zero())
         return ql
+
+
+def float_parameters(model: nn.Module, fq: dict[str, FakeQuantLinear]) -> list[nn.Parameter]:
+    """What `float_lr` trains: every parameter but the fake-quantized weights and their scales
+    (trained by their own groups) and embedding tables (a tied head's weight is one of them)."""
+    own = {
+        id(p) for m in fq.values() for p in (m.weight, m.log_scale, m.log_input_scale, m.input_zero)
+    }
+    frozen = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out, seen = [], set()
+    for p in model.parameters():
+        if id(p) not in own and id(p) not in frozen and id(p) not in seen and p.is_floating_point():
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 def _swap(model: nn.Module, kind: type, make) -> dict[str, nn.Module]:
@@ -256,6 +275,11 @@ def train_qat(
     zeros = [m.input_zero for m in fq.values() if m.input_zero is not None and s.zero_lr > 0]
     if zeros:  # Adam: ~zero_lr integer units per step, whatever the gradient's size
         groups.append({"params": zeros, "lr": s.zero_lr, "eps": 1e-30})
+    floats_ = float_parameters(model, fq) if s.float_lr > 0 else []
+    for t in floats_:
+        t.requires_grad_(True)
+    if floats_:
+        groups.append({"params": floats_, "lr": s.float_lr})
     optimizer = torch.optim.Adam(groups)
     warmup = max(1, round(s.warmup * s.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

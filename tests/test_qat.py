@@ -254,7 +254,9 @@ def test_w4_qat_moves_the_integers_towards_the_float_model(tiny_llama, text, tmp
         assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-4)
 
 
-def test_w8a8_static_qat_learns_input_scales(minilm_dir, shared, tmp_path):
+def _tiny_bert_w8a8(minilm_dir, shared, tmp_path) -> QuantizationConfig:
+    """A random 2-layer BERT classifier at tmp_path/bert and a static W8A8 config calibrated on
+    128 SST-2 train sentences."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -267,6 +269,11 @@ def test_w8a8_static_qat_learns_input_scales(minilm_dir, shared, tmp_path):
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
     config = QuantizationConfig(bits=8, activations="static", calib_data=str(tmp_path / "train.tsv"),
                                 num_samples=32, seq_len=64)  # fmt: skip
+    return config
+
+
+def test_w8a8_static_qat_learns_input_scales(minilm_dir, shared, tmp_path):
+    config = _tiny_bert_w8a8(minilm_dir, shared, tmp_path)
     from slimport.compress.api import quantize
 
     quantize(tmp_path / "bert", tmp_path / "ptq", config, progress=False)
@@ -347,20 +354,9 @@ def test_qat_options_are_checked_by_name(tiny_llama, text, tmp_path, capsys):
 def test_float_lr_trains_norms_and_biases_but_not_embeddings(minilm_dir, shared, tmp_path):
     import dataclasses
 
-    from transformers import BertConfig, BertForSequenceClassification
-
     from slimport.compress.api import quantize
 
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, num_labels=2)  # fmt: skip
-    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
-    for f in minilm_dir.glob("tokenizer*"):
-        shutil.copy(f, tmp_path / "bert" / f.name)
-    rows = (shared / "data/sst2/train.tsv").read_text().splitlines()[:129]
-    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
-    config = QuantizationConfig(bits=8, activations="static", calib_data=str(tmp_path / "train.tsv"),
-                                num_samples=32, seq_len=64)  # fmt: skip
+    config = _tiny_bert_w8a8(minilm_dir, shared, tmp_path)
     quantize(tmp_path / "bert", tmp_path / "ptq", config, progress=False)
     trained = dataclasses.replace(FAST, float_lr=1e-3)
     quantize_aware(tmp_path / "bert", tmp_path / "qat", config, trained, progress=False)

@@ -18,9 +18,9 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import header  # noqa: E402
-from qat import split_train  # noqa: E402
+from qat import flips, split_train, w8a8_config  # noqa: E402
 
-from slimport.compress.api import make_config, quantize  # noqa: E402
+from slimport.compress.api import quantize  # noqa: E402
 from slimport.compress.quant.compressed import load_simulated  # noqa: E402
 from slimport.compress.quant.modules import QuantLinear  # noqa: E402
 from slimport.compress.quant.qat import float_model  # noqa: E402
@@ -54,9 +54,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model)
     with tempfile.TemporaryDirectory() as scratch:
         pool, held = split_train(sst2_path("train"), args.holdout, Path(scratch))
-        config = make_config(bits=8, activations="static", observer="min_max", num_samples=256,
-                             calib_data=str(pool), seed=0)  # fmt: skip
-        quantize(model, Path(scratch) / "ptq", config, progress=False)
+        quantize(model, Path(scratch) / "ptq", w8a8_config(pool, 0), progress=False)
         ref = sst2_accuracy(float_model(model), tok, held)
         q, _ = load_simulated(Path(scratch) / "ptq")
         lins = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
@@ -76,7 +74,7 @@ def main() -> None:
             for n, m in lins.items():
                 m.input_args = inputs[n] if keep(n) else None
             r = sst2_accuracy(q, tok, held, reference=ref)
-            print(f"| {kind} | {round((1 - r['agreement']) * r['n'])} of {r['n']} |", flush=True)
+            print(f"| {kind} | {flips(r)} of {r['n']} |", flush=True)
 
 
 if __name__ == "__main__":

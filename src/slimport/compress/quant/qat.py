@@ -163,16 +163,11 @@ class FakeQuantLinear(nn.Module):
 def float_parameters(model: nn.Module, fq: dict[str, FakeQuantLinear]) -> list[nn.Parameter]:
     """What `float_lr` trains: every parameter but the fake-quantized weights and their scales
     (trained by their own groups) and embedding tables (a tied head's weight is one of them)."""
-    own = {
+    skip = {
         id(p) for m in fq.values() for p in (m.weight, m.log_scale, m.log_input_scale, m.input_zero)
     }
-    frozen = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    out, seen = [], set()
-    for p in model.parameters():
-        if id(p) not in own and id(p) not in frozen and id(p) not in seen and p.is_floating_point():
-            seen.add(id(p))
-            out.append(p)
-    return out
+    skip |= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return [p for p in model.parameters() if id(p) not in skip and p.is_floating_point()]
 
 
 def _swap(model: nn.Module, kind: type, make) -> dict[str, nn.Module]:
@@ -275,11 +270,11 @@ def train_qat(
     zeros = [m.input_zero for m in fq.values() if m.input_zero is not None and s.zero_lr > 0]
     if zeros:  # Adam: ~zero_lr integer units per step, whatever the gradient's size
         groups.append({"params": zeros, "lr": s.zero_lr, "eps": 1e-30})
-    floats_ = float_parameters(model, fq) if s.float_lr > 0 else []
-    for t in floats_:
-        t.requires_grad_(True)
-    if floats_:
-        groups.append({"params": floats_, "lr": s.float_lr})
+    rest = float_parameters(model, fq) if s.float_lr > 0 else []
+    for p in rest:
+        p.requires_grad_(True)
+    if rest:
+        groups.append({"params": rest, "lr": s.float_lr})
     optimizer = torch.optim.Adam(groups)
     warmup = max(1, round(s.warmup * s.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -213,13 +213,15 @@ def main() -> None:
     ap.add_argument("--holdout", type=int, default=8000, help="minilm: SST-2 train sentences "
                     "kept out of calibration and QAT to count agreement on (0: dev only)")  # fmt: skip
     ap.add_argument("--scratch", default=".cache/bench-qat")
+    ap.add_argument("--keep", action="store_true", help="keep the PTQ and QAT folders in --scratch")
     args = ap.parse_args()
     torch.set_num_threads(1)
     scratch = Path(args.scratch) / args.case
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     (smollm2 if args.case == "smollm2" else minilm)(args, scratch)
-    shutil.rmtree(scratch, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

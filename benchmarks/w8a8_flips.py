@@ -39,6 +39,11 @@ KINDS = {
     "FFN down-projection (output.dense, GELU's output)": lambda n: (
         n.endswith("output.dense") and "attention" not in n
     ),
+} | {  # the GELU output one layer at a time: which layer's range costs the most
+    f"layer {i} FFN down-projection only": lambda n, i=i: (
+        n == f"bert.encoder.layer.{i}.output.dense"
+    )
+    for i in range(6)
 }
 
 

@@ -178,10 +178,10 @@ def smollm2(args) -> None:
 
     from slimport.api import convert
     from slimport.compress import api as compress
-    from slimport.compress.quant.compressed import load_simulated
     from slimport.data import shared_dir, wikitext_windows
     from slimport.evaluate.perplexity import perplexity
     from slimport.runtime.onnx import export_onnx
+    from slimport.runtime.torch.quantized import load_quantized
 
     work = args.work
     hf_dir = args.hf or work / "hf"
@@ -256,11 +256,11 @@ def smollm2(args) -> None:
     if not args.repeats:
         return
     first = w4[0]  # the W4 graph computes our torch quantized model (to acc-4's rounding)
-    qmodel, _ = load_simulated(first)
+    qmodel, _ = load_quantized(first)  # fp32 compute: the dequantized reference, mixed schemes too
     with torch.no_grad():
         want = qmodel(torch.tensor(ids)).logits.numpy()
     got = Graph(graphs[f"ORT W4 {_scheme(first)} (MatMulNBits)"], args.threads).logits(ids)
-    print(f"\nORT W4 {_scheme(first)} (accuracy_level 4) logits vs torch load_simulated: max |d| = {np.abs(got - want).max():.2e}")  # fmt: skip
+    print(f"\nORT W4 {_scheme(first)} (accuracy_level 4) logits vs torch load_quantized: max |d| = {np.abs(got - want).max():.2e}")  # fmt: skip
 
 
 def speed_table(args, rows: dict, twin: dict, ids: np.ndarray, load) -> None:
@@ -295,7 +295,10 @@ def _scheme(folder: Path) -> str:
     r = json.loads((folder / "slimport_quantization.json").read_text())
     fp16 = " fp16-scales" if r.get("gguf_compatible") else ""
     head = "" if _tied(folder) else ", its own W4 head"  # the recipe quantized lm_head too
-    return f"g{r['group_size']} {r['method'].upper()}{fp16}{head}"
+    groups = sorted({o["group_size"] for o in r.get("overrides", {}).values() if "group_size" in o} - {r["group_size"]})  # fmt: skip
+    mixed = "".join(f"/{g}" for g in groups)  # e.g. g32/64: some Linears at 64 (overrides)
+    mse = " mse" if r.get("weight_observer") == "mse" else ""  # scales by a clipping search
+    return f"g{r['group_size']}{mixed} {r['method'].upper()}{mse}{fp16}{head}"
 
 
 def _tied(folder: Path) -> bool:

@@ -229,24 +229,28 @@ def tiny_llama_dir(tmp_path_factory):
         dict(bits=4, group_size=64, symmetric=True),
         dict(bits=8),  # per-channel: one scale per row, repeated over MatMulNBits blocks
         dict(bits=4, group_size=32, symmetric=False, protect=[]),  # the (untied) head too
+        # recipes/w4-awq-gptq-onnx.yaml's layout: head and MLPs at g64, attention at g32
+        dict(bits=4, group_size=32, symmetric=False, protect=[], weight_observer="mse",
+             overrides={"lm_head": {"group_size": 64}, r"mlp\.": {"group_size": 64}}),
     ],
-    ids=lambda o: "w{bits}-g{group_size}-{sym}{head}".format(
+    ids=lambda o: "w{bits}-g{group_size}-{sym}{head}{mixed}".format(
         bits=o["bits"],
         group_size=o.get("group_size", "ch"),
         sym="sym" if o.get("symmetric", True) else "asym",
         head="-head" if "protect" in o else "",
+        mixed="-mlp-g64" if "overrides" in o else "",
     ),
-)
+)  # fmt: skip
 def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path):
+    from slimport import load_quantized
     from slimport.compress import api
-    from slimport.compress.quant.compressed import load_simulated
 
     qdir = tmp_path / "q"
     api.quantize(tiny_llama_dir, qdir, progress=False, **options)
     report = export_onnx(qdir, tmp_path / "onnx", accuracy_level=0)
     head = "protect" in options  # the recipe quantized lm_head as well
     assert report["quantized_linears"] == 2 * 7 + head  # q k v o gate up down per layer
-    model, _ = load_simulated(qdir)
+    model, _ = load_quantized(qdir)  # fp32 compute: the dequantized reference, per-module schemes
     ids, mask = _tokens(96)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
@@ -261,6 +265,9 @@ def test_quantized_folder_exports_its_integers(options, tiny_llama_dir, tmp_path
     assert ops.count("MatMulNBits") == 2 * 4 + head and ("FusedMatMul" in ops) != head
     names = {t.name for t in proto.graph.initializer}
     assert "model.layers.0.self_attn.q_proj.weight_packed" in names
+    blocks = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}  # fmt: skip
+    if "group_size" in options:  # block_size is the folder's group size, per Linear
+        assert blocks == ({32, 64} if "overrides" in options else {options["group_size"]})
     assert ("model.layers.0.self_attn.q_proj.weight_zero_point" in names) == (
         not options.get("symmetric", True)
     )

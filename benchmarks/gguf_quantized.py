@@ -3,7 +3,7 @@
 Rows: the fp32 model in transformers (reference); GGUF F16 / Q8_0 / Q4_0 / Q4_1 from the float
 weights (gguf-py's reference quantizer, types chosen as llama.cpp does); and GGUF files that carry
 our own AWQ+GPTQ W4 g32 integers (`gguf_compatible: true`): asymmetric -> Q4_1, symmetric ->
-Q4_0, the float tensors (tied embedding, norms) as the folder holds them (F32), or cast to F16
+Q4_0 (and W8 g32 symmetric -> Q8_0), the float tensors (tied embedding, norms) as the folder holds them (F32), or cast to F16
 with `--dtype float16`. Every GGUF file is loaded by transformers' own GGUF loader
 (`from_pretrained(folder, gguf_file=...)`, which dequantizes to float32) and scored in float32
 on CPU. For the files of our folders, "= our model" is the logits' max |Δ| on the first window
@@ -50,6 +50,7 @@ OURS = {
     "ours-q4_1": (dict(symmetric=False, gguf_compatible=True), {}),
     "ours-q4_1-f16": (dict(symmetric=False, gguf_compatible=True), {"dtype": "float16"}),
     "ours-q4_0": (dict(symmetric=True, gguf_compatible=True), {}),
+    "ours-q8_0": (dict(bits=8, symmetric=True, gguf_compatible=True), {}),
     "ours-plain": (dict(symmetric=False), None),  # no GGUF file: the option's cost
 }
 # the rows that answer the issue first: a run stopped early still has them
@@ -62,6 +63,7 @@ ORDER = [
     "f16",
     "fp32",
     "ours-q4_1-f16",
+    "ours-q8_0",
     "ours-plain",
 ]
 LABELS = {
@@ -70,6 +72,7 @@ LABELS = {
     "ours-q4_1": "our AWQ+GPTQ W4 g32 asym, gguf-compatible -> Q4_1",
     "ours-q4_1-f16": "  same, float tensors --dtype float16",
     "ours-q4_0": "our AWQ+GPTQ W4 g32 sym, gguf-compatible -> Q4_0",
+    "ours-q8_0": "our AWQ+GPTQ W8 g32 sym, gguf-compatible -> Q8_0",
     "ours-plain": "our AWQ+GPTQ W4 g32 asym, no gguf-compatible (the folder; no file)",
     # --folder: an existing quantized folder (any recipe), requantized by gguf-py where its
     # integers do not fit the type exactly
@@ -153,10 +156,11 @@ def main() -> None:
                 r |= gguf_perplexity(out, windows, ours=a.folder)
         else:
             recipe, convert = OURS[row]
-            folder = work / f"{a.method}-w4-{'sym' if recipe['symmetric'] else 'asym'}-{recipe.get('gguf_compatible', False)}"  # fmt: skip
+            recipe = {"bits": 4} | recipe
+            folder = work / f"{a.method}-w{recipe['bits']}-{'sym' if recipe['symmetric'] else 'asym'}-{recipe.get('gguf_compatible', False)}"  # fmt: skip
             if not folder.exists():
                 tq = time.perf_counter()
-                quant_api.quantize(hf, folder, method=a.method, bits=4, group_size=32,
+                quant_api.quantize(hf, folder, method=a.method, group_size=32,
                                    calib_data=str(shared / VALID), num_samples=a.calib,
                                    seq_len=SEQ_LEN, progress=False, **recipe)  # fmt: skip
                 r["quant_s"] = time.perf_counter() - tq

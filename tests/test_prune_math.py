@@ -181,7 +181,10 @@ def test_collect_stops_a_block_once_every_linear_input_is_seen():
     linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     x = torch.randn(2, 5, 32)
     rope = LlamaRotaryEmbedding(cfg)(x, torch.arange(5)[None])
-    inputs = [Batch(x, (), {"position_embeddings": rope}), Batch(x * 2, (), {"position_embeddings": rope})]
+    inputs = [
+        Batch(x, (), {"position_embeddings": rope}),
+        Batch(x * 2, (), {"position_embeddings": rope}),
+    ]
     calls = []
     block.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
     needs = Needs(sqnorm=True, hessian=True)
